@@ -1,0 +1,43 @@
+"""Reward options, nested as `--reward.*` in train.py and metrics.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    """Which reward models to load and how to run them. Every model option takes a hub id or a local folder."""
+
+    specs: tuple[str, ...] = ()
+    """Custom reward terms overriding the preset, each "kind:weight" or "kind:weight:question", e.g. \
+"pickscore:1.0" "vlm_alignment:0.1". Kinds: pickscore, hpsv2, clip_h14, clip_l14, vlm_alignment, vlm_quality, \
+vlm_photo, vlm (needs a question), brightness, redness. A VLM question may contain {prompt}, replaced by the caption."""
+
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"
+    """PickScore CLIP model (hub id or local folder)."""
+
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    """Processor (tokenizer + image preprocessing) for PickScore and HPSv2 (hub id or local folder)."""
+
+    clip_h14_model: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    """CLIP ViT-H/14 for the clip_h14 metric; its own processor is used (hub id or local folder)."""
+
+    clip_l14_model: str = "openai/clip-vit-large-patch14"
+    """CLIP ViT-L/14 for the clip_l14 metric; its own processor is used (hub id or local folder)."""
+
+    hpsv2_model: str = "adams-story/HPSv2-hf"
+    """HPSv2 CLIP model for the hpsv2 metric (hub id or local folder)."""
+
+    vlm_model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    """Qwen2.5-VL model for the VLM yes/no rewards, e.g. Qwen/Qwen2.5-VL-3B-Instruct (hub id or local folder)."""
+
+    chunk_size: int = 16
+    """Images scored per forward pass of each reward model (lower it if a scorer runs out of memory)."""
+
+    vlm_fsdp: bool | None = None
+    """Shard the VLM with FSDP across ranks to save memory; default: on when the world size is > 1 (a single \
+process never shards). With sharding, all ranks score together and the VLM is not offloaded."""
+
+    offload: bool = False
+    """Move the reward models to CPU between scoring phases (they come back on the next scoring call)."""

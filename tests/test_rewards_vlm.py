@@ -1,0 +1,148 @@
+"""Qwen2.5-VL yes/no scorer (rewards/vlm.py) on a tiny offline model, against an independently built forward."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+from rewards.tiny import save_tiny_qwen_vl
+from rewards.vlm import ALIGNMENT_QUESTION, PHOTO_QUESTION, QUALITY_QUESTION, VLMScorer, left_pad, yes_no_score
+
+PROMPTS = [
+    "a photo of a cat",
+    'a "red" car parked on a street at night, café ☕ 猫 — «quoted»',
+    "an oil painting of a small wooden boat on a quiet lake at dawn, highly detailed",
+    "x",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two shared cores: intra-op threads fight each other and make tiny forwards ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_qwen_vl(tmp_path_factory.mktemp("qwen") / "model", seed=5)
+
+
+@pytest.fixture(scope="module")
+def scorer(folder):
+    return VLMScorer.load(str(folder), device="cpu", chunk_size=3, question=ALIGNMENT_QUESTION)
+
+
+def images(batch, seed=0):
+    return torch.rand(batch, 3, 512, 512, generator=torch.Generator().manual_seed(seed))  # SD3.5 size: shrunk to 504
+
+
+class _ImageTextProcessor(Qwen2_5_VLProcessor):
+    """The stock processor minus its video part (which needs torchvision): an independent way to build inputs."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def reference_scores(folder, prompts, x, question=ALIGNMENT_QUESTION):
+    """One unpadded forward per image through the stock processor, then 100 * sigmoid(Yes - No) at the end."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    processor = _ImageTextProcessor(AutoImageProcessor.from_pretrained(folder), tokenizer)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    yes, no = tokenizer.convert_tokens_to_ids("Yes"), tokenizer.convert_tokens_to_ids("No")
+    scores = []
+    for prompt, image in zip(prompts, x):
+        resized = F.interpolate(image[None], size=(504, 504), mode="bilinear", antialias=True).clamp(0, 1)[0]
+        text = question.replace("{prompt}", prompt)
+        chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[rendered], images=[resized], do_resize=False, do_rescale=False, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1]
+        scores.append(100 * torch.sigmoid(logits[yes] - logits[no]))
+    return torch.stack(scores)
+
+
+def test_yes_no_score_by_hand():
+    logits = torch.zeros(2, 5)
+    logits[0, 3], logits[1, 4] = 2.0, 1.0  # row 0: Yes (3) ahead by 2; row 1: No (4) ahead by 1
+    torch.testing.assert_close(yes_no_score(logits, 3, 4), 100 * torch.sigmoid(torch.tensor([2.0, -1.0])))
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_scores_match_an_independent_forward_per_image(folder, scorer):
+    """Batched (chunks of 3 + 1, left padded) scores equal unpadded one-image forwards built another way."""
+    x = images(len(PROMPTS))
+    got = scorer(PROMPTS, x)
+    assert got.dtype == torch.float32 and got.shape == (len(PROMPTS),)
+    assert scorer.build_inputs(PROMPTS[:3], x[:3])["attention_mask"].min() == 0  # padding really happened
+    torch.testing.assert_close(got, reference_scores(folder, PROMPTS, x), rtol=1e-5, atol=1e-5)
+    assert got.unique().numel() == len(PROMPTS)
+    assert torch.equal(scorer(PROMPTS, x), got)  # deterministic
+
+
+def test_the_eval_questions_are_asked_verbatim(folder, scorer):
+    x = images(1, seed=3)
+    for question in (QUALITY_QUESTION, PHOTO_QUESTION):
+        torch.testing.assert_close(
+            scorer.with_question(question)(PROMPTS[:1], x), reference_scores(folder, PROMPTS[:1], x, question),
+            rtol=1e-5, atol=1e-5,
+        )
+    assert QUALITY_QUESTION == "Is this image of professional quality?"
+    assert PHOTO_QUESTION == "Does this image look photorealistic?"
+    assert ALIGNMENT_QUESTION == 'Does this image match the caption "{prompt}"? Answer Yes or No.'
+
+
+def test_inputs_are_504_pixels_and_the_exact_question(scorer):
+    prompts = ["a cat", 'say "<|image_pad|>" and <|im_end|> ☕']  # control tokens in a prompt stay plain text
+    inputs = scorer.build_inputs(prompts, images(2))
+    assert inputs["image_grid_thw"].tolist() == [[1, 36, 36]] * 2  # 36 patches of 14 px = 504
+    assert inputs["pixel_values"].shape == (2 * 36 * 36, 3 * 2 * 14 * 14)
+    image_token = scorer.image_token_id
+    assert ((inputs["input_ids"] == image_token).sum(dim=1) == 324).all()  # 36 * 36 / 2**2
+    assert torch.equal(inputs["mm_token_type_ids"], (inputs["input_ids"] == image_token).int())
+    for row, prompt in enumerate(prompts):
+        ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
+        text = scorer.tokenizer.decode([token for token in ids if token != image_token])
+        question = f'Does this image match the caption "{prompt}"? Answer Yes or No.'
+        assert f"<|im_start|>user\n<|vision_start|><|vision_end|>{question}<|im_end|>\n" in text
+        assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_long_prompts_are_truncated_not_fatal(scorer):
+    long_prompt = "a very long prompt about a boat, café ☕ " * 60  # 2,400 characters
+    assert len(long_prompt) > 2000
+    short = dataclasses.replace(scorer, max_caption_tokens=40)
+    ids = short.build_inputs([long_prompt], images(1))["input_ids"][0]
+    text = short.tokenizer.decode([t for t in ids.tolist() if t != short.image_token_id])
+    caption = text.split('caption "')[1].split('"? Answer')[0]
+    assert long_prompt.startswith(caption) and 0 < len(caption) < 200
+    score = scorer([long_prompt], images(1))  # the default limit (512 tokens) on the real forward
+    assert torch.isfinite(score).all()
+
+
+def test_chat_template_only_in_chat_template_json(folder, tmp_path):
+    """Repositories may keep the template only with the processor; the scorer then reads chat_template.json."""
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    template = (copy / "chat_template.jinja").read_text()
+    (copy / "chat_template.jinja").unlink()
+    (copy / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    loaded = VLMScorer.load(str(copy), device="cpu", chunk_size=1, question=ALIGNMENT_QUESTION)
+    assert loaded.tokenizer.chat_template is None and loaded.chat_template == template
+    original = VLMScorer.load(str(folder), device="cpu", chunk_size=1, question=ALIGNMENT_QUESTION)
+    x = images(1)
+    assert torch.equal(loaded.build_inputs(["a"], x)["input_ids"], original.build_inputs(["a"], x)["input_ids"])
