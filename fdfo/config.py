@@ -1,0 +1,205 @@
+"""Training configuration: nested dataclasses (tyro turns the attribute docstrings into --help), the named
+presets, and the batch geometry of ALGORITHM.md §5. Defaults are the published runs of ALGORITHM.md §6."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rewards.config import RewardConfig
+
+SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+
+
+@dataclass
+class SampleConfig:
+    num_solver_steps: int = 40
+    """Euler steps per trajectory (T)."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance scale g, used while sampling and while training; 1 disables CFG."""
+    resolution: int = 512
+    """Image height and width in pixels (a multiple of 16)."""
+    batch_size: int | None = None
+    """Pairs per sampling batch; default: the largest divisor of pairs-per-GPU <= max batch size."""
+    churn_schedule: Literal["raw", "interval", "prior"] = "raw"
+    """Where fresh noise is injected between the two branches of a pair (ALGORITHM.md §2)."""
+    churn_weight: float = 0.0025
+    """Churn strength w; gamma = exp(w) - 1 per churned step."""
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 3e-5
+    """AdamW learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_range: float = 0.03
+    """SPO trust region epsilon of the ratio."""
+    kl_weight: float = 0.0
+    """Weight of mean((v - v_base)^2) with the adapter disabled for v_base; 0 skips the extra forward."""
+    batch_size: int | None = None
+    """Training items per micro-batch; default: the largest divisor of items-per-step <= max batch size."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    """Autocast precision. auto: fp16 with a grad scaler on CUDA (the reference), fp32 on CPU."""
+
+
+@dataclass
+class Config:
+    preset: Literal["paper", "smoke"] = "paper"
+    """Named starting point that the other flags override: 'paper' (ALGORITHM.md §6) or 'smoke' (tiny CPU run)."""
+    seed: int = 6
+    """Base seed; the noise of pair i in epoch e is seeded from (seed, e, i), independent of rank and world size."""
+    num_epochs: int = 1000
+    """Epoch to stop after (counting epochs already done when resuming)."""
+    save_freq: int = 5
+    """Save a checkpoint every this many epochs (and after the last one)."""
+    resume_from: str | None = None
+    """Checkpoint folder (runs/.../checkpoints/epoch-XXXXXXX) to continue from; default: the newest in --run-dir."""
+    run_dir: str | None = None
+    """Exact output folder; rerunning with the same folder resumes. Default: a new runs/<5-digit id>-<run-name>/."""
+    run_name: str = "fdfo"
+    """Name part of the default run folder."""
+    pretrained_model: str = SD35_MEDIUM
+    """Hugging Face id or local folder of the SD3 pipeline; builtin:tiny-sd3 is the offline test model."""
+    prompt_file: str = "prompt_sets/pickscore_train.txt"
+    """Training prompts, one per line."""
+    lora_rank: int = 32
+    """LoRA rank r."""
+    lora_alpha: float = 64.0
+    """LoRA alpha (the update is scaled by alpha / r)."""
+    total_pairs_per_epoch: int = 432
+    """Prompt pairs sampled per epoch over all GPUs (two reward evaluations each)."""
+    gradient_steps_per_epoch: int = 4
+    """Optimizer steps per epoch."""
+    max_batch_size: int | None = None
+    """Upper bound for sampling and training batches; default 6, or 13 from 8 GPUs up."""
+    reward_preset: str = "combined"
+    """Reward: pickscore, vlm_alignment, combined (1.0 PickScore + 0.1 VLM); redness, brightness (analytic, for tests)."""
+    offload_text_encoders: bool = True
+    """Move the text encoders to CPU during the training phase."""
+    image_log_freq: int = 10
+    """Save a few rollout pairs as PNG every this many epochs (0 disables)."""
+    image_log_pairs: int = 4
+    """How many rollout pairs to save each time."""
+    log_wandb: bool = False
+    """Also send records and image pairs to Weights & Biases."""
+    device: str | None = None
+    """Torch device; default cuda:<local rank> when CUDA is available, else cpu."""
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+def smoke_config() -> Config:
+    """A CPU run of well under a minute: the tiny offline pipeline, 64 px, 6 steps, an analytic colour reward.
+
+    Larger churn and learning rate than the paper because the tiny model takes few, coarse steps and the run is short;
+    the reward still rises by many standard errors (tests/test_cli.py checks it).
+    """
+    return Config(
+        preset="smoke",
+        seed=1,
+        num_epochs=16,
+        save_freq=4,
+        run_name="smoke",
+        pretrained_model="builtin:tiny-sd3",
+        prompt_file="prompt_sets/smoke.txt",
+        lora_rank=8,
+        lora_alpha=16.0,
+        total_pairs_per_epoch=16,
+        gradient_steps_per_epoch=2,
+        max_batch_size=16,
+        reward_preset="redness",
+        image_log_freq=5,
+        image_log_pairs=2,
+        sample=SampleConfig(num_solver_steps=6, resolution=64, churn_weight=0.2),
+        train=TrainConfig(learning_rate=1e-2),
+    )
+
+
+PRESETS = {"paper": Config, "smoke": smoke_config}
+
+
+def preset_config(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batch geometry (ALGORITHM.md §5).
+
+
+@dataclass(frozen=True)
+class Geometry:
+    world_size: int
+    pairs_per_gpu: int
+    sample_batch: int
+    train_batch: int
+    grad_accum: int
+    items_per_step: int
+    """Training items per optimizer step per rank and per timestep: 2 * pairs_per_gpu / gradient_steps."""
+    gradient_steps: int
+
+    @property
+    def total_pairs(self) -> int:
+        return self.pairs_per_gpu * self.world_size
+
+    def describe(self, requested_pairs: int, num_steps: int) -> str:
+        return (
+            f"batch geometry: {requested_pairs} pairs requested / {self.world_size} GPU(s) -> "
+            f"{self.pairs_per_gpu} pairs per GPU ({self.total_pairs} per epoch); sample batch {self.sample_batch} "
+            f"pairs; {self.gradient_steps} optimizer steps per epoch, each over {self.items_per_step} items x "
+            f"{num_steps} timesteps per GPU = {num_steps * self.grad_accum} micro-batches of {self.train_batch}"
+        )
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def batch_geometry(cfg: Config, world_size: int) -> Geometry:
+    """Resolve pairs per GPU and the sampling / training batch sizes; raise ValueError for impossible requests."""
+    total, steps = cfg.total_pairs_per_epoch, cfg.gradient_steps_per_epoch
+    if steps < 1:
+        raise ValueError(f"--gradient-steps-per-epoch must be >= 1, got {steps}")
+    # 2 * pairs_per_gpu items must split evenly into `steps` optimizer steps.
+    multiple = steps // math.gcd(2, steps)
+    pairs_per_gpu = total // world_size // multiple * multiple
+    if pairs_per_gpu < 1:
+        need = world_size * multiple
+        raise ValueError(
+            f"--total-pairs-per-epoch {total} is too small for {world_size} GPU(s) and {steps} gradient steps: each "
+            f"GPU needs a multiple of {multiple} pairs. Use --total-pairs-per-epoch >= {need} or fewer "
+            f"--gradient-steps-per-epoch."
+        )
+    max_batch = cfg.max_batch_size or (13 if world_size >= 8 else 6)
+    if max_batch < 1:
+        raise ValueError(f"--max-batch-size must be >= 1, got {max_batch}")
+    items_per_step = 2 * pairs_per_gpu // steps
+    sample_batch = _checked_batch(cfg.sample.batch_size, pairs_per_gpu, max_batch, "--sample.batch-size", "pairs per GPU")
+    train_batch = _checked_batch(cfg.train.batch_size, items_per_step, max_batch, "--train.batch-size",
+                                 "items per step (2 * pairs per GPU / gradient steps)")
+    return Geometry(world_size, pairs_per_gpu, sample_batch, train_batch, items_per_step // train_batch,
+                    items_per_step, steps)
+
+
+def _checked_batch(requested: int | None, n: int, max_batch: int, flag: str, what: str) -> int:
+    if requested is None:
+        return _largest_divisor(n, max_batch)
+    if requested < 1 or n % requested:
+        divisors = [d for d in range(1, n + 1) if n % d == 0]
+        raise ValueError(f"{flag} {requested} must divide the {n} {what}; valid values: {divisors}")
+    return requested

@@ -1,0 +1,105 @@
+"""Every torch.distributed call of the project lives here.
+
+`python train.py` runs as world size 1 without a process group; `torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK and
+`init()` joins the group: NCCL on CUDA, gloo on CPU, through the same code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", 0))
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init(device: str | None = None, timeout_s: float = 1800.0) -> torch.device:
+    """Pick the device and, under torchrun, join the process group. Returns the device of this rank.
+
+    timeout_s bounds how long a collective waits for a missing peer before failing instead of hanging.
+    """
+    if device is None:
+        device = f"cuda:{get_local_rank()}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_distributed():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return dev
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `x` along dim 0, rank order: `[N, ...]` -> `[world * N, ...]`.
+
+    Uses the flat output form, which gloo supports (the stacked form does not). All ranks must pass equal shapes.
+    """
+    if not is_distributed():
+        return x
+    x = x.contiguous()
+    out = torch.empty((get_world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x)
+    return out
+
+
+def all_reduce_mean_(x: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks."""
+    if is_distributed():
+        dist.all_reduce(x)
+        x /= get_world_size()
+    return x
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from rank `src` to all ranks; returns it on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@contextlib.contextmanager
+def rank0_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. to build or download into a shared cache), then the others."""
+    if get_rank() != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if get_rank() == 0:
+            barrier()

@@ -1,0 +1,182 @@
+"""Stable Diffusion 3(.5) behind the model-agnostic velocity interface, with a PEFT LoRA on the transformer.
+
+The frozen base is bf16 on GPU (fp32 on CPU); the LoRA parameters are fp32 and their update starts at zero
+(PEFT's default init: B = 0), so before training the pipeline reproduces the base model exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+T5_MAX_LENGTH = 128
+
+
+def load_pipeline(name: str, device: torch.device, dtype: torch.dtype):
+    """Load a StableDiffusion3Pipeline from a hub id, a local folder or `builtin:tiny-sd3`; freeze everything."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from fdfo import tiny
+
+    source = tiny.resolve_builtin(name)
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as e:  # hub errors (offline, missing repo, gated) are OSError subclasses
+        raise FileNotFoundError(
+            f"could not load the SD3 pipeline {name!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
+            f"Fix: pass --pretrained-model with a local folder, or log in and download it first "
+            f"(`hf download {name}`; SD3.5 is gated: accept its licence on the model page)."
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False).eval()
+    return pipe.to(device)
+
+
+def add_lora(transformer: torch.nn.Module, rank: int, alpha: float):
+    """Wrap the transformer with a PEFT LoRA on the joint-attention projections; trainable params in fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0,
+                        init_lora_weights=True)
+    model = get_peft_model(transformer, config)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+class SD3Policy:
+    """The SD3 pipeline as a velocity field `v(x, sigma, cond)` plus prompt encoding and decoding.
+
+    cond is a dict of per-sample tensors: `embeds [B, 77 + 128, D]` and `pooled [B, D_pooled]`.
+    """
+
+    def __init__(self, pretrained: str, device: torch.device, lora_rank: int, lora_alpha: float,
+                 guidance_scale: float = 1.0, amp_dtype: torch.dtype | None = None):
+        self.device = device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.amp_dtype = amp_dtype
+        self.guidance_scale = guidance_scale
+        self.pipe = load_pipeline(pretrained, device, self.dtype)
+        self.transformer = add_lora(self.pipe.transformer, lora_rank, lora_alpha)
+        self.latent_channels = self.pipe.transformer.config.in_channels
+        self._negative = None
+
+    # -- prompts and decoding ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, max_sequence_length=T5_MAX_LENGTH)
+        return {"embeds": embeds, "pooled": pooled}
+
+    def negative(self) -> dict[str, torch.Tensor]:
+        """Empty-prompt embedding for CFG, `[1, ...]`, encoded once."""
+        if self._negative is None:
+            self._negative = self.encode([""])
+        return self._negative
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents `[B, C, h, w]` -> images `[B, 3, 8h, 8w]` float32 in [0, 1]."""
+        vae = self.pipe.vae
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        factor = self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
+        if resolution % factor:
+            raise ValueError(f"--sample.resolution {resolution} must be a multiple of {factor}")
+        side = resolution // self.pipe.vae_scale_factor
+        return (self.latent_channels, side, side)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The scheduler's `[T+1]` noise levels from 1 to 0 (with the model's shift)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(num_steps, device="cpu")
+        return scheduler.sigmas.float().to(self.device)
+
+    def offload_text_encoders(self, offload: bool) -> None:
+        """Park the text encoders on CPU (training phase) or bring them back (sampling phase)."""
+        target = torch.device("cpu") if offload else self.device
+        for name in TEXT_ENCODERS:
+            encoder = getattr(self.pipe, name, None)
+            if encoder is not None:
+                encoder.to(target)
+
+    # -- the velocity field --------------------------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
+                 module: torch.nn.Module | None = None) -> torch.Tensor:
+        """v(x, sigma, cond) in float32, with CFG `v_u + g (v_c - v_u)` when g != 1 (ALGORITHM.md §2).
+
+        module: the network to call (e.g. the DDP wrapper while training); default the LoRA transformer.
+        """
+        module = module or self.transformer
+        embeds, pooled = cond["embeds"], cond["pooled"]
+        if self.guidance_scale != 1.0:
+            neg = self.negative()
+            batch = len(x)
+            x = torch.cat([x, x])
+            sigma = torch.cat([sigma, sigma])
+            embeds = torch.cat([neg["embeds"].expand(batch, -1, -1), embeds])
+            pooled = torch.cat([neg["pooled"].expand(batch, -1), pooled])
+        with self.autocast():
+            v = module(hidden_states=x.to(self.dtype), timestep=(sigma * 1000).to(self.dtype),
+                       encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+        v = v.float()
+        if self.guidance_scale != 1.0:
+            v_uncond, v_cond = v.chunk(2)
+            v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+        return v
+
+    def base_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Velocity of the frozen base model (adapter disabled), for the optional KL-like term."""
+        with torch.no_grad(), self.transformer.disable_adapter():
+            return self.velocity(x, sigma, cond)
+
+    # -- the adapter ---------------------------------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.transformer)
+
+    def save_adapter(self, folder: Path) -> None:
+        """PEFT format: adapter_config.json + adapter_model.safetensors."""
+        self.transformer.save_pretrained(str(folder))
+
+    def load_adapter(self, folder: Path) -> None:
+        """Restore adapter weights saved by `save_adapter`, checking that every tensor fits."""
+        from peft import set_peft_model_state_dict
+
+        state = load_file(str(Path(folder) / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(self.transformer, state)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"adapter in {folder} does not fit this model: missing {missing[:3]}, "
+                             f"unexpected {list(result.unexpected_keys)[:3]}")
+        for p in self.trainable_parameters():
+            p.data = p.data.float()

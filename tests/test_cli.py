@@ -1,0 +1,78 @@
+"""train.py as a user runs it: the smoke preset end to end, and bad input giving one clear line and exit status 2."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(*args, timeout=300):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_unknown_preset():
+    assert_user_error(run_train("--preset", "bogus"), "unknown preset 'bogus'", "paper, smoke")
+
+
+def test_missing_prompt_file_says_how_to_get_it(tmp_path):
+    result = run_train("--prompt-file", str(tmp_path / "pickscore_train.txt"), "--run-dir", str(tmp_path / "run"))
+    assert_user_error(result, "pickscore_train.txt not found", "25,432 lines", "--prompt-file")
+    assert not (tmp_path / "run").exists()  # nothing created before the input was checked
+
+
+def test_empty_prompt_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert_user_error(run_train("--preset", "smoke", "--prompt-file", str(tmp_path / "empty.txt")),
+                      "holds no prompts")
+
+
+def test_impossible_batch_geometry_shows_the_numbers(tmp_path):
+    result = run_train("--preset", "smoke", "--total-pairs-per-epoch", "16", "--train.batch-size", "5",
+                       "--run-dir", str(tmp_path / "run"))
+    assert_user_error(result, "--train.batch-size 5 must divide the 16 items per step", "valid values: [1, 2, 4, 8, 16]")
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_documents_the_paper_flags():
+    result = run_train("--help")
+    assert result.returncode == 0
+    for flag in ("--num-epochs", "--total-pairs-per-epoch", "--sample.num-solver-steps", "--train.clip-range",
+                 "--reward-preset", "--resume-from", "--lora-rank", "--log-wandb", "--preset"):
+        assert flag in result.stdout, flag
+
+
+def test_smoke_preset_improves_the_reward(tmp_path):
+    start = time.perf_counter()
+    result = run_train("--preset", "smoke", "--run-dir", str(tmp_path / "run"), timeout=600)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert elapsed < 180
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "reward_mean" in r]
+    config = json.loads((run / "config.json").read_text())
+    assert len(epochs) == config["num_epochs"]
+    first, last = epochs[0], epochs[-1]
+    # The margin is several standard errors of an epoch mean (std / sqrt(samples per epoch)), so it is not noise.
+    stderr = max(first["reward_std"], last["reward_std"]) / (2 * config["total_pairs_per_epoch"]) ** 0.5
+    assert last["reward_mean"] - first["reward_mean"] > 4 * stderr, (first, last)
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints[-1] == f"epoch-{config['num_epochs']:07d}"
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_state.pt", "state.json"} <= {
+        p.name for p in (run / "checkpoints" / checkpoints[-1]).iterdir()}
+    assert sorted((run / "images").glob("epoch-0000000-pair-*.png"))

@@ -1,0 +1,31 @@
+"""FDFO training: post-train SD3.5-Medium with a LoRA against a reward (see README.md and ALGORITHM.md).
+
+Single GPU or CPU:
+    python train.py --num-epochs 5 --total-pairs-per-epoch 16
+    python train.py --preset smoke                   # tiny offline model, CPU, a few minutes
+Multi-GPU (one node; add --nnodes/--rdzv-* for several):
+    torchrun --nproc_per_node=8 train.py --reward-preset pickscore
+Rerunning with the same --run-dir resumes from its newest checkpoint. `python train.py --help` lists every flag.
+"""
+
+from fdfo.cli import guarded, parse_with_preset
+from fdfo.config import PRESETS, Config
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_with_preset(Config, PRESETS, argv, description=__doc__)
+
+    def run() -> None:
+        from fdfo import distributed
+        from fdfo.train_loop import train
+
+        try:
+            train(cfg)
+        finally:
+            distributed.shutdown()
+
+    guarded(run)
+
+
+if __name__ == "__main__":
+    main()
