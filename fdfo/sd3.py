@@ -23,8 +23,11 @@ T5_MAX_LENGTH = 128
 def load_pipeline(name: str, device: torch.device, dtype: torch.dtype):
     """Load a StableDiffusion3Pipeline from a hub id, a local folder or `builtin:tiny-sd3`; freeze everything."""
     from diffusers import StableDiffusion3Pipeline
+    from diffusers.utils import logging as diffusers_logging
 
     from fdfo import tiny
+
+    diffusers_logging.disable_progress_bar()
 
     source = tiny.resolve_builtin(name)
     try:

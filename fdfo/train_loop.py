@@ -40,10 +40,11 @@ def prepare_run_dir(cfg: Config) -> Path:
     return Path(dist.broadcast_object(str(path) if path else None))
 
 
-def find_resume_point(cfg: Config, run_dir: Path) -> Path | None:
+def find_resume_point(cfg: Config) -> Path | None:
+    """--resume-from, else the newest checkpoint of an existing --run-dir, else None (a fresh run)."""
     if cfg.resume_from is not None:
         return Path(cfg.resume_from)
-    return latest_checkpoint(run_dir)
+    return latest_checkpoint(Path(cfg.run_dir)) if cfg.run_dir is not None else None
 
 
 def build_policy(cfg: Config, device: torch.device) -> SD3Policy:
@@ -86,12 +87,11 @@ def train(cfg: Config) -> Path:
     geom = batch_geometry(cfg, dist.get_world_size())  # user errors surface before any model loads
     all_prompts = load_prompts(cfg.prompt_file)
     dist.print0(geom.describe(cfg.total_pairs_per_epoch, cfg.sample.num_solver_steps))
-    run_dir = prepare_run_dir(cfg)
-    resume = find_resume_point(cfg, run_dir)
+    resume = find_resume_point(cfg)
     counters, state = read_checkpoint(resume) if resume is not None else ({"epoch": 0, "global_step": 0}, None)
-
     policy = build_policy(cfg, device)
     reward = build_reward_model(cfg, device)
+    run_dir = prepare_run_dir(cfg)  # only now: a model that fails to load leaves no empty run folder behind
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=policy.amp_dtype == torch.float16)
