@@ -72,7 +72,9 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((get_world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x)
+    # torch 2.13 renamed all_gather_into_tensor to all_gather_single; keep older torch working
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x)
     return out
 
 

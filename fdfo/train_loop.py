@@ -102,8 +102,10 @@ def train(cfg: Config) -> Path:
         dist.print0(f"resumed from {resume} (epoch {counters['epoch']}, step {counters['global_step']})")
     module = policy.transformer
     if dist.is_distributed():
+        # find_unused_parameters: the LoRA on the last block's add_q_proj never gets a gradient (that block drops its
+        # context output), and DDP's reducer would otherwise wait for it forever.
         module = torch.nn.parallel.DistributedDataParallel(
-            policy.transformer, device_ids=[device] if device.type == "cuda" else None)
+            policy.transformer, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
 
     logger = NullLogger()
     if dist.get_rank() == 0:
