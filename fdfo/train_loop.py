@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +22,9 @@ from fdfo.sd3 import SD3Policy
 
 INIT_STREAM = 3
 CHECKPOINT_FORMAT = 1
+# config fields that may differ when a run is resumed without that being worth a note
+RESUME_MAY_CHANGE = {"num_epochs", "resume_from", "run_dir", "log_wandb", "device", "geometry", "save_freq",
+                     "image_log_freq"}
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -81,17 +86,34 @@ def log_epoch(logger, samples: EpochSamples, data, epoch: int, times: dict, reco
     return record
 
 
-def train(cfg: Config) -> Path:
-    """Run (or resume) training; returns the run folder."""
+@dataclass
+class Run:
+    """Everything an epoch needs, built once by `setup`."""
+
+    cfg: Config
+    geom: Geometry
+    prompts: list[str]
+    policy: SD3Policy
+    reward: object
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    module: torch.nn.Module  # the network trained: the LoRA transformer, wrapped in DDP under torchrun
+    run_dir: Path
+    logger: NullLogger
+    epoch: int  # epochs done
+    global_step: int
+
+
+def setup(cfg: Config) -> Run:
+    """Check the user's input, load the models, restore a checkpoint if there is one, open the run folder and log."""
     device = dist.init(cfg.device)
     geom = batch_geometry(cfg, dist.get_world_size())  # user errors surface before any model loads
-    all_prompts = load_prompts(cfg.prompt_file)
+    prompts = load_prompts(cfg.prompt_file)
     dist.print0(geom.describe(cfg.total_pairs_per_epoch, cfg.sample.num_solver_steps))
     resume = find_resume_point(cfg)
     counters, state = read_checkpoint(resume) if resume is not None else ({"epoch": 0, "global_step": 0}, None)
     policy = build_policy(cfg, device)
     reward = build_reward_model(cfg, device)
-    run_dir = prepare_run_dir(cfg)  # only now: a model that fails to load leaves no empty run folder behind
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=policy.amp_dtype == torch.float16)
@@ -106,49 +128,73 @@ def train(cfg: Config) -> Path:
         # context output), and DDP's reducer would otherwise wait for it forever.
         module = torch.nn.parallel.DistributedDataParallel(
             policy.transformer, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
+    run_dir = prepare_run_dir(cfg)  # only now: a model that fails to load leaves no empty run folder behind
+    return Run(cfg, geom, prompts, policy, reward, optimizer, scaler, module, run_dir, open_logger(cfg, geom, run_dir),
+               counters["epoch"], counters["global_step"])
 
-    logger = NullLogger()
-    if dist.get_rank() == 0:
-        config_dict = dataclasses.asdict(cfg) | {"geometry": dataclasses.asdict(geom), "run_dir": str(run_dir)}
-        if not (run_dir / "config.json").exists():
-            write_json_atomic(run_dir / "config.json", config_dict)
-        logger = RunLogger(run_dir, config_dict, cfg.log_wandb)
 
-    epoch, global_step = counters["epoch"], counters["global_step"]
+def open_logger(cfg: Config, geom: Geometry, run_dir: Path):
+    """Rank 0 writes config.json (once: a resumed run keeps the original) and opens the log; others get a null one."""
+    if dist.get_rank() != 0:
+        return NullLogger()
+    config = dataclasses.asdict(cfg) | {"geometry": dataclasses.asdict(geom), "run_dir": str(run_dir)}
+    config = json.loads(json.dumps(config))  # as it reads back from the file (tuples become lists)
+    path = run_dir / "config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in config if k not in RESUME_MAY_CHANGE and saved.get(k) != config[k])
+        if changed:
+            print(f"note: resuming with settings that differ from {path}: {', '.join(changed)}", flush=True)
+    else:
+        write_json_atomic(path, config)
+    return RunLogger(run_dir, config, cfg.log_wandb)
+
+
+def run_epoch(run: Run) -> None:
+    """sample -> build the shuffled items -> train -> log -> save; advances run.epoch."""
+    cfg, geom, policy, epoch = run.cfg, run.geom, run.policy, run.epoch
+    t0 = time.perf_counter()
+    policy.offload_text_encoders(False)
     first_pair = dist.get_rank() * geom.pairs_per_gpu
+    idx = prompt_indices(len(run.prompts), cfg.seed, epoch * geom.total_pairs + first_pair, geom.pairs_per_gpu)
+    policy.transformer.eval()
+    samples = sample_phase(policy, run.reward, cfg, geom, epoch, [run.prompts[i] for i in idx], first_pair)
+    t1 = time.perf_counter()
+    data = build_training_set(samples, cfg, geom, epoch)
+    run.reward.offload()  # to CPU until the next sampling phase, with --reward.offload
+    if cfg.offload_text_encoders:
+        policy.offload_text_encoders(True)
+    policy.transformer.train()
+    run.global_step, records = train_phase(policy, run.module, run.optimizer, run.scaler, data, cfg, geom, epoch,
+                                           run.logger, run.global_step)
+    t2 = time.perf_counter()
+    record = log_epoch(run.logger, samples, data, epoch, dict(sample=t1 - t0, train=t2 - t1, total=t2 - t0), records,
+                       cfg, geom)
+    dist.print0(f"epoch {epoch}: reward {record['reward_mean']:.4f} +- {record['reward_std']:.4f}, "
+                f"loss {record['loss']:.4g}, clipfrac {record['clipfrac']:.3f}, {t2 - t0:.1f}s")
+    run.epoch += 1
+    if run.epoch % cfg.save_freq == 0 or run.epoch == cfg.num_epochs:
+        save(run)
+
+
+def train(cfg: Config) -> Path:
+    """Run (or resume) training; returns the run folder."""
+    run = setup(cfg)
     try:
-        for epoch in range(epoch, cfg.num_epochs):
-            t0 = time.perf_counter()
-            policy.offload_text_encoders(False)
-            idx = prompt_indices(len(all_prompts), cfg.seed, epoch * geom.total_pairs + first_pair,
-                                 geom.pairs_per_gpu)
-            policy.transformer.eval()
-            samples = sample_phase(policy, reward, cfg, geom, epoch, [all_prompts[i] for i in idx], first_pair)
-            t1 = time.perf_counter()
-            data = build_training_set(samples, cfg, geom, epoch)
-            if cfg.offload_text_encoders:
-                policy.offload_text_encoders(True)
-            policy.transformer.train()
-            global_step, records = train_phase(policy, module, optimizer, scaler, data, cfg, geom, epoch, logger,
-                                               global_step)
-            t2 = time.perf_counter()
-            record = log_epoch(logger, samples, data, epoch, dict(sample=t1 - t0, train=t2 - t1, total=t2 - t0),
-                               records, cfg, geom)
-            dist.print0(f"epoch {epoch}: reward {record['reward_mean']:.4f} +- {record['reward_std']:.4f}, "
-                        f"loss {record['loss']:.4g}, clipfrac {record['clipfrac']:.3f}, {t2 - t0:.1f}s")
-            if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.num_epochs:
-                save(cfg, run_dir, policy, optimizer, scaler, epoch + 1, global_step, geom)
+        while run.epoch < cfg.num_epochs:
+            run_epoch(run)
     finally:
-        logger.close()
-    return run_dir
+        run.logger.close()
+    return run.run_dir
 
 
-def save(cfg: Config, run_dir: Path, policy: SD3Policy, optimizer, scaler, epochs_done: int, global_step: int,
-         geom: Geometry) -> None:
+def save(run: Run) -> None:
+    """Rank 0 writes the checkpoint of the epochs done so far; the other ranks wait for it."""
     if dist.get_rank() == 0:
-        counters = dict(format=CHECKPOINT_FORMAT, epoch=epochs_done, global_step=global_step, seed=cfg.seed,
-                        prompt_position=epochs_done * geom.total_pairs, world_size=geom.world_size,
+        cfg, epochs_done = run.cfg, run.epoch
+        counters = dict(format=CHECKPOINT_FORMAT, epoch=epochs_done, global_step=run.global_step, seed=cfg.seed,
+                        prompt_position=epochs_done * run.geom.total_pairs, world_size=run.geom.world_size,
                         guidance_scale=cfg.sample.guidance_scale, pretrained_model=cfg.pretrained_model)
-        save_checkpoint(checkpoint_dir(run_dir, epochs_done), policy.save_adapter,
-                        {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, counters)
+        save_checkpoint(checkpoint_dir(run.run_dir, epochs_done), run.policy.save_adapter,
+                        {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}, counters)
     dist.barrier()

@@ -127,6 +127,9 @@ class _NaNReward:
             r[i] = float("nan") if i % 2 else float("inf")
         return {"brightness": r, "reward": r}
 
+    def offload(self):
+        return self
+
 
 def test_non_finite_rewards_drop_their_pair(tmp_path, monkeypatch):
     monkeypatch.setattr(train_loop, "build_reward_model", lambda cfg, device: _NaNReward([1, 4]))
