@@ -155,3 +155,18 @@ def test_killed_rank_ends_the_run_and_a_rerun_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / f'epoch-{done[-1]:07d}'}" in resumed.stdout
     assert (run / f"checkpoints/epoch-{done[-1] + 1:07d}/adapter_model.safetensors").exists()
+
+
+def test_resume_with_a_different_number_of_processes(runs, tmp_path):
+    one, _ = runs
+    # the 1-process run's epoch-1 checkpoint continued by 2 processes ends where the 1-process run ended
+    resumed = torchrun(2, *ARGS, "--run-dir", str(tmp_path / "mixed"),
+                       "--resume-from", str(one / "checkpoints/epoch-0000001"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a = load_file(one / "checkpoints/epoch-0000002/adapter_model.safetensors")
+    b = load_file(tmp_path / "mixed/checkpoints/epoch-0000002/adapter_model.safetensors")
+    for key in a:
+        assert (a[key] - b[key]).norm() <= 1e-4 * a[key].norm(), key
+    state = json.loads((tmp_path / "mixed/checkpoints/epoch-0000002/state.json").read_text())
+    assert (state["epoch"], state["global_step"], state["world_size"]) == (2, 4, 2)
