@@ -1,4 +1,4 @@
-"""Paired trajectories with churn (ALGORITHM.md §1–§2).
+"""Paired trajectories with churn (ALGORITHM.md §1–§2), and the plain Euler sampler used for evaluation.
 
 Everything here is model-agnostic: the sampler sees a velocity function `v(x, sigma, cond)` and a noise source,
 so the same code drives SD3.5, the tiny offline pipeline and toy fields in the tests.
@@ -178,3 +178,15 @@ def sample_pairs(
         sigmas=sigmas[:-1].float().clone(),
         final=x,
     )
+
+
+# ALGORITHM.md §1: plain Euler steps x_s = x_t + (s - t) v from sigma = 1 to 0, no churn (evaluation and generation).
+@torch.no_grad()
+def sample_euler(velocity: VelocityFn, x: torch.Tensor, cond: object, sigmas: torch.Tensor) -> torch.Tensor:
+    """Deterministic sampling. x: `[B, ...]` initial latents at sigmas[0]; sigmas: `[T+1]` decreasing to 0;
+    velocity: `v(x [B, ...], sigma [B], cond) -> [B, ...]`. Returns the float32 `[B, ...]` latent at sigmas[-1]."""
+    x = x.float()
+    for k in range(len(sigmas) - 1):
+        v = velocity(x, sigmas[k].expand(len(x)), cond).float()
+        x = x + (sigmas[k + 1] - sigmas[k]).float() * v
+    return x

@@ -64,14 +64,17 @@ class SD3Policy:
     cond is a dict of per-sample tensors: `embeds [B, 77 + 128, D]` and `pooled [B, D_pooled]`.
     """
 
-    def __init__(self, pretrained: str, device: torch.device, lora_rank: int, lora_alpha: float,
+    def __init__(self, pretrained: str, device: torch.device, lora_rank: int | None, lora_alpha: float = 0.0,
                  guidance_scale: float = 1.0, amp_dtype: torch.dtype | None = None):
+        """lora_rank None: no trainable adapter, `transformer` is the plain pipeline transformer (generation, where a
+        published adapter is merged into it, see fdfo.generation)."""
         self.device = device
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.amp_dtype = amp_dtype
         self.guidance_scale = guidance_scale
         self.pipe = load_pipeline(pretrained, device, self.dtype)
-        self.transformer = add_lora(self.pipe.transformer, lora_rank, lora_alpha)
+        self.transformer = (self.pipe.transformer if lora_rank is None
+                            else add_lora(self.pipe.transformer, lora_rank, lora_alpha))
         self.latent_channels = self.pipe.transformer.config.in_channels
         self._negative = None
 

@@ -1,0 +1,241 @@
+"""Checkpoint resolution: turn what a user pastes after --checkpoint into a local PEFT adapter folder.
+
+Accepted forms (ALGORITHM.md §9):
+
+* `https://huggingface.co/ORG/REPO/tree/REV/SUB/DIR` — the address of a folder as the browser shows it (`blob/` and
+  `resolve/` addresses of `adapter_config.json` or `adapter_model.safetensors` are taken as their folder);
+* `https://huggingface.co/ORG/REPO` — an adapter at the root of a repository;
+* `hf:ORG/REPO[@REV][/SUB/DIR]`;
+* a local folder holding `adapter_config.json` + `adapter_model.safetensors` (PEFT format);
+* one of our run checkpoints `runs/<id>-<name>/checkpoints/epoch-XXXXXXX`, or a run folder (its newest checkpoint);
+* nothing (None, "", "base"): the base model.
+
+Only the named folder's adapter files (and `state.json`, when there is one) are downloaded, through the Hugging Face
+cache, so `HF_HUB_OFFLINE=1` and `HF_HUB_CACHE` are honoured. The guidance scale a checkpoint was trained with comes
+from our `state.json`, else from the published FDFO folder names (`...-no-cfg` = 1, `...-cfg-2.0`, `...-cfg-4.5`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from fdfo.checkpoints import CHECKPOINT_RE
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+STATE_FILE = "state.json"
+BASE_NAMES = ("", "base", "none")
+HUB_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
+FORMS = ("https://huggingface.co/ORG/REPO/tree/REV/SUB/DIR, https://huggingface.co/ORG/REPO, hf:ORG/REPO[/SUB/DIR], "
+         "a local PEFT folder (adapter_config.json + adapter_model.safetensors), a run folder or "
+         "runs/<run>/checkpoints/epoch-XXXXXXX, or 'base'")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+_NO_CFG_RE = re.compile(r"(?:^|[-_])no-cfg(?:$|[-_])")
+_CFG_RE = re.compile(r"(?:^|[-_])cfg-(\d+(?:\.\d+)?)(?:$|[-_])")
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A folder of a Hugging Face model repository; subfolder "" is the root, revision None the default branch."""
+
+    repo_id: str
+    subfolder: str = ""
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"hf:{self.repo_id}{rev}" + (f"/{self.subfolder}" if self.subfolder else "")
+
+    @property
+    def url(self) -> str:
+        tail = f"/tree/{self.revision or 'main'}/{self.subfolder}" if self.subfolder else ""
+        return f"https://huggingface.co/{self.repo_id}{tail}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved checkpoint. adapter_dir None is the base model.
+
+    guidance_scale: the CFG scale it was trained with (from state.json or the folder name), None when unknown;
+    pretrained_model: the base model recorded in our state.json, None when not recorded.
+    """
+
+    adapter_dir: Path | None
+    description: str
+    label: str
+    guidance_scale: float | None = None
+    guidance_source: str | None = None
+    pretrained_model: str | None = None
+
+
+def _parts(path: str, spec: str) -> list[str]:
+    parts = [urllib.parse.unquote(p) for p in path.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise ValueError(f"checkpoint {spec!r}: '.' and '..' are not allowed in a hub path")
+    return parts
+
+
+def _check_repo(org: str, name: str, spec: str) -> str:
+    if not (_NAME_RE.match(org) and _NAME_RE.match(name)):
+        raise ValueError(f"checkpoint {spec!r}: {org}/{name} is not a valid repository id. Expected {FORMS}.")
+    return f"{org}/{name}"
+
+
+def _parse_url(spec: str) -> HubRef:
+    url = urllib.parse.urlsplit(spec if "://" in spec else "https://" + spec)
+    if url.scheme not in ("http", "https") or url.netloc.lower() not in HUB_HOSTS:
+        raise ValueError(f"checkpoint {spec!r} is not a Hugging Face address. Expected {FORMS}.")
+    parts = _parts(url.path, spec)
+    if parts and parts[0] in ("datasets", "spaces", "buckets"):
+        raise ValueError(f"checkpoint {spec!r} points to a {parts[0][:-1]}, not a model repository")
+    if len(parts) < 2:
+        raise ValueError(f"checkpoint {spec!r} names no repository: expected https://huggingface.co/ORG/REPO or "
+                         f"https://huggingface.co/ORG/REPO/tree/main/SUB/DIR")
+    repo_id = _check_repo(parts[0], parts[1], spec)
+    if len(parts) == 2:
+        return HubRef(repo_id)
+    kind, rest = parts[2], parts[3:]
+    if kind not in ("tree", "blob", "resolve") or not rest:
+        raise ValueError(f"checkpoint {spec!r}: expected /tree/REVISION/FOLDER after the repository name (copy the "
+                         f"folder's address from the repository's 'Files' tab), e.g. "
+                         f"https://huggingface.co/{repo_id}/tree/main/SUB/DIR")
+    revision, folder = rest[0], rest[1:]
+    if kind != "tree":  # the address of a file: take its folder
+        if not folder or folder[-1] not in (*ADAPTER_FILES, STATE_FILE):
+            raise ValueError(f"checkpoint {spec!r} is the address of a file; pass its folder "
+                             f"(https://huggingface.co/{repo_id}/tree/{revision}/...)")
+        folder = folder[:-1]
+    return HubRef(repo_id, "/".join(folder), None if revision == "main" else revision)
+
+
+def _parse_hf(spec: str) -> HubRef:
+    parts = _parts(spec[len("hf:"):], spec)
+    if len(parts) < 2:
+        raise ValueError(f"checkpoint {spec!r} names no repository: expected hf:ORG/REPO[/SUB/DIR]")
+    name, _, revision = parts[1].partition("@")
+    return HubRef(_check_repo(parts[0], name, spec), "/".join(parts[2:]), revision or None)
+
+
+def parse_hub_ref(spec: str) -> HubRef | None:
+    """The hub folder named by `spec`, or None when `spec` is not a hub reference. Malformed ones: ValueError."""
+    if spec.startswith("hf:"):
+        return _parse_hf(spec)
+    lowered = spec.lower()
+    if "://" in lowered or lowered.startswith(tuple(f"{h}/" for h in HUB_HOSTS)):
+        return _parse_url(spec)
+    return None
+
+
+def infer_guidance_scale(path: str) -> float | None:
+    """The CFG scale a published FDFO folder was trained with, from its name: `-no-cfg` = 1, `-cfg-4.5` = 4.5.
+
+    Looks at the path components from the innermost outwards; None when no component says.
+    """
+    for part in reversed([p for p in re.split(r"[/\\]", path) if p]):
+        if _NO_CFG_RE.search(part):
+            return 1.0
+        if m := _CFG_RE.search(part):
+            return float(m.group(1))
+    return None
+
+
+def _read_state(folder: Path) -> dict:
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {folder}: {STATE_FILE} is damaged ({e})") from None
+    return state if isinstance(state, dict) else {}
+
+
+def _checkpoint(folder: Path, description: str, label: str, name_for_cfg: str) -> Checkpoint:
+    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {description}: no {' or '.join(missing)} in {folder}; a checkpoint "
+                                f"folder holds a PEFT adapter (adapter_config.json + adapter_model.safetensors)")
+    state = _read_state(folder)
+    scale, source = state.get("guidance_scale"), STATE_FILE
+    if scale is None:
+        scale, source = infer_guidance_scale(name_for_cfg), "folder name"
+    return Checkpoint(folder, description, label, None if scale is None else float(scale),
+                      None if scale is None else source, state.get("pretrained_model"))
+
+
+def _local_adapter_dir(path: Path) -> Path:
+    """A PEFT folder as given, the newest epoch-XXXXXXX of a run folder or of its checkpoints/ folder."""
+    if path.is_file() and path.name in (*ADAPTER_FILES, STATE_FILE):
+        return path.parent
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is neither a folder nor a file of an adapter")
+    if (path / ADAPTER_FILES[0]).exists() or (path / ADAPTER_FILES[1]).exists():
+        return path
+    for parent in (path, path / "checkpoints"):
+        if parent.is_dir() and any(CHECKPOINT_RE.match(p.name) for p in parent.iterdir()):
+            return max((p for p in parent.iterdir() if CHECKPOINT_RE.match(p.name)), key=lambda p: p.name)
+    if (path / "checkpoints").is_dir() or (path / "log.jsonl").is_file():
+        raise FileNotFoundError(f"run folder {path} has no checkpoint yet (checkpoints/epoch-XXXXXXX)")
+    raise FileNotFoundError(f"{path} holds no adapter (adapter_config.json + adapter_model.safetensors) and is not a "
+                            f"run folder with checkpoints/epoch-XXXXXXX")
+
+
+def download_adapter(ref: HubRef) -> Path:
+    """Fetch only `ref`'s adapter files (and state.json, if any) into the HF cache; returns the local folder."""
+    from huggingface_hub import constants, errors, snapshot_download
+
+    prefix = f"{ref.subfolder}/" if ref.subfolder else ""
+    where = f"folder {ref.subfolder!r} of {ref.repo_id}" if ref.subfolder else f"the root of {ref.repo_id}"
+    rev = f" at revision {ref.revision!r}" if ref.revision else ""
+    fetch = f"hf download {ref.repo_id} {' '.join(prefix + f for f in ADAPTER_FILES)}" + (
+        f" --revision {ref.revision}" if ref.revision else "")
+    try:
+        root = snapshot_download(ref.repo_id, revision=ref.revision,
+                                 allow_patterns=[prefix + f for f in (*ADAPTER_FILES, STATE_FILE)])
+    except errors.GatedRepoError:
+        raise FileNotFoundError(f"checkpoint {ref}: {ref.repo_id} is gated; accept its terms on "
+                                f"https://huggingface.co/{ref.repo_id} and log in (`hf auth login`)") from None
+    except errors.RepositoryNotFoundError:
+        raise FileNotFoundError(f"checkpoint {ref}: no model repository {ref.repo_id} on the Hugging Face hub (or it "
+                                f"is private: log in with `hf auth login`). Check the address.") from None
+    except errors.RevisionNotFoundError:
+        raise FileNotFoundError(f"checkpoint {ref}: {ref.repo_id} has no revision {ref.revision!r}") from None
+    except (errors.LocalEntryNotFoundError, errors.IncompleteSnapshotError, errors.HfHubHTTPError, OSError) as e:
+        offline = "HF_HUB_OFFLINE=1 is set and " if constants.HF_HUB_OFFLINE else ""
+        raise FileNotFoundError(
+            f"checkpoint {ref}: {offline}{where}{rev} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            f"and could not be downloaded ({e.__class__.__name__}). Fix: download it where there is network access "
+            f"(`{fetch}`), or pass a local folder.") from None
+    folder = Path(root) / ref.subfolder
+    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+    if missing:
+        offline = " (HF_HUB_OFFLINE=1: only the local cache was searched)" if constants.HF_HUB_OFFLINE else ""
+        raise FileNotFoundError(
+            f"checkpoint {ref}: {where}{rev} holds no {' and no '.join(missing)}{offline}. Check the folder on "
+            f"{ref.url}; checkpoints are folders such as .../tree/main/<run>/epoch-XXXXXXX. To fetch it: `{fetch}`.")
+    return folder
+
+
+def resolve_checkpoint(spec: str | None) -> Checkpoint:
+    """Resolve any accepted --checkpoint form (module docstring) to a local adapter folder plus what is known about
+    it. None, "" and "base" are the base model. Bad addresses: ValueError; missing folders: FileNotFoundError."""
+    spec = None if spec is None else spec.strip()
+    if spec is None or spec.lower() in BASE_NAMES:
+        return Checkpoint(None, "base model", "base model", None, None, None)
+    ref = parse_hub_ref(spec)
+    if ref is not None:
+        folder = download_adapter(ref)
+        label = ref.subfolder or ref.repo_id.split("/")[1]
+        return _checkpoint(folder, str(ref), label, f"{ref.repo_id.split('/')[1]}/{ref.subfolder}")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        hint = (f" For a Hugging Face repository write hf:{spec} or https://huggingface.co/{spec}."
+                if re.match(r"^[\w.-]+/[\w.-]+(/.*)?$", spec) else "")
+        raise FileNotFoundError(f"checkpoint {spec!r}: no such file or folder.{hint} Accepted: {FORMS}.")
+    folder = _local_adapter_dir(path)
+    parts = folder.resolve().parts
+    label = f"{parts[-3]}/{parts[-1]}" if len(parts) > 2 and parts[-2] == "checkpoints" else "/".join(parts[-2:])
+    return _checkpoint(folder, str(folder), label, str(folder.resolve()))

@@ -1,0 +1,74 @@
+"""Image grids from FDFO, DiffusionNFT and Flow-GRPO checkpoints (or the base model), for a look side by side.
+
+Single GPU or CPU:
+    python generate.py --checkpoint $CHECKPOINT --out out.jpg [--guidance-scale 4.5]
+    python generate.py --checkpoint base $CHECKPOINT_A $CHECKPOINT_B --out compare.jpg --prompts my_prompts.txt
+
+Multi-GPU (the images are shared out; the grid is the same as on one GPU):
+    torchrun --nproc_per_node=8 generate.py --checkpoint $CHECKPOINT --out out.jpg --grid-rows 2 --grid-cols 4
+
+$CHECKPOINT is the browser address of a Hugging Face folder
+(https://huggingface.co/nvidia/finite-difference-flow-optimization/tree/main/fdfo-combined-reward-no-cfg/epoch-0000100),
+a repository holding an adapter at its root (https://huggingface.co/worstcoder/SD3.5M-DiffusionNFT-MultiReward),
+hf:ORG/REPO[/SUB/DIR], a local PEFT folder, one of our runs (runs/<id>-<name>, its newest checkpoint) or checkpoints
+(runs/<id>-<name>/checkpoints/epoch-XXXXXXX), or `base`. Only that folder is downloaded. The guidance scale defaults to
+the one the checkpoint was trained with. `python generate.py --help` lists every flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fdfo.cli import guarded
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: tuple[str, ...] = ()
+    """One or more checkpoints, one block of columns each (see above); `base` is the base model. Default: base."""
+    out: str = "out.jpg"
+    """Output image; .jpg/.jpeg (JPEG) or .png (PNG)."""
+    guidance_scale: float | None = None
+    """CFG scale; default: the checkpoint's (our state.json, or -no-cfg / -cfg-2.0 / -cfg-4.5 in the folder name),
+    else 1. A different value than the checkpoint's warns."""
+    prompts: str | None = None
+    """Prompt file, one prompt per line; default: 15 built-in prompts of varied subjects and styles."""
+    num_prompts: int | None = None
+    """Use only the first N prompts."""
+    grid_rows: int = 1
+    """Rows of images per prompt (and checkpoint)."""
+    grid_cols: int = 4
+    """Columns of images per prompt (and checkpoint)."""
+    seed: int = 0
+    """Image `index` of a checkpoint's block (prompt-major, then row, then column) uses seed + index."""
+    batch_size: int = 4
+    """Images per forward pass (per GPU); it does not change the images."""
+    num_steps: int = 40
+    """Euler steps (no churn)."""
+    resolution: int = 512
+    """Image height and width in pixels."""
+    pretrained_model: str | None = None
+    """Base SD3 pipeline (hub id or folder); default: the one our checkpoint records, else SD3.5 Medium."""
+    device: str | None = None
+    """Torch device; default cuda:<local rank> when CUDA is available, else cpu."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tyro
+
+    cfg = tyro.cli(GenerateConfig, args=argv, description=__doc__)
+
+    def run() -> None:
+        from fdfo import distributed
+        from fdfo.grid import generate_grid
+
+        try:
+            generate_grid(cfg)
+        finally:
+            distributed.shutdown()
+
+    guarded(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Generation (fdfo/generation.py) and generate.py: merged LoRAs against hand-computed weights, per-image seeding,
+guidance-scale memory, and the end-to-end grid from every checkpoint address form through an offline fake hub."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fdfo import tiny
+from fdfo.generation import BaseModel, load_generator, resolve_guidance
+from fdfo.grid import BUILTIN_PROMPTS, GridLayout
+from tests.fake_hub import BAD_REPO, CFG_45, FDFO_REPO, NFT_REPO, NO_CFG, build_checkpoint_cache, hub_env
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, RES = 2, 64
+PROMPTS = ["a red apple on a wooden table", "a lighthouse on a rocky coast at sunset"]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    return build_checkpoint_cache(tmp_path_factory.mktemp("hub"))
+
+
+@pytest.fixture(scope="module")
+def base():
+    return BaseModel(str(tiny.tiny_sd3_path()), torch.device("cpu"))
+
+
+def local(hub, repo, subfolder=""):
+    """The fake cache's own copy of a hub folder, used as a local checkpoint folder."""
+    return next((hub["cache"] / f"models--{repo.replace('/', '--')}" / "snapshots").iterdir()) / subfolder
+
+
+def generator(base, folder, **kwargs):
+    return load_generator(None if folder is None else str(folder), base=base, num_steps=STEPS, resolution=RES,
+                          **kwargs)
+
+
+def warnings_in(text):
+    return [line for line in text.splitlines() if line.startswith("warning: ")]
+
+
+def test_resolve_guidance(capsys):
+    assert resolve_guidance(None, None) == 1.0
+    assert resolve_guidance(4.5, None) == 4.5
+    assert resolve_guidance(4.5, 4.5) == 4.5 and resolve_guidance(None, 2.0) == 2.0
+    assert not warnings_in(capsys.readouterr().err)
+    assert resolve_guidance(4.5, 1.0, "hf:x/y/z") == 1.0
+    (line,) = warnings_in(capsys.readouterr().err)
+    assert "hf:x/y/z was trained with guidance scale 4.5" in line and "at 1" in line
+
+
+def test_merged_weights_are_base_plus_scaled_lora(base, hub):
+    """W = W0 + (alpha / r) B A on every targeted layer, untouched elsewhere; switching back restores W0 exactly."""
+    blocks = base.policy.transformer.transformer_blocks
+    to_q, add_k = blocks[0].attn.to_q, blocks[0].attn.add_k_proj
+    generator(base, None).generate(PROMPTS[:1], [0])
+    w_q, w_k = to_q.weight.detach().clone(), add_k.weight.detach().clone()
+
+    def lora(folder, module):
+        state = load_file(str(folder / "adapter_model.safetensors"))
+        key = f"base_model.model.transformer_blocks.0.attn.{module}.lora_%s.weight"
+        return state[key % "B"] @ state[key % "A"]
+
+    nft = local(hub, NFT_REPO)  # rank 2, alpha 6, only to_q/to_k/to_v/to_out.0
+    gen = generator(base, nft)
+    torch.testing.assert_close(to_q.weight, w_q + 3.0 * lora(nft, "to_q"), atol=1e-6, rtol=0)
+    assert torch.equal(add_k.weight, w_k)
+    assert (to_q.weight - w_q).abs().max() > 1e-2  # the adapter is far from zero
+
+    no_cfg = local(hub, FDFO_REPO, NO_CFG)  # rank 4, alpha 8, all eight projections
+    other = generator(base, no_cfg)
+    other.generate(PROMPTS[:1], [0])
+    torch.testing.assert_close(to_q.weight, w_q + 2.0 * lora(no_cfg, "to_q"), atol=1e-6, rtol=0)
+    torch.testing.assert_close(add_k.weight, w_k + 2.0 * lora(no_cfg, "add_k_proj"), atol=1e-6, rtol=0)
+    gen.generate(PROMPTS[:1], [0])  # the first generator merges its own adapter again on use
+    torch.testing.assert_close(to_q.weight, w_q + 3.0 * lora(nft, "to_q"), atol=1e-6, rtol=0)
+    generator(base, None).generate(PROMPTS[:1], [0])
+    assert torch.equal(to_q.weight, w_q) and torch.equal(add_k.weight, w_k)
+    assert not any("lora" in name for name, _ in base.policy.transformer.named_modules())
+
+
+def test_images_depend_on_their_seed_only(base, hub):
+    gen = generator(base, local(hub, FDFO_REPO, NO_CFG))
+    assert gen.guidance_scale == 1.0  # inferred from the folder name
+    noise = gen.initial_noise([5, 7])
+    assert torch.equal(noise[1], torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(7)))
+    prompts, seeds = [PROMPTS[0], PROMPTS[1], PROMPTS[0]], [5, 6, 7]
+    together = gen.generate(prompts, seeds, batch_size=2)
+    assert together.shape == (3, 3, RES, RES) and together.dtype == torch.float32
+    assert 0 <= together.min() and together.max() <= 1
+    alone = torch.cat([gen.generate([p], [s]) for p, s in zip(prompts, seeds)])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
+    assert (together[0] - together[2]).abs().mean() > 0.02  # same prompt, other seed: another image
+    base_images = generator(base, None).generate(prompts, seeds)
+    assert (together - base_images).abs().mean() > 0.02
+
+
+@pytest.mark.parametrize("name, fragment", [("wrong-shape", "have another shape than the model"),
+                                            ("wrong-target", "attn.to_qkv_fused")])
+def test_adapters_that_do_not_fit_are_value_errors(base, hub, name, fragment):
+    reference = generator(base, None).generate(PROMPTS[:1], [3])
+    folder = local(hub, BAD_REPO, name)
+    with pytest.raises(ValueError, match="does not fit the base model") as e:
+        generator(base, folder)
+    assert str(folder) in str(e.value) and fragment in str(e.value)
+    assert not hasattr(base.policy.transformer, "peft_config")
+    assert not any("lora" in n for n, _ in base.policy.transformer.named_modules())
+    assert torch.equal(generator(base, None).generate(PROMPTS[:1], [3]), reference)
+
+
+def test_run_checkpoint_guidance_and_model_from_state_json(hub, tmp_path, capsys):
+    """Our checkpoints remember their base model and CFG scale; overriding the scale warns once."""
+    import json
+    import shutil
+
+    folder = tmp_path / "runs" / "00000-cfg" / "checkpoints" / "epoch-0000005"
+    shutil.copytree(local(hub, FDFO_REPO, NO_CFG), folder)
+    (folder / "state.json").write_text(json.dumps({"guidance_scale": 3.0, "pretrained_model": tiny.TINY_SD3}))
+    gen = load_generator(str(tmp_path / "runs" / "00000-cfg"), num_steps=STEPS, resolution=RES,
+                         device=torch.device("cpu"))
+    assert gen.base.pretrained_model == tiny.TINY_SD3 and gen.guidance_scale == 3.0
+    assert gen.checkpoint_description == str(folder)
+    assert not warnings_in(capsys.readouterr().err)
+    again = load_generator(str(folder), guidance_scale=1.0, base=gen.base, num_steps=STEPS, resolution=RES)
+    assert again.guidance_scale == 1.0
+    (line,) = warnings_in(capsys.readouterr().err)
+    assert "trained with guidance scale 3" in line
+    cfg3, cfg1 = gen.generate(PROMPTS[:1], [0]), again.generate(PROMPTS[:1], [0])
+    assert (cfg3 - cfg1).abs().mean() > 0.02  # the scale is really used
+
+
+def cells(path, layout, num_checkpoints):
+    """The grid's images as float `[checkpoints, prompts * rows * cols, 3, S, S]`."""
+    grid = np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255
+    out = torch.zeros(num_checkpoints, layout.num_prompts * layout.rows * layout.cols, 3, RES, RES)
+    for k in range(num_checkpoints):
+        for i in range(out.shape[1]):
+            p, j = divmod(i, layout.rows * layout.cols)
+            x, y = layout.cell(k, p, j // layout.cols, j % layout.cols)
+            out[k, i] = torch.from_numpy(grid[y:y + RES, x:x + RES]).permute(2, 0, 1)
+    return out
+
+
+def run_generate(hub, tmp_path, *args):
+    return subprocess.Popen([sys.executable, "generate.py", *map(str, args)], cwd=ROOT, env=hub_env(hub, tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_generate_py_grid_from_every_address_form(hub, base, tmp_path):
+    """One grid: FDFO no-cfg by browser URL, FDFO cfg-4.5 by hf:, DiffusionNFT by repo URL, and the base model.
+    Every cell equals a direct generation with its seed; the cfg-4.5 block is sampled at 4.5 without being told."""
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    ad = hub["adapters"]
+    specs = [ad["no_cfg"]["url"], ad["cfg_4.5"]["hf"], ad["nft"]["url"], "base"]
+    out = tmp_path / "grid.png"
+    proc = run_generate(hub, tmp_path, "--checkpoint", *specs, "--out", out, "--prompts", tmp_path / "prompts.txt",
+                        "--grid-rows", 1, "--grid-cols", 2, "--seed", 10, "--batch-size", 3, "--num-steps", STEPS,
+                        "--resolution", RES)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"hf:{FDFO_REPO}/{CFG_45} on stabilityai/stable-diffusion-3.5-medium: guidance scale 4.5 (from the " \
+           f"checkpoint's folder name)" in stderr + stdout
+    assert not warnings_in(stderr)
+
+    layout = GridLayout(num_checkpoints=4, num_prompts=2, rows=1, cols=2, image_size=RES)
+    image = Image.open(out)
+    assert image.format == "PNG" and image.size == layout.size
+    assert image.width == 4 * 2 * RES + 3 * layout.pad  # four blocks of two 64-px columns, with gaps
+    got = cells(out, layout, 4)
+
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    seeds = [10 + i for i in range(4)]
+    folders = [local(hub, FDFO_REPO, NO_CFG), local(hub, FDFO_REPO, CFG_45), local(hub, NFT_REPO), None]
+    for k, (folder, scale) in enumerate(zip(folders, [1.0, 4.5, 1.0, 1.0])):
+        expected = generator(base, folder, guidance_scale=scale).generate(prompts, seeds)
+        assert (got[k] - expected).abs().max() <= 2.5 / 255, k  # uint8 rounding and batch-size rounding
+        if folder is not None:
+            assert (got[k] - got[3]).abs().mean() > 0.02, k  # differs from the base model
+    at_cfg_1 = generator(base, folders[1], guidance_scale=1.0).generate(prompts, seeds)
+    assert (got[1] - at_cfg_1).abs().mean() > 0.02  # the 4.5 really was applied
+
+
+def test_generate_py_bad_inputs_are_one_clear_message(hub, tmp_path, monkeypatch, capsys):
+    """Malformed address, missing sub-folder (in-process, hub constants pointed at the fake cache) and an adapter
+    that does not fit (a real offline subprocess): exit status 2 and one `error:` line saying what is wrong."""
+    import generate
+    from huggingface_hub import constants
+
+    common = ["--num-steps", STEPS, "--resolution", RES, "--num-prompts", 1, "--grid-cols", 1]
+    proc = run_generate(hub, tmp_path, "--checkpoint", hub["adapters"]["wrong_shape"]["hf"], "--out",
+                        tmp_path / "shape.jpg", *common)  # runs while the in-process cases are checked
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cases = {
+        f"https://huggingface.co/{FDFO_REPO}/commits/main": ["expected /tree/REVISION/FOLDER"],
+        f"https://huggingface.co/{FDFO_REPO}/tree/main/fdfo-combined-reward-no-cfg/epoch-0000123":
+            ["fdfo-combined-reward-no-cfg/epoch-0000123", "HF_HUB_OFFLINE=1"],
+    }
+    for spec, fragments in cases.items():
+        with pytest.raises(SystemExit) as e:
+            generate.main(["--checkpoint", spec, "--out", str(tmp_path / "bad.jpg"), *map(str, common)])
+        assert e.value.code == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert all(f in line for f in fragments), line
+
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert f"adapter hf:{BAD_REPO}/wrong-shape does not fit the base model stabilityai/stable-diffusion-3.5-medium" \
+        in line and "[4, 40] in the adapter, [4, 32] in the model" in line, line
+    assert not list(tmp_path.glob("*.jpg"))
+
+
+def test_jpeg_grid_of_builtin_prompts(tmp_path, capsys):
+    from fdfo.grid import generate_grid
+    from generate import GenerateConfig
+
+    cfg = GenerateConfig(out=str(tmp_path / "g.jpg"), num_prompts=3, grid_rows=2, grid_cols=1, batch_size=4,
+                         num_steps=1, resolution=RES, pretrained_model=str(tiny.tiny_sd3_path()), device="cpu")
+    generate_grid(cfg)
+    image = Image.open(tmp_path / "g.jpg")
+    assert image.format == "JPEG" and image.size == GridLayout(1, 3, 2, 1, RES).size
+    assert len(BUILTIN_PROMPTS) == 15 and "wrote" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="JPEG or PNG"):
+        generate_grid(GenerateConfig(out=str(tmp_path / "g.gif")))
+
+
+@pytest.mark.slow
+def test_generate_py_under_torchrun_gives_the_single_process_grid(hub, tmp_path):
+    """3 prompts x 1 image over 2 ranks (one rank pads its share): the same PNG as one process, up to rounding."""
+    import os
+
+    args = ["generate.py", "--checkpoint", str(local(hub, FDFO_REPO, NO_CFG)), "--num-prompts", "3", "--grid-cols",
+            "1", "--num-steps", str(STEPS), "--resolution", str(RES), "--batch-size", "1",
+            "--pretrained-model", str(tiny.tiny_sd3_path())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one.png")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                          "--out", str(tmp_path / "two.png")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("one", "two"))
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1
