@@ -1,0 +1,69 @@
+"""The dreamsim_diversity metric (ALGORITHM.md §8): how different the repeats of one prompt look to DreamSim.
+
+Reading of "mean squared distance between DreamSim embeddings of the repeats of a prompt", made precise here: every
+image's DreamSim embedding is scaled to unit length, and for prompt p with repeats r = 0..R-1
+
+    diversity_p = mean over the R(R-1)/2 pairs r < r' of ||e_pr - e_pr'||^2
+
+and the reported metric is the mean of diversity_p over prompts. For unit vectors ||a - b||^2 = 2 (1 - cos(a, b)),
+twice DreamSim's own distance `1 - cos`, so the value lies in [0, 4] (0: identical repeats).
+
+The `dreamsim` package is imported only when the metric is asked for: it pulls torchvision, which the rest of this
+project does not need (and which breaks CPU-only installs of transformers/peft; see README).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+INSTALL_HINT = (
+    "dreamsim_diversity needs the dreamsim package: `pip install dreamsim` (it installs torchvision: on a GPU machine "
+    "make sure its build matches your CUDA torch). Leave dreamsim_diversity out of --metrics to run without it."
+)
+
+
+def mean_pairwise_sq_distance(embeddings: torch.Tensor) -> torch.Tensor:
+    """ALGORITHM.md §8 diversity of each prompt: the mean over pairs r < r' of `||e_r - e_r'||^2`.
+
+    embeddings: `[P, R, D]`, the R >= 2 repeats of P prompts (used as given: normalise before if wanted).
+    Returns float64 `[P]`.
+    """
+    num_repeats = embeddings.shape[1]
+    if num_repeats < 2:
+        raise ValueError(f"diversity compares the repeats of a prompt: it needs >= 2 of them, got {num_repeats}.")
+    e = embeddings.double()
+    sq = (e[:, :, None, :] - e[:, None, :, :]).pow(2).sum(-1)  # [P, R, R], zero diagonal, symmetric
+    return sq.sum(dim=(1, 2)) / (num_repeats * (num_repeats - 1))  # each unordered pair counted twice
+
+
+def dreamsim_available() -> bool:
+    return importlib.util.find_spec("dreamsim") is not None
+
+
+class DreamSimEmbedder:
+    """Unit-length DreamSim embeddings of PIL images: `[B, D]` float32 on CPU."""
+
+    def __init__(self, model, preprocess, device: torch.device):
+        self.model, self.preprocess, self.device = model, preprocess, device
+
+    @classmethod
+    def load(cls, cache_dir: str, device: torch.device | str) -> "DreamSimEmbedder":
+        """The pretrained DreamSim ensemble; its weights are downloaded into `cache_dir` on first use."""
+        try:
+            from dreamsim import dreamsim
+        except ImportError as err:
+            raise ValueError(f"{INSTALL_HINT} ({err})") from None
+        device = torch.device(device)
+        model, preprocess = dreamsim(pretrained=True, device=str(device), cache_dir=cache_dir)
+        return cls(model, preprocess, device)
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence) -> torch.Tensor:
+        if not images:
+            return torch.zeros(0, 0)
+        pixels = torch.cat([self.preprocess(image) for image in images]).to(self.device)  # [B, 3, 224, 224]
+        return F.normalize(self.model.embed(pixels).float(), dim=-1).cpu()

@@ -1,0 +1,39 @@
+r"""Evaluate a checkpoint by the protocol of ALGORITHM.md §8: seeded prompts, per-image seeds, a table and a JSON file.
+
+Single GPU or CPU:
+    python metrics.py --checkpoint $CHECKPOINT --prompt-set pickscore_train --num-prompts 4096 \
+        --metrics pickscore vlm_alignment --out results.json
+
+Multi-GPU (the same images and numbers on any number of GPUs):
+    torchrun --nproc_per_node=8 metrics.py --checkpoint $CHECKPOINT --prompt-set hpdv2 --num-prompts 3200 \
+        --num-repeats 4 --metrics hpsv2 clip_h14 clip_l14 dreamsim_diversity
+
+$CHECKPOINT: a run checkpoint folder, a PEFT LoRA folder, a huggingface.co URL or hf:<org>/<repo>/<subfolder>; leave
+--checkpoint out to evaluate the base model. Fetch the prompt sets first with `python -m fdfo.prompts download hpdv2`
+(or pickscore_train). `python metrics.py --help` lists every flag.
+"""
+
+from fdfo.cli import guarded
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tyro
+
+    from fdfo.evaluation import EvalConfig
+
+    cfg = tyro.cli(EvalConfig, args=argv, description=__doc__)
+
+    def run() -> None:
+        from fdfo import distributed
+        from fdfo.evaluation import evaluate
+
+        try:
+            evaluate(cfg)
+        finally:
+            distributed.shutdown()
+
+    guarded(run)
+
+
+if __name__ == "__main__":
+    main()
