@@ -28,13 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red bicycle", "a cat on a sofa", "an oil painting of a boat", "a snowy mountain", "a bowl of fruit"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The protocol on hand values

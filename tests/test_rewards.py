@@ -12,14 +12,6 @@ from rewards.vlm import ALIGNMENT_QUESTION
 PROMPTS = ["a photo of a cat", 'a "red" car at night, very long ' + "and detailed " * 30]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: intra-op threads fight each other and make tiny forwards ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory):

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
 from rewards import RewardConfig, build_reward
@@ -37,14 +36,6 @@ CHILD = textwrap.dedent(
     """
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: intra-op threads fight each other and make tiny forwards ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def snapshot(cache: pathlib.Path, repo_id: str) -> str:
