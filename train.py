@@ -2,9 +2,11 @@
 
 Single GPU or CPU:
     python train.py --num-epochs 5 --total-pairs-per-epoch 16
-    python train.py --preset smoke                   # tiny offline model, CPU, a few minutes
-Multi-GPU (one node; add --nnodes/--rdzv-* for several):
+    python train.py --preset smoke                   # tiny offline model and analytic reward: CPU, under a minute
+
+Multi-GPU (one node; add --nnodes and --rdzv-* for several, see README.md):
     torchrun --nproc_per_node=8 train.py --reward-preset pickscore
+
 Rerunning with the same --run-dir resumes from its newest checkpoint. `python train.py --help` lists every flag.
 """
 

@@ -90,6 +90,8 @@ def pair_picture(a: torch.Tensor, b: torch.Tensor, prompt: str, reward_a: float,
     draw = ImageDraw.Draw(canvas)
     draw.text((4, h + 2), f"a: {reward_a:.4g}", fill="black", font=font)
     draw.text((w + 4, h + 2), f"b: {reward_b:.4g}", fill="black", font=font)
-    text = prompt if draw.textlength(prompt, font=font) <= 2 * w - 8 else prompt[: max(8, 2 * w // font.size)] + "…"
+    text = prompt
+    while len(text) > 1 and draw.textlength(text, font=font) > 2 * w - 8:  # shorten to the width, marking the cut
+        text = text[: len(text) * 9 // 10 - 1].rstrip() + "…"
     draw.text((4, h + line + 2), text, fill="black", font=font)
     return canvas
