@@ -41,10 +41,12 @@ def init(device: str | None = None, timeout_s: float = 1800.0) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_distributed():
+    launched = int(os.environ.get("WORLD_SIZE", 1)) > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets both
+    if launched and not is_distributed():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        print0(f"process group: {backend}, world size {get_world_size()}")
     return dev
 
 
