@@ -3,7 +3,6 @@ presets, and the batch geometry of ALGORITHM.md §5. Defaults are the published 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -126,16 +125,6 @@ def smoke_config() -> Config:
 
 
 PRESETS = {"paper": Config, "smoke": smoke_config}
-
-
-def preset_config(name: str) -> Config:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name]()
-
-
-def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
