@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fdfo.cli import guarded
+from fdfo.cli import run_main
 
 
 @dataclass
@@ -57,17 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     import tyro
 
     cfg = tyro.cli(GenerateConfig, args=argv, description=__doc__)
+    from fdfo.grid import generate_grid
 
-    def run() -> None:
-        from fdfo import distributed
-        from fdfo.grid import generate_grid
-
-        try:
-            generate_grid(cfg)
-        finally:
-            distributed.shutdown()
-
-    guarded(run)
+    run_main(generate_grid, cfg)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ $CHECKPOINT: a run checkpoint folder, a PEFT LoRA folder, a huggingface.co URL o
 (or pickscore_train). `python metrics.py --help` lists every flag.
 """
 
-from fdfo.cli import guarded
+from fdfo.cli import run_main
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,17 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     from fdfo.evaluation import EvalConfig
 
     cfg = tyro.cli(EvalConfig, args=argv, description=__doc__)
+    from fdfo.evaluation import evaluate
 
-    def run() -> None:
-        from fdfo import distributed
-        from fdfo.evaluation import evaluate
-
-        try:
-            evaluate(cfg)
-        finally:
-            distributed.shutdown()
-
-    guarded(run)
+    run_main(evaluate, cfg)
 
 
 if __name__ == "__main__":

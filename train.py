@@ -10,23 +10,15 @@ Multi-GPU (one node; add --nnodes and --rdzv-* for several, see README.md):
 Rerunning with the same --run-dir resumes from its newest checkpoint. `python train.py --help` lists every flag.
 """
 
-from fdfo.cli import guarded, parse_with_preset
+from fdfo.cli import parse_with_preset, run_main
 from fdfo.config import PRESETS, Config
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_with_preset(Config, PRESETS, argv, description=__doc__)
+    from fdfo.train_loop import train
 
-    def run() -> None:
-        from fdfo import distributed
-        from fdfo.train_loop import train
-
-        try:
-            train(cfg)
-        finally:
-            distributed.shutdown()
-
-    guarded(run)
+    run_main(train, cfg)
 
 
 if __name__ == "__main__":

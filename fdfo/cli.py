@@ -42,3 +42,16 @@ def guarded(fn: Callable[[], object]) -> None:
         fn()
     except USER_ERRORS as e:
         fail(str(e))
+
+
+def run_main(fn: Callable[[T], object], cfg: T) -> None:
+    """An entry point's body: `fn(cfg)` with user errors reported by `guarded`, the process group always closed."""
+    from fdfo import distributed
+
+    def run() -> None:
+        try:
+            fn(cfg)
+        finally:
+            distributed.shutdown()
+
+    guarded(run)
