@@ -59,9 +59,10 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
                             churn, lambda k: randn_per_sample(branch_gens, shape, device), z)
         images = policy.decode(traj.final)
         scores = reward.components([p for p in batch_prompts for _ in (0, 1)], images)
+        kept = 2 * cfg.image_log_pairs - 2 * start  # keep only the preview images; the rest are done with
         batches.append(dict(states=traj.states, velocities=traj.velocities, final=traj.final, cond=cond,
-                            rewards={k: v.float().to(device) for k, v in scores.items()}, images=images))
-    n_preview = 2 * min(cfg.image_log_pairs, len(prompts))
+                            rewards={k: v.float().to(device) for k, v in scores.items()},
+                            images=images[:max(kept, 0)].cpu()))
     return EpochSamples(
         states=torch.cat([b["states"] for b in batches]),
         velocities=torch.cat([b["velocities"] for b in batches]),
@@ -70,7 +71,7 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
         rewards=_cat([b["rewards"] for b in batches]),
         cond=_cat([b["cond"] for b in batches]),
         prompts=prompts,
-        preview=torch.cat([b["images"] for b in batches])[:n_preview].cpu(),
+        preview=torch.cat([b["images"] for b in batches]),
     )
 
 
