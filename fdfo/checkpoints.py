@@ -36,10 +36,15 @@ def new_run_dir(root: str | Path, name: str) -> Path:
             next_id += 1
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name and rename: readers never see a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def checkpoint_dir(run_dir: Path, epoch: int) -> Path:

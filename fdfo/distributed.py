@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -58,6 +59,12 @@ def shutdown() -> None:
 def print0(*args: Any, **kwargs: Any) -> None:
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+def warn0(message: str) -> None:
+    """One `warning:` line on stderr, from rank 0 only."""
+    if get_rank() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def barrier() -> None:

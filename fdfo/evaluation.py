@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from fdfo import distributed
 from fdfo.checkpoints import write_json_atomic
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
 from fdfo.prompts import load_prompt_set
+from fdfo.runlog import to_pil
 from rewards import EVAL_METRICS, RewardConfig, build_metrics
 
 DIVERSITY = "dreamsim_diversity"
@@ -243,12 +243,6 @@ def gather_prompts(local: torch.Tensor, num_prompts: int, device: torch.device) 
         return local.new_zeros((num_prompts, *local.shape[1:]))
     gathered = distributed.all_gather_cat(local.to(device)).cpu()
     return unshard(gathered, num_prompts, distributed.get_world_size())
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """`[3, H, W]` float in [0, 1] -> 8-bit RGB."""
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
 
 
 def image_name(prompt: int, repeat: int) -> str:

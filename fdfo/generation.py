@@ -18,7 +18,6 @@ generators: each merges its adapter on use, after restoring the base weights it 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +29,6 @@ from fdfo.sampling import sample_euler
 from fdfo.sd3 import SD3Policy
 
 
-def warn(message: str) -> None:
-    """One `warning:` line on stderr (rank 0 only under torchrun)."""
-    if dist.get_rank() == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
 def resolve_guidance(checkpoint_scale: float | None, requested: float | None, checkpoint: str = "the checkpoint"
                      ) -> float:
     """The CFG scale to sample with: `requested` if given, else the checkpoint's (recorded or inferred), else 1.
@@ -45,7 +38,7 @@ def resolve_guidance(checkpoint_scale: float | None, requested: float | None, ch
     if requested is None:
         return 1.0 if checkpoint_scale is None else float(checkpoint_scale)
     if checkpoint_scale is not None and float(requested) != float(checkpoint_scale):
-        warn(f"{checkpoint} was trained with guidance scale {checkpoint_scale:g}; sampling it at {requested:g} as "
+        dist.warn0(f"{checkpoint} was trained with guidance scale {checkpoint_scale:g}; sampling it at {requested:g} as "
              f"requested gives images it was not optimised for")
     return float(requested)
 
@@ -229,7 +222,7 @@ def load_generator(checkpoint: str | Checkpoint | None, pretrained_model: str | 
     if pretrained_model is None:
         pretrained_model = base.pretrained_model if base is not None else recorded or SD35_MEDIUM
     if recorded is not None and recorded != pretrained_model:
-        warn(f"{ckpt.description} was trained on {recorded}, but the base model is {pretrained_model}")
+        dist.warn0(f"{ckpt.description} was trained on {recorded}, but the base model is {pretrained_model}")
     adapter = read_adapter(ckpt) if ckpt.adapter_dir is not None else None
     scale = resolve_guidance(ckpt.guidance_scale, guidance_scale, ckpt.description)
     if base is None:
@@ -252,5 +245,4 @@ def describe(gen: Generator) -> str:
             f"{source}, {gen.num_steps} Euler steps, {gen.resolution} px")
 
 
-__all__ = ["Adapter", "BaseModel", "Generator", "describe", "load_generator", "read_adapter", "resolve_guidance",
-           "warn"]
+__all__ = ["Adapter", "BaseModel", "Generator", "describe", "load_generator", "read_adapter", "resolve_guidance"]

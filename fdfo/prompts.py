@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import torch
 
+from fdfo.checkpoints import write_text_atomic
+from fdfo.distributed import warn0
 from fdfo.rng import derive_seed
 
 PROMPT_SET_DIR = Path("prompt_sets")
@@ -144,7 +144,7 @@ def fetch_hpdv2() -> list[str]:
             raise ValueError(f"{HPDV2_REPO}/{filename} is not a JSON list of prompt strings.")
         style_prompts = [" ".join(entry.split()) for entry in entries if entry.strip()]
         if len(style_prompts) != HPDV2_PER_STYLE:
-            _warn(f"{HPDV2_REPO}/{filename} holds {len(style_prompts)} prompts, expected {HPDV2_PER_STYLE}.")
+            warn0(f"{HPDV2_REPO}/{filename} holds {len(style_prompts)} prompts, expected {HPDV2_PER_STYLE}.")
         prompts += style_prompts
     return prompts
 
@@ -159,18 +159,12 @@ def download(name: str, out_dir: str | Path = PROMPT_SET_DIR) -> Path:
     prompts = FETCHERS[name]()
     expected = PROMPT_SETS[name].lines
     if len(prompts) != expected:
-        _warn(f"{name} has {len(prompts):,} prompts, expected {expected:,}: the source may have changed, so results "
+        warn0(f"{name} has {len(prompts):,} prompts, expected {expected:,}: the source may have changed, so results "
               "may not be comparable with published numbers.")
     path = Path(out_dir) / f"{name}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(prompt + "\n" for prompt in prompts), encoding="utf-8")
-    os.replace(tmp, path)  # a failed download never leaves a half file under the real name
+    write_text_atomic(path, "".join(prompt + "\n" for prompt in prompts))  # a failed download leaves no half file
     return path
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -73,14 +73,15 @@ def _jsonable(v):
     return v
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """`[3, H, W]` float in [0, 1] -> 8-bit RGB."""
     array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
 
 
 def pair_picture(a: torch.Tensor, b: torch.Tensor, prompt: str, reward_a: float, reward_b: float) -> Image.Image:
     """The two branches side by side with their rewards, the prompt underneath."""
-    a_img, b_img = _to_pil(a), _to_pil(b)
+    a_img, b_img = to_pil(a), to_pil(b)
     w, h = a_img.size
     font = ImageFont.load_default(size=max(10, w // 20))
     line = int(font.size * 1.4)
