@@ -23,9 +23,12 @@ class SampleConfig:
     batch_size: int | None = None
     """Pairs per sampling batch; default: the largest divisor of pairs-per-GPU <= max batch size."""
     churn_schedule: Literal["raw", "interval", "prior"] = "raw"
-    """Where fresh noise is injected between the two branches of a pair (ALGORITHM.md §2)."""
-    churn_weight: float = 0.0025
-    """Churn strength w; gamma = exp(w) - 1 per churned step."""
+    """Where fresh noise separates the two branches of a pair (docs/algorithm.md §2): raw (every step but the last),
+    interval (around a random noise level per pair, experimental), prior (only before the first step, experimental)."""
+    churn_weight: float | None = None
+    """Churn strength; default: the schedule's own. raw: gamma = w exactly (default 0.0025); interval: w0, the median
+    of the per-pair weight w in c_j = exp(w p_j) - 1 (default 1.0); prior: the median of the per-pair w in
+    gamma = exp(w) - 1 (default 0.1)."""
 
 
 @dataclass

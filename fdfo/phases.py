@@ -17,7 +17,7 @@ from fdfo.cli import RunError
 from fdfo.config import Config, Geometry
 from fdfo.objective import clip_fraction, pair_targets, spo_loss
 from fdfo.rng import generator, randn_per_sample
-from fdfo.sampling import make_churn, sample_pairs
+from fdfo.sampling import CHURN_DRAWS, make_churn, sample_pairs
 
 NOISE_STREAM, SHUFFLE_STREAM = 1, 2
 
@@ -53,7 +53,8 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
         pairs = range(first_pair + start, first_pair + start + len(batch_prompts))
         x1 = randn_per_sample([generator(device, cfg.seed, NOISE_STREAM, epoch, i, 0) for i in pairs], shape, device)
         branch_gens = [generator(device, cfg.seed, NOISE_STREAM, epoch, i, 1 + b) for i in pairs for b in (0, 1)]
-        z = torch.cat([torch.randn(1, generator=g, device=device) for g in branch_gens])
+        z = torch.stack([torch.randn(CHURN_DRAWS, generator=generator(device, cfg.seed, NOISE_STREAM, epoch, i, 3),
+                                     device=device) for i in pairs])  # [P, CHURN_DRAWS]: one schedule per pair
         cond = policy.encode(batch_prompts)
         traj = sample_pairs(policy.velocity, x1, {k: v.repeat_interleave(2, 0) for k, v in cond.items()}, sigmas,
                             churn, lambda k: randn_per_sample(branch_gens, shape, device), z)

@@ -1,4 +1,4 @@
-"""Paired trajectories with churn (ALGORITHM.md §1–§2), and the plain Euler sampler used for evaluation.
+"""Paired trajectories with churn (docs/algorithm.md §1–§2), and the plain Euler sampler used for evaluation.
 
 Everything here is model-agnostic: the sampler sees a velocity function `v(x, sigma, cond)` and a noise source,
 so the same code drives SD3.5, the tiny offline pipeline and toy fields in the tests.
@@ -26,7 +26,7 @@ def _per_sample(gamma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return gamma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-# ALGORITHM.md §2, prior churn: x <- x/(1+g) + n*sqrt((1+g)^2-1)/(1+g), which keeps unit variance.
+# docs/algorithm.md §2, prior churn: x <- x/(1+g) + n*sqrt((1+g)^2-1)/(1+g), which keeps unit variance.
 def prior_churn(x: torch.Tensor, gamma: float | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Churn the initial latent. x, noise: `[B, ...]`; gamma: float or `[B]`. Returns float32 `[B, ...]`."""
     g = _per_sample(gamma, x)
@@ -34,7 +34,7 @@ def prior_churn(x: torch.Tensor, gamma: float | torch.Tensor, noise: torch.Tenso
     return (x + noise * torch.sqrt((1 + g) ** 2 - 1)) / (1 + g)
 
 
-# ALGORITHM.md §2, churned step t -> s: overshoot to r = s/(1+g(1-s)), Euler to r, re-noise back up to level s.
+# docs/algorithm.md §2, churned step t -> s: overshoot to r = s/(1+g(1-s)), Euler to r, re-noise back up to level s.
 def churn_step(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -57,68 +57,98 @@ def churn_step(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Churn schedules (ALGORITHM.md §2): each maps the sigma grid and per-sample random draws to per-sample gammas.
+# Churn schedules (docs/algorithm.md §2). A schedule gives, per pair, one value c_j per grid level sigma_0 = 1 > ... >
+# sigma_{T-1} (the sigmas without the final 0); `gammas_from_levels` turns them into the sampler's gammas.
+
+CHURN_DRAWS = 2
+"""Standard-normal draws per pair that every schedule receives (the most any schedule uses: interval's mu and w)."""
 
 
 class ChurnSchedule(Protocol):
     def __call__(self, sigmas: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """sigmas: `[T+1]` from 1 down to 0; z: `[B]` standard-normal draws (one per sample, used by random
-        schedules). Returns (prior gamma `[B]`, per-step gamma `[B, T]`)."""
+        """sigmas: `[T+1]` from 1 down to 0; z: `[P, CHURN_DRAWS]` standard-normal draws, one row per PAIR (both
+        branches share the schedule). Returns (prior gamma `[P]`, per-step gamma `[P, T]`)."""
         ...
+
+
+def gammas_from_levels(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-level values c `[P, T]` -> (prior gamma c_0 `[P]`, step gammas `[P, T]`): step k (sigma_k -> sigma_k+1)
+    uses c_{k+1} for k < T - 1, and the last step, which lands on sigma = 0, uses 0."""
+    levels = levels.float()
+    steps = torch.cat([levels[:, 1:], torch.zeros_like(levels[:, :1])], dim=1)
+    return levels[:, 0].clone(), steps
 
 
 @dataclass(frozen=True)
 class RawChurn:
-    """The default: gamma = exp(weight) - 1 before the first step and at every step but the last (which lands on 0)."""
+    """The default: c_j = w at every level, gamma exactly w (no exponential): prior churn and every step but the
+    last get gamma = w."""
 
     weight: float = 0.0025
 
     def __call__(self, sigmas: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gamma = math.expm1(self.weight)
-        steps = torch.full((len(z), len(sigmas) - 1), gamma, dtype=torch.float32, device=z.device)
-        steps[:, -1] = 0.0
-        return torch.full((len(z),), gamma, dtype=torch.float32, device=z.device), steps
+        levels = torch.full((len(z), len(sigmas) - 1), float(self.weight), dtype=torch.float32, device=z.device)
+        return gammas_from_levels(levels)
 
 
 @dataclass(frozen=True)
 class PriorChurn:
-    """Experimental: churn only at sigma = 1 (prior churn with gamma = exp(weight) - 1, plain Euler steps after)."""
+    """Experimental: churn only before the first step. Per pair w = exp(log weight + log_std * z0) (weight 0.1,
+    log_std 1.0 by default) and c_0 = exp(w) - 1; every other level 0, so all steps are plain Euler steps."""
 
-    weight: float = 0.0025
+    weight: float = 0.1
+    log_std: float = 1.0
 
     def __call__(self, sigmas: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        prior = torch.full((len(z),), math.expm1(self.weight), dtype=torch.float32, device=z.device)
-        return prior, torch.zeros(len(z), len(sigmas) - 1, dtype=torch.float32, device=z.device)
+        w = torch.exp(math.log(self.weight) + self.log_std * z[:, 0].float()) if self.weight > 0 else z.new_zeros(len(z))
+        levels = torch.zeros(len(z), len(sigmas) - 1, dtype=torch.float32, device=z.device)
+        levels[:, 0] = torch.expm1(w)
+        return gammas_from_levels(levels)
 
 
 @dataclass(frozen=True)
 class IntervalChurn:
-    """Experimental: churn concentrated around one random time per sample.
+    """Experimental: churn concentrated around a random noise level per pair.
 
-    The centre is logit-normal, sigma_c = sigmoid(z). Step k gets a log-churn proportional to a Gaussian bump of
-    width `width` in logit(sigma) around logit(sigma_c); the bumps are normalised so that the total log-churn
-    sum_k log(1 + gamma_k) equals what the raw schedule spends over the same steps (weight * (T - 1)). No prior churn.
+    Per pair mu = mean + std * z0 (N(1.0, 1.5^2)) and w = exp(log weight + log_std * z1) (weight w0 = 1.0, log_std 0).
+    Over the T levels, p_j is the logit-normal density of width `width` (0.25) centred at mu, 0 at sigma in {0, 1} or
+    where not finite, normalised to sum 1 (uniform 1/T if the sum is <= 1e-6); c_j = exp(w * p_j) - 1. sigma_0 = 1
+    gets p = 0, so there is no prior churn.
     """
 
-    weight: float = 0.0025
-    width: float = 0.5
+    weight: float = 1.0
+    log_std: float = 0.0
+    mean: float = 1.0
+    std: float = 1.5
+    width: float = 0.25
 
     def __call__(self, sigmas: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = sigmas[:-1].float().to(z.device).clamp(1e-4, 1 - 1e-4)  # [T], the level each step starts from
-        bump = torch.exp(-0.5 * ((torch.logit(t)[None, :] - z.float()[:, None]) / self.width) ** 2)  # [B, T]
-        bump[:, -1] = 0.0  # the step that lands on sigma = 0 never churns
-        bump = bump / bump.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        steps = torch.expm1(self.weight * (len(t) - 1) * bump)
-        return torch.zeros(len(z), dtype=torch.float32, device=z.device), steps
+        levels = sigmas[:-1].double().to(z.device)  # [T]
+        mu = self.mean + self.std * z[:, 0].double()  # [P]
+        w = (torch.exp(math.log(self.weight) + self.log_std * z[:, 1].double()) if self.weight > 0
+             else z.new_zeros(len(z), dtype=torch.float64))
+        density = torch.exp(-((torch.logit(levels)[None, :] - mu[:, None]) ** 2) / (2 * self.width**2)) / (
+            math.sqrt(2 * math.pi) * self.width * levels * (1 - levels))  # [P, T]
+        edge = (levels == 0) | (levels == 1)
+        density = torch.where(edge[None, :] | ~torch.isfinite(density), 0.0, density)
+        total = density.sum(dim=1, keepdim=True)
+        p = torch.where(total > 1e-6, density / total.clamp_min(1e-300), 1.0 / len(levels))
+        return gammas_from_levels(torch.expm1(w[:, None] * p).float())
 
 
-def make_churn(schedule: str, weight: float) -> ChurnSchedule:
-    """Build a churn schedule by name ('raw', 'interval', 'prior')."""
+CHURN_DEFAULT_WEIGHTS = {"raw": 0.0025, "interval": 1.0, "prior": 0.1}
+"""What --sample.churn-weight means per schedule when not given: raw's gamma w, interval's w0, prior's median w."""
+
+
+def make_churn(schedule: str, weight: float | None = None) -> ChurnSchedule:
+    """Build a churn schedule by name ('raw', 'interval', 'prior'); weight None: the schedule's default."""
     table = {"raw": RawChurn, "interval": IntervalChurn, "prior": PriorChurn}
     if schedule not in table:
-        raise ValueError(f"unknown churn schedule {schedule!r}; choose one of {sorted(table)}")
-    if weight < 0:
-        raise ValueError(f"churn weight must be >= 0, got {weight}")
+        raise ValueError(f"--sample.churn-schedule {schedule!r} is unknown; choose one of {sorted(table)}")
+    if weight is None:
+        weight = CHURN_DEFAULT_WEIGHTS[schedule]
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"--sample.churn-weight must be a finite number >= 0, got {weight}")
     return table[schedule](weight=weight)
 
 
@@ -159,11 +189,12 @@ def sample_pairs(
     x1:       `[P, ...]` one initial latent per pair.
     sigmas:   `[T+1]` decreasing from 1 to 0.
     noise:    `noise(k)` returns fresh `[B, ...]` noise for the prior churn (k = -1) and for step k = 0..T-1.
-    z:        `[B]` standard-normal draws for random churn schedules.
+    z:        `[P, CHURN_DRAWS]` standard-normal draws per pair for random churn schedules; both branches of a pair
+              share the resulting gammas.
     """
     x = x1.float().repeat_interleave(2, dim=0)
     num_steps = len(sigmas) - 1
-    prior_gamma, step_gamma = churn(sigmas, z)
+    prior_gamma, step_gamma = (g.repeat_interleave(2, dim=0) for g in churn(sigmas, z))
     x = prior_churn(x, prior_gamma, noise(-1))
     states, velocities = [], []
     for k in range(num_steps):
@@ -180,7 +211,7 @@ def sample_pairs(
     )
 
 
-# ALGORITHM.md §1: plain Euler steps x_s = x_t + (s - t) v from sigma = 1 to 0, no churn (evaluation and generation).
+# docs/algorithm.md §1: plain Euler steps x_s = x_t + (s - t) v from sigma = 1 to 0, no churn (evaluation and generation).
 @torch.no_grad()
 def sample_euler(velocity: VelocityFn, x: torch.Tensor, cond: object, sigmas: torch.Tensor) -> torch.Tensor:
     """Deterministic sampling. x: `[B, ...]` initial latents at sigmas[0]; sigmas: `[T+1]` decreasing to 0;

@@ -1,7 +1,8 @@
 """Stable Diffusion 3(.5) behind the model-agnostic velocity interface, with a PEFT LoRA on the transformer.
 
-The frozen base is bf16 on GPU (fp32 on CPU); the LoRA parameters are fp32 and their update starts at zero
-(PEFT's default init: B = 0), so before training the pipeline reproduces the base model exactly.
+The frozen base is bf16 on GPU (fp32 on CPU); the LoRA parameters are fp32. They use PEFT's "gaussian" init
+(docs/algorithm.md §6): A ~ N(0, (1/r)^2), B = 0, so the update starts at zero and before training the pipeline
+reproduces the base model exactly. The transformer always receives `timestep = 1000 * sigma` in float32 (§1).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0,
-                        init_lora_weights=True)
+                        init_lora_weights="gaussian")  # A ~ N(0, (1/r)^2), B = 0 (docs/algorithm.md §6)
     model = get_peft_model(transformer, config)
     for p in model.parameters():
         if p.requires_grad:
@@ -133,7 +134,9 @@ class SD3Policy:
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
                  module: torch.nn.Module | None = None) -> torch.Tensor:
-        """v(x, sigma, cond) in float32, with CFG `v_u + g (v_c - v_u)` when g != 1 (ALGORITHM.md §2).
+        """v(x, sigma, cond) in float32, with CFG `v_u + g (v_c - v_u)` when g != 1 (docs/algorithm.md §2).
+
+        The timestep `1000 * sigma` stays float32 whatever the model dtype (§1: bf16 would move it by up to ~2).
 
         module: the network to call (e.g. the DDP wrapper while training); default the LoRA transformer.
         """
@@ -147,7 +150,7 @@ class SD3Policy:
             embeds = torch.cat([neg["embeds"].expand(batch, -1, -1), embeds])
             pooled = torch.cat([neg["pooled"].expand(batch, -1), pooled])
         with self.autocast():
-            v = module(hidden_states=x.to(self.dtype), timestep=(sigma * 1000).to(self.dtype),
+            v = module(hidden_states=x.to(self.dtype), timestep=sigma.float() * 1000,
                        encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
         v = v.float()
         if self.guidance_scale != 1.0:

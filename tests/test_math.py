@@ -1,4 +1,4 @@
-"""The FDFO math against hand-derived values and independent re-derivations (ALGORITHM.md §2–§4)."""
+"""The FDFO math against hand-derived values and independent re-derivations (docs/algorithm.md §2–§4)."""
 
 import math
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from fdfo.objective import clip_fraction, pair_targets, spo_loss
-from fdfo.sampling import IntervalChurn, PriorChurn, RawChurn, churn_step, make_churn, prior_churn, sample_pairs
+from fdfo.sampling import (
+    CHURN_DRAWS, IntervalChurn, PriorChurn, RawChurn, churn_step, make_churn, prior_churn, sample_pairs,
+)
 
 
 def _gen(seed=0):
@@ -67,22 +69,67 @@ def test_prior_churn_keeps_unit_variance():
     torch.testing.assert_close(prior_churn(x, 0.0, torch.randn(500_000, generator=g)), x)
 
 
-def test_churn_schedules():
-    sigmas = torch.linspace(1, 0, 6)
-    z = torch.tensor([-1.0, 0.0, 2.0])
-    prior, steps = RawChurn(0.0025)(sigmas, z)
-    expected = math.exp(0.0025) - 1
-    assert torch.allclose(prior, torch.full((3,), expected))
-    assert torch.allclose(steps[:, :-1], torch.full((3, 4), expected)) and (steps[:, -1] == 0).all()
-    prior, steps = PriorChurn(0.0025)(sigmas, z)
-    assert torch.allclose(prior, torch.full((3,), expected)) and (steps == 0).all()
-    prior, steps = IntervalChurn(0.0025)(sigmas, z)
-    assert (prior == 0).all() and (steps[:, -1] == 0).all()
-    # same total log-churn as the raw schedule, but concentrated differently per sample
-    assert torch.allclose(torch.log1p(steps).sum(1), torch.full((3,), 0.0025 * 4), rtol=1e-4)
-    assert not torch.allclose(steps[0], steps[2])
-    with pytest.raises(ValueError, match="unknown churn schedule"):
+GRID = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])  # T = 4 levels 1, 0.75, 0.5, 0.25, then the final 0
+
+
+def test_raw_churn_gamma_is_w_itself_shifted_by_one_level_and_zero_on_the_last_step():
+    prior, steps = RawChurn(0.1)(GRID, torch.zeros(3, CHURN_DRAWS))
+    assert torch.equal(prior, torch.full((3,), 0.1))  # gamma = w exactly, not exp(w) - 1 = 0.10517
+    assert torch.equal(steps, torch.tensor([[0.1, 0.1, 0.1, 0.0]] * 3))
+
+
+def test_prior_churn_schedule_hand_values():
+    z = torch.tensor([[0.0, 5.0], [1.0, -3.0]])  # only the first draw of a pair is used
+    prior, steps = PriorChurn()(GRID, z)
+    # w = exp(log 0.1 + 1.0 * z0): 0.1 and 0.1 e; gamma = exp(w) - 1
+    expected = torch.tensor([math.exp(0.1) - 1, math.exp(0.1 * math.e) - 1])
+    torch.testing.assert_close(prior, expected, rtol=1e-6, atol=0)
+    assert torch.equal(steps, torch.zeros(2, 4))
+
+
+def test_interval_churn_schedule_hand_values():
+    # z0 = -2/3 puts mu = 1 + 1.5 z0 at 0 = logit(0.5); logit(0.75) = ln 3 = -logit(0.25); sigma = 1 gets 0.
+    z = torch.tensor([[-2.0 / 3.0, 0.7], [40.0, 0.0]])
+    prior, steps = IntervalChurn()(GRID, z)
+
+    def density(sigma, mu):
+        logit = math.log(sigma / (1 - sigma))
+        return math.exp(-((logit - mu) ** 2) / (2 * 0.25**2)) / (math.sqrt(2 * math.pi) * 0.25 * sigma * (1 - sigma))
+
+    p = [0.0] + [density(s, 0.0) for s in (0.75, 0.5, 0.25)]
+    p = [q / sum(p) for q in p]
+    c = [math.exp(1.0 * q) - 1 for q in p]  # w = exp(log 1.0 + 0 * z1) = 1
+    assert prior[0].item() == 0.0
+    torch.testing.assert_close(steps[0], torch.tensor([c[1], c[2], c[3], 0.0]), rtol=1e-6, atol=0)
+    assert steps[0, 0].item() == pytest.approx(steps[0, 2].item(), rel=1e-5)  # symmetric about sigma = 0.5
+    # mu = 61: every density underflows to 0, so the levels are uniform 1/T = 1/4 (sigma = 1 included)
+    c_uniform = math.exp(0.25) - 1
+    assert prior[1].item() == pytest.approx(c_uniform, rel=1e-6)
+    torch.testing.assert_close(steps[1], torch.tensor([c_uniform] * 3 + [0.0]), rtol=1e-6, atol=0)
+    # the weight draw: w = exp(log w0 + log_std z1)
+    _, steps = IntervalChurn(weight=2.0, log_std=0.5)(GRID, z[:1])
+    w = math.exp(math.log(2.0) + 0.5 * 0.7)
+    torch.testing.assert_close(steps[0], torch.tensor([math.exp(w * q) - 1 for q in p[1:]] + [0.0]), rtol=1e-6, atol=0)
+
+
+def test_make_churn_defaults_and_errors():
+    assert make_churn("raw") == RawChurn(0.0025)
+    assert make_churn("interval") == IntervalChurn(1.0) and make_churn("prior") == PriorChurn(0.1)
+    assert make_churn("raw", 0.2) == RawChurn(0.2)
+    with pytest.raises(ValueError, match="churn-schedule 'bogus'"):
         make_churn("bogus", 0.1)
+    with pytest.raises(ValueError, match="churn-weight"):
+        make_churn("raw", -1.0)
+
+
+def test_both_branches_of_a_pair_share_its_schedule():
+    x1 = torch.randn(2, 3, generator=_gen(9))
+    noise = torch.randn(4, 3, generator=_gen(10))
+    z = torch.tensor([[0.0, 0.0], [1.0, 0.0]])  # pair 0: gamma e^0.1 - 1; pair 1: e^(0.1 e) - 1
+    traj = sample_pairs(lambda x, s, c: torch.zeros_like(x), x1, None, torch.tensor([1.0, 0.5, 0.0]), PriorChurn(), 
+                        lambda k: noise, z)
+    gamma = torch.tensor([math.exp(0.1) - 1] * 2 + [math.exp(0.1 * math.e) - 1] * 2)
+    torch.testing.assert_close(traj.final, prior_churn(x1.repeat_interleave(2, 0), gamma, noise))
 
 
 # -- the paired sampler ------------------------------------------------------------------------------------------------
@@ -98,7 +145,7 @@ def test_sample_pairs_without_churn_is_plain_euler_and_branches_agree():
     cond = torch.randn(6, 5, generator=g)
     cond[1::2] = cond[0::2]  # same prompt in both branches
     sigmas = torch.tensor([1.0, 0.7, 0.3, 0.0])
-    traj = sample_pairs(_toy_velocity, x1, cond, sigmas, RawChurn(0.0), lambda k: torch.randn(6, 5), torch.zeros(6))
+    traj = sample_pairs(_toy_velocity, x1, cond, sigmas, RawChurn(0.0), lambda k: torch.randn(6, 5), torch.zeros(3, 2))
     x = x1.clone()
     for k in range(3):
         v = _toy_velocity(x, sigmas[k].expand(3), cond[0::2])
@@ -117,8 +164,8 @@ def test_sample_pairs_with_churn_uses_the_noise_in_order():
     sigmas = torch.tensor([1.0, 0.5, 0.0])
     noises = {k: torch.randn(4, 3, generator=g) for k in (-1, 0, 1)}
     churn = RawChurn(0.1)
-    traj = sample_pairs(_toy_velocity, x1, cond, sigmas, churn, noises.__getitem__, torch.zeros(4))
-    gamma = math.exp(0.1) - 1
+    traj = sample_pairs(_toy_velocity, x1, cond, sigmas, churn, noises.__getitem__, torch.zeros(2, 2))
+    gamma = 0.1  # raw: gamma is the weight itself
     x = prior_churn(x1.repeat_interleave(2, 0), gamma, noises[-1])
     torch.testing.assert_close(traj.states[:, 0], x)
     x = churn_step(x, _toy_velocity(x, sigmas[0].expand(4), cond), 1.0, 0.5, gamma, noises[0])
@@ -225,7 +272,7 @@ def test_average_fd_direction_points_along_the_true_reward_gradient():
     x1 = torch.randn(pairs, dim, generator=g)
     sigmas = 3 * torch.linspace(1, 0, 21) / (1 + 2 * torch.linspace(1, 0, 21))  # SD3-style shift 3
     traj = sample_pairs(_gaussian_velocity(mu, 0.5), x1, None, sigmas, RawChurn(0.05),
-                        lambda k: torch.randn(2 * pairs, dim, generator=g), torch.zeros(2 * pairs))
+                        lambda k: torch.randn(2 * pairs, dim, generator=g), torch.zeros(pairs, 2))
     dR, dx = pair_targets(traj.final @ w, traj.final)
     direction = (dR[:, None] * dx).mean(0)
     cosine = torch.nn.functional.cosine_similarity(direction, w, dim=0).item()

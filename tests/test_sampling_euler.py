@@ -1,4 +1,4 @@
-"""The deterministic Euler sampler of evaluation (ALGORITHM.md §1), against an exactly solvable flow."""
+"""The deterministic Euler sampler of evaluation (docs/algorithm.md §1), against an exactly solvable flow."""
 
 import torch
 
@@ -39,7 +39,7 @@ def test_euler_is_the_paired_sampler_without_churn():
 
     sigmas = torch.tensor([1.0, 0.8, 0.55, 0.3, 0.0])
     pairs = sample_pairs(velocity, x1, None, sigmas, RawChurn(weight=0.0), lambda k: torch.zeros(4, 3, 4, 4),
-                         torch.zeros(4))
+                         torch.zeros(2, 2))
     out = sample_euler(velocity, x1, None, sigmas)
     torch.testing.assert_close(pairs.final[0::2], out, atol=1e-6, rtol=0)
     torch.testing.assert_close(pairs.final[1::2], out, atol=1e-6, rtol=0)
