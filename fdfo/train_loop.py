@@ -124,10 +124,10 @@ def setup(cfg: Config) -> Run:
         dist.print0(f"resumed from {resume} (epoch {counters['epoch']}, step {counters['global_step']})")
     module = policy.transformer
     if dist.is_distributed():
-        # find_unused_parameters: the LoRA on the last block's add_q_proj never gets a gradient (that block drops its
-        # context output), and DDP's reducer would otherwise wait for it forever.
+        # Every LoRA parameter is in the graph: the last block's add_q_proj LoRA gets an exact zero gradient (that
+        # block drops its context output), not None (tests/test_numerics.py), so DDP needs no unused-parameter search.
         module = torch.nn.parallel.DistributedDataParallel(
-            policy.transformer, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
+            policy.transformer, device_ids=[device] if device.type == "cuda" else None)
     run_dir = prepare_run_dir(cfg)  # only now: a model that fails to load leaves no empty run folder behind
     return Run(cfg, geom, prompts, policy, reward, optimizer, scaler, module, run_dir, open_logger(cfg, geom, run_dir),
                counters["epoch"], counters["global_step"])

@@ -7,7 +7,14 @@ import torch
 
 from fdfo.objective import clip_fraction, pair_targets, spo_loss
 from fdfo.sampling import (
-    CHURN_DRAWS, IntervalChurn, PriorChurn, RawChurn, churn_step, make_churn, prior_churn, sample_pairs,
+    CHURN_DRAWS,
+    IntervalChurn,
+    PriorChurn,
+    RawChurn,
+    churn_step,
+    make_churn,
+    prior_churn,
+    sample_pairs,
 )
 
 
