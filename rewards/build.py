@@ -1,4 +1,4 @@
-"""Reward kinds, presets and "kind:weight[:question]" specs (ALGORITHM.md §7-§8), and building them into rewards.
+"""Reward kinds, presets and "kind:weight[:question]" specs (docs/algorithm.md §7-§8), and building them into rewards.
 
 Every model is loaded once per build: two CLIP terms of one kind share a model, all VLM terms share one VLM.
 """
@@ -15,7 +15,7 @@ from rewards.analytic import Brightness, Redness
 from rewards.clip import CLIPScorer
 from rewards.config import RewardConfig
 from rewards.sharding import resolve_vlm_fsdp
-from rewards.vlm import ALIGNMENT_QUESTION, PHOTO_QUESTION, QUALITY_QUESTION, VLMScorer
+from rewards.vlm import ALIGNMENT_QUESTION, EVAL_ALIGNMENT_QUESTION, PHOTO_QUESTION, QUALITY_QUESTION, VLMScorer
 from rewards.weighted import Term, WeightedReward
 
 # kind -> (RewardConfig field of the model, field of the processor, name in messages)
@@ -25,12 +25,18 @@ CLIP_KINDS = {
     "clip_h14": ("clip_h14_model", "clip_h14_model", "CLIP ViT-H/14"),
     "clip_l14": ("clip_l14_model", "clip_l14_model", "CLIP ViT-L/14"),
 }
-# kind -> default question ("vlm" has none: its spec must give one)
+# kind -> default question of a training reward term ("vlm" has none: its spec must give one)
 VLM_KINDS = {
-    "vlm_alignment": ALIGNMENT_QUESTION,
+    "vlm_alignment": ALIGNMENT_QUESTION,  # §7: "... Answer Yes or No."
     "vlm_quality": QUALITY_QUESTION,
     "vlm_photo": PHOTO_QUESTION,
     "vlm": None,
+}
+# kind -> question of an evaluation metric (§8: every one ends "Answer with Yes or No.")
+VLM_METRIC_QUESTIONS = {
+    "vlm_alignment": EVAL_ALIGNMENT_QUESTION,
+    "vlm_quality": QUALITY_QUESTION,
+    "vlm_photo": PHOTO_QUESTION,
 }
 ANALYTIC_KINDS = {"brightness": Brightness, "redness": Redness}
 KINDS = (*CLIP_KINDS, *VLM_KINDS, *ANALYTIC_KINDS)
@@ -88,15 +94,22 @@ def build_reward(preset: str, cfg: RewardConfig, device: torch.device | str) -> 
 
 
 def build_metrics(names: Sequence[str], cfg: RewardConfig, device: torch.device | str) -> WeightedReward:
-    """Evaluation metrics by name (`EVAL_METRICS`), each a weight-1 term: read them from `.components()`."""
+    """Evaluation metrics by name (`EVAL_METRICS`), each a weight-1 term: read them from `.components()`.
+
+    VLM metrics ask the §8 questions and feed 8-bit images through the processor's default resize."""
     unknown = [name for name in names if name not in EVAL_METRICS]
     if unknown or not names:
         raise ValueError(f"Unknown reward metric(s) {unknown or list(names)}; choose from {', '.join(EVAL_METRICS)}.")
-    return build_from_specs([f"{name}:1.0" for name in names], cfg, device)
+    return build_from_specs([f"{name}:1.0" for name in names], cfg, device, evaluation=True)
 
 
-def build_from_specs(specs: Sequence[str], cfg: RewardConfig, device: torch.device | str) -> WeightedReward:
-    """A `WeightedReward` of the given specs; all are parsed (and so checked) before any model loads."""
+def build_from_specs(
+    specs: Sequence[str], cfg: RewardConfig, device: torch.device | str, evaluation: bool = False
+) -> WeightedReward:
+    """A `WeightedReward` of the given specs; all are parsed (and so checked) before any model loads.
+
+    evaluation: VLM terms without their own question ask the §8 metric question, and every VLM term uses the
+    processor's default resize on 8-bit images; otherwise the §7 training path (504 px bilinear)."""
     parsed = [parse_spec(spec) for spec in specs]
     if not parsed:
         raise ValueError(f"A reward needs at least one term: {_SPEC_FORMAT}.")
@@ -108,11 +121,11 @@ def build_from_specs(specs: Sequence[str], cfg: RewardConfig, device: torch.devi
     for spec in parsed:
         seen[spec.kind] = seen.get(spec.kind, 0) + 1
         name = spec.kind if seen[spec.kind] == 1 else f"{spec.kind}_{seen[spec.kind]}"
-        terms.append(Term(name, spec.weight, _scorer(spec, cfg, device, loaded)))
+        terms.append(Term(name, spec.weight, _scorer(spec, cfg, device, loaded, evaluation)))
     return WeightedReward(terms, device, offload=cfg.offload)
 
 
-def _scorer(spec: TermSpec, cfg: RewardConfig, device: torch.device, loaded: dict[str, object]):
+def _scorer(spec: TermSpec, cfg: RewardConfig, device: torch.device, loaded: dict[str, object], evaluation: bool):
     if spec.kind in ANALYTIC_KINDS:
         return ANALYTIC_KINDS[spec.kind]()
     if spec.kind in CLIP_KINDS:
@@ -128,10 +141,10 @@ def _scorer(spec: TermSpec, cfg: RewardConfig, device: torch.device, loaded: dic
                 what=what,
             )
         return loaded[spec.kind]
-    question = spec.question or VLM_KINDS[spec.kind]
+    question = spec.question or (VLM_METRIC_QUESTIONS if evaluation else VLM_KINDS)[spec.kind]
     if "vlm" not in loaded:
         fsdp = resolve_vlm_fsdp(cfg.vlm_fsdp)
         loaded["vlm"] = VLMScorer.load(
             cfg.vlm_model, device=device, chunk_size=cfg.chunk_size, question=question, fsdp=fsdp
         )
-    return loaded["vlm"].with_question(question)
+    return loaded["vlm"].with_question(question, processor_resize=evaluation)

@@ -1,7 +1,9 @@
-"""VLM yes/no rewards (ALGORITHM.md §7-§8): Qwen2.5-VL asked a question about the image, scored by its answer.
+"""VLM yes/no rewards (docs/algorithm.md §7-§8): Qwen2.5-VL asked a question about the image, scored by its answer.
 
-Each image is bilinearly resized to 504x504 and put, with the question, into the model's chat template (one user
-turn: the image, then the text; then the assistant header). The score is `100 * sigmoid(logit[Yes] - logit[No])` of
+The training reward (§7) resizes each float image to 504x504 with plain bilinear interpolation (no antialias) and
+feeds it to the image processor with its resize and rescale off. The evaluation metrics (§8) instead hand the
+8-bit image to the processor with its defaults (its own resize). Either way the image and the question go into the
+model's chat template (one user turn: the image, then the text; then the assistant header). The score is `100 * sigmoid(logit[Yes] - logit[No])` of
 the next-token logits at the last position. Sequences are left-padded, so the last position is the same for all.
 
 The inputs are built here from the tokenizer and the image processor: the stock `Qwen2_5_VLProcessor` /
@@ -22,22 +24,28 @@ from rewards.common import check_batch, chunk_slices, load_pretrained
 from rewards.sharding import shard_vlm, synced_chunk_count
 
 ALIGNMENT_QUESTION = 'Does this image match the caption "{prompt}"? Answer Yes or No.'  # §7, training reward
-QUALITY_QUESTION = "Is this image of professional quality?"  # §8, metric vlm_quality (spec wording, verbatim)
-PHOTO_QUESTION = "Does this image look photorealistic?"  # §8, metric vlm_photo (spec wording, verbatim)
+EVAL_ALIGNMENT_QUESTION = 'Does this image match the caption "{prompt}"? Answer with Yes or No.'  # §8, metric
+QUALITY_QUESTION = "Is this image of professional quality? Answer with Yes or No."  # §8, metric vlm_quality
+PHOTO_QUESTION = "Does this image look photorealistic? Answer with Yes or No."  # §8, metric vlm_photo
 IMAGE_SIZE = 504  # §7; 36x36 patches of 14 px, 18x18 = 324 image tokens after the 2x2 merge
 MAX_CAPTION_TOKENS = 512  # longer prompts keep their first 512 tokens (far beyond any Pick-a-Pic / HPDv2 prompt)
 
 
 def yes_no_score(last_logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
-    """ALGORITHM.md §7: `100 * sigmoid(logit[Yes] - logit[No])`. last_logits: `[B, V]`; returns float32 `[B]`."""
+    """docs/algorithm.md §7: `100 * sigmoid(logit[Yes] - logit[No])`. last_logits: `[B, V]`; returns float32 `[B]`."""
     logits = last_logits.float()
     return 100.0 * torch.sigmoid(logits[:, yes_id] - logits[:, no_id])
 
 
 def resize_for_vlm(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Bilinear (antialiased) resize of `[B, 3, H, W]` images to `[B, 3, size, size]` float32, clamped to [0, 1]."""
-    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return resized.clamp(0.0, 1.0)
+    """§7: plain bilinear resize (no antialias, align_corners False) of `[B, 3, H, W]` images in [0, 1] to
+    `[B, 3, size, size]` float32."""
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """§8 rounding of float images in [0, 1]: `uint8((x * 255 + 0.5).clamp(0, 255))` (exact for 8-bit images)."""
+    return (images.float() * 255 + 0.5).clamp(0, 255).to(torch.uint8)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +71,9 @@ def truncate_caption(tokenizer, caption: str, max_tokens: int = MAX_CAPTION_TOKE
 class VLMScorer:
     """Qwen2.5-VL yes/no scorer for one `question` ("{prompt}" in it is replaced by the caption).
 
-    `with_question` gives another scorer that shares the loaded model. When `sharded`, the model is FSDP-sharded
+    `with_question` gives another scorer that shares the loaded model. `processor_resize` False is the training
+    reward's input path (504 bilinear, processor resize and rescale off); True is the evaluation metrics' (8-bit
+    images, the processor's default resize and rescale). When `sharded`, the model is FSDP-sharded
     across ranks and every call is collective: all ranks must call it together (batch sizes may differ).
     """
 
@@ -75,6 +85,7 @@ class VLMScorer:
     chat_template: str | None = None  # None: the tokenizer's own
     sharded: bool = False
     max_caption_tokens: int = MAX_CAPTION_TOKENS
+    processor_resize: bool = False
 
     def __post_init__(self):
         self.image_token_id = self.model.config.image_token_id
@@ -108,8 +119,10 @@ class VLMScorer:
         model = shard_vlm(model, device) if fsdp else model.to(device)
         return cls(model, tokenizer, image_processor, question, chunk_size, chat_template, sharded=fsdp)
 
-    def with_question(self, question: str) -> "VLMScorer":
-        return dataclasses.replace(self, question=question)
+    def with_question(self, question: str, processor_resize: bool | None = None) -> "VLMScorer":
+        """A scorer sharing this model that asks `question` (and, if given, uses that input path)."""
+        resize = self.processor_resize if processor_resize is None else processor_resize
+        return dataclasses.replace(self, question=question, processor_resize=resize)
 
     @property
     def device(self) -> torch.device:
@@ -140,14 +153,19 @@ class VLMScorer:
 
     def build_inputs(self, prompts: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Model inputs (on CPU) for a chunk: `input_ids`, `attention_mask`, `mm_token_type_ids` `[B, L]` (left
-        padded), `pixel_values` `[B * patches, patch_dim]` and `image_grid_thw` `[B, 3]` of the 504x504 images."""
-        vision = self.image_processor(
-            images=list(resize_for_vlm(images.detach()).cpu()),
-            do_resize=False,  # already 504x504, a multiple of the patch grid: no second (8-bit PIL) resize
-            do_rescale=False,
-            input_data_format="channels_first",
-            return_tensors="pt",
-        )
+        padded), `pixel_values` `[B * patches, patch_dim]` and `image_grid_thw` `[B, 3]` of the resized images."""
+        if self.processor_resize:  # §8: 8-bit images through the processor's own resize and rescale
+            vision = self.image_processor(
+                images=list(to_uint8(images.detach()).cpu()), input_data_format="channels_first", return_tensors="pt"
+            )
+        else:  # §7: already 504x504, a multiple of the patch grid, so no second (8-bit PIL) resize
+            vision = self.image_processor(
+                images=list(resize_for_vlm(images.detach()).cpu()),
+                do_resize=False,
+                do_rescale=False,
+                input_data_format="channels_first",
+                return_tensors="pt",
+            )
         tokens_per_image = (vision.image_grid_thw.prod(-1) // self.image_processor.merge_size**2).tolist()
         sequences = [self._prompt_ids(prompt, count) for prompt, count in zip(prompts, tokens_per_image)]
         input_ids, attention_mask = left_pad(sequences, self.pad_id)

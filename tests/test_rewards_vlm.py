@@ -9,7 +9,16 @@ import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
 from rewards.tiny import save_tiny_qwen_vl
-from rewards.vlm import ALIGNMENT_QUESTION, PHOTO_QUESTION, QUALITY_QUESTION, VLMScorer, left_pad, yes_no_score
+from rewards.vlm import (
+    ALIGNMENT_QUESTION,
+    EVAL_ALIGNMENT_QUESTION,
+    PHOTO_QUESTION,
+    QUALITY_QUESTION,
+    VLMScorer,
+    left_pad,
+    resize_for_vlm,
+    yes_no_score,
+)
 
 PROMPTS = [
     "a photo of a cat",
@@ -41,8 +50,12 @@ class _ImageTextProcessor(Qwen2_5_VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
-def reference_scores(folder, prompts, x, question=ALIGNMENT_QUESTION):
-    """One unpadded forward per image through the stock processor, then 100 * sigmoid(Yes - No) at the end."""
+def reference_scores(folder, prompts, x, question=ALIGNMENT_QUESTION, evaluation=False):
+    """One unpadded forward per image through the stock processor, then 100 * sigmoid(Yes - No) at the end.
+
+    Training path: plain bilinear 504 px, processor resize and rescale off. Evaluation path: the image rounded to
+    8 bits as a PIL image, the processor with its defaults."""
+    from PIL import Image
     from transformers import AutoImageProcessor, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -51,11 +64,16 @@ def reference_scores(folder, prompts, x, question=ALIGNMENT_QUESTION):
     yes, no = tokenizer.convert_tokens_to_ids("Yes"), tokenizer.convert_tokens_to_ids("No")
     scores = []
     for prompt, image in zip(prompts, x):
-        resized = F.interpolate(image[None], size=(504, 504), mode="bilinear", antialias=True).clamp(0, 1)[0]
         text = question.replace("{prompt}", prompt)
         chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=[rendered], images=[resized], do_resize=False, do_rescale=False, return_tensors="pt")
+        if evaluation:
+            pil = Image.fromarray((image * 255 + 0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy())
+            inputs = processor(text=[rendered], images=[pil], return_tensors="pt")
+        else:
+            resized = F.interpolate(image[None], size=(504, 504), mode="bilinear", antialias=False)[0]
+            inputs = processor(text=[rendered], images=[resized], do_resize=False, do_rescale=False,
+                               return_tensors="pt")
         with torch.no_grad():
             logits = model(**inputs).logits[0, -1]
         scores.append(100 * torch.sigmoid(logits[yes] - logits[no]))
@@ -84,16 +102,47 @@ def test_scores_match_an_independent_forward_per_image(folder, scorer):
     assert torch.equal(scorer(PROMPTS, x), got)  # deterministic
 
 
-def test_the_eval_questions_are_asked_verbatim(folder, scorer):
-    x = images(1, seed=3)
-    for question in (QUALITY_QUESTION, PHOTO_QUESTION):
-        torch.testing.assert_close(
-            scorer.with_question(question)(PROMPTS[:1], x), reference_scores(folder, PROMPTS[:1], x, question),
-            rtol=1e-5, atol=1e-5,
-        )
-    assert QUALITY_QUESTION == "Is this image of professional quality?"
-    assert PHOTO_QUESTION == "Does this image look photorealistic?"
-    assert ALIGNMENT_QUESTION == 'Does this image match the caption "{prompt}"? Answer Yes or No.'
+def test_the_questions_are_the_spec_wording():
+    assert ALIGNMENT_QUESTION == 'Does this image match the caption "{prompt}"? Answer Yes or No.'  # §7, training
+    assert EVAL_ALIGNMENT_QUESTION == 'Does this image match the caption "{prompt}"? Answer with Yes or No.'  # §8
+    assert QUALITY_QUESTION == "Is this image of professional quality? Answer with Yes or No."
+    assert PHOTO_QUESTION == "Does this image look photorealistic? Answer with Yes or No."
+
+
+def test_training_resize_is_plain_bilinear_by_hand():
+    # 1-D bilinear 4 -> 3 with align_corners False samples x at (d + 0.5) * 4/3 - 0.5 = 1/6, 3/2, 17/6:
+    # from [0, 1, 4, 9] that gives 1/6, 2.5, 4 + 5 * 5/6. A separable image x_i + 10 x_j resizes row and column alike.
+    x = torch.tensor([0.0, 1.0, 4.0, 9.0])
+    y = torch.tensor([1 / 6, 2.5, 4 + 25 / 6])
+    image = (x[:, None] + 10 * x[None, :]).expand(1, 3, 4, 4)
+    torch.testing.assert_close(resize_for_vlm(image, size=3), (y[:, None] + 10 * y[None, :]).expand(1, 3, 3, 3))
+    # 512 -> 504 is a downscale, where antialiasing would blur: the two must differ
+    x = images(1)
+    antialiased = F.interpolate(x, size=(504, 504), mode="bilinear", align_corners=False, antialias=True)
+    assert (resize_for_vlm(x) - antialiased).abs().max() > 0.02
+
+
+def test_training_reward_and_metrics_ask_different_questions_through_different_resizes(folder):
+    from rewards import RewardConfig, build_metrics, build_reward
+
+    cfg = RewardConfig(vlm_model=str(folder), chunk_size=2)
+    train = build_reward("vlm_alignment", cfg, "cpu")
+    metrics = build_metrics(["vlm_alignment", "vlm_quality", "vlm_photo"], cfg, "cpu")
+    (term,) = train.terms
+    assert term.scorer.question == ALIGNMENT_QUESTION and not term.scorer.processor_resize
+    questions = [t.scorer.question for t in metrics.terms]
+    assert questions == [EVAL_ALIGNMENT_QUESTION, QUALITY_QUESTION, PHOTO_QUESTION]
+    assert all(t.scorer.processor_resize for t in metrics.terms)
+    x = (images(3, seed=3) * 255).round() / 255  # 8-bit images, as evaluation scores them
+    prompts = PROMPTS[:3]
+    torch.testing.assert_close(term.scorer(prompts, x), reference_scores(folder, prompts, x), rtol=1e-5, atol=1e-5)
+    for t, question in zip(metrics.terms, questions):
+        expected = reference_scores(folder, prompts, x, question, evaluation=True)
+        torch.testing.assert_close(t.scorer(prompts, x), expected, rtol=1e-5, atol=1e-5)
+    # the processor's default resize of 512 px is also 504 px (36 x 36 patches), but a different interpolation
+    inputs = metrics.terms[0].scorer.build_inputs(prompts[:1], x[:1])
+    assert inputs["image_grid_thw"].tolist() == [[1, 36, 36]]
+    assert not torch.allclose(inputs["pixel_values"], term.scorer.build_inputs(prompts[:1], x[:1])["pixel_values"])
 
 
 def test_inputs_are_504_pixels_and_the_exact_question(scorer):
