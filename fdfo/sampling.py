@@ -100,7 +100,9 @@ class PriorChurn:
     log_std: float = 1.0
 
     def __call__(self, sigmas: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = torch.exp(math.log(self.weight) + self.log_std * z[:, 0].float()) if self.weight > 0 else z.new_zeros(len(z))
+        w = z.new_zeros(len(z), dtype=torch.float32)
+        if self.weight > 0:
+            w = torch.exp(math.log(self.weight) + self.log_std * z[:, 0].float())
         levels = torch.zeros(len(z), len(sigmas) - 1, dtype=torch.float32, device=z.device)
         levels[:, 0] = torch.expm1(w)
         return gammas_from_levels(levels)
@@ -211,7 +213,7 @@ def sample_pairs(
     )
 
 
-# docs/algorithm.md §1: plain Euler steps x_s = x_t + (s - t) v from sigma = 1 to 0, no churn (evaluation and generation).
+# docs/algorithm.md §1: plain Euler steps x_s = x_t + (s - t) v from sigma = 1 to 0, no churn (evaluation, generation).
 @torch.no_grad()
 def sample_euler(velocity: VelocityFn, x: torch.Tensor, cond: object, sigmas: torch.Tensor) -> torch.Tensor:
     """Deterministic sampling. x: `[B, ...]` initial latents at sigmas[0]; sigmas: `[T+1]` decreasing to 0;
