@@ -4,7 +4,8 @@ The training reward (§7) resizes each float image to 504x504 with plain bilinea
 feeds it to the image processor with its resize and rescale off. The evaluation metrics (§8) instead hand the
 8-bit image to the processor with its defaults (its own resize). Either way the image and the question go into the
 model's chat template (one user turn: the image, then the text; then the assistant header). The score is
-`100 * sigmoid(logit[Yes] - logit[No])` of the next-token logits at the last position. Sequences are left-padded, so the last position is the same for all.
+`100 * sigmoid(logit[Yes] - logit[No])` of the next-token logits at the last position. Sequences are left-padded,
+so the last position is the same for all.
 
 The inputs are built here from the tokenizer and the image processor: the stock `Qwen2_5_VLProcessor` /
 `AutoProcessor` need torchvision for their video part. Building them by hand means we also supply
