@@ -121,7 +121,7 @@ def _read_diffusers(checkpoint: Checkpoint) -> tuple[object, dict[str, torch.Ten
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         raw = header.get(METADATA_KEY)
         metadata = json.loads(raw) if raw else {}
     except Exception as e:  # safetensors / json raise assorted types for a damaged file
@@ -214,9 +214,9 @@ class BaseModel:
         set_peft_model_state_dict(transformer, state, adapter_name=name)
         for _, layer in _lora_layers(transformer):  # fp32 LoRA weights beside the (bf16 on GPU) base weights
             for attr in layer.adapter_layer_names:
-                module = getattr(layer, attr)[name] if name in getattr(layer, attr) else None
-                if isinstance(module, torch.nn.Module):
-                    module.to(device=self.device, dtype=torch.float32).requires_grad_(False)
+                container = getattr(layer, attr)
+                if name in container and isinstance(container[name], torch.nn.Module):
+                    container[name].to(device=self.device, dtype=torch.float32).requires_grad_(False)
         self._names[id(adapter)] = name
         self._adapters.append(adapter)
         self.activate(None)

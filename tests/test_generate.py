@@ -17,8 +17,17 @@ from fdfo import tiny
 from fdfo.generation import BaseModel, choose_base_model, load_generator, resolve_guidance
 from fdfo.grid import BUILTIN_PROMPTS, GridLayout
 from fdfo.hub import Checkpoint
-from tests.fake_hub import BAD_REPO, CFG_45, FDFO_REPO, NFT_REPO, NO_CFG, build_checkpoint_cache, hub_env, \
-    make_adapter, tiny_transformer
+from tests.fake_hub import (
+    BAD_REPO,
+    CFG_45,
+    FDFO_REPO,
+    NFT_REPO,
+    NO_CFG,
+    build_checkpoint_cache,
+    hub_env,
+    make_adapter,
+    tiny_transformer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, RES = 2, 64
@@ -209,9 +218,9 @@ def test_non_finite_adapters_are_refused(base, hub, tmp_path):
         key = sorted(state)[3]
         state[key][0, 0] = bad_value
         save_file(state, str(file), metadata={"format": "pt"} if kind == "peft" else None)
-        for call in (lambda: generator(base, folder), lambda: export(str(folder), tmp_path / "out")):
+        for call, args in ((generator, (base, folder)), (export, (str(folder), tmp_path / "out"))):
             with pytest.raises(ValueError, match="NaN or infinite") as e:
-                call()
+                call(*args)
             assert str(file) in str(e.value)
     assert not (tmp_path / "out").exists()
 
@@ -310,8 +319,9 @@ def test_generate_py_grid_from_every_address_form(hub, base, tmp_path):
 def test_generate_py_bad_inputs_are_one_clear_message(hub, tmp_path, monkeypatch, capsys):
     """Malformed address, missing sub-folder (in-process, hub constants pointed at the fake cache) and an adapter
     that does not fit (a real offline subprocess): exit status 2 and one `error:` line saying what is wrong."""
-    import generate
     from huggingface_hub import constants
+
+    import generate
 
     common = ["--num-steps", STEPS, "--resolution", RES, "--num-prompts", 1, "--grid-cols", 1]
     proc = run_generate(hub, tmp_path, "--checkpoint", hub["adapters"]["wrong_shape"]["hf"], "--out",
@@ -355,8 +365,6 @@ def test_jpeg_grid_of_builtin_prompts(tmp_path, capsys):
 @pytest.mark.slow
 def test_generate_py_under_torchrun_gives_the_single_process_grid(hub, tmp_path):
     """3 prompts x 1 image over 2 ranks (one rank pads its share): the same PNG as one process, up to rounding."""
-    import os
-
     args = ["generate.py", "--checkpoint", str(local(hub, FDFO_REPO, NO_CFG)), "--num-prompts", "3", "--grid-cols",
             "1", "--num-steps", str(STEPS), "--resolution", str(RES), "--batch-size", "1",
             "--pretrained-model", str(tiny.tiny_sd3_path())]
@@ -370,3 +378,33 @@ def test_generate_py_under_torchrun_gives_the_single_process_grid(hub, tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("one", "two"))
     assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+def test_unwritable_out_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """--out that is a folder, below a file, or in a read-only folder: exit 2 and one `error:` line, nothing loaded."""
+    import generate
+    from fdfo import generation
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(generation, "BaseModel", no_loading)
+    monkeypatch.setattr(generation, "resolve_checkpoint", no_loading)
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "file").write_text("x")
+    cases = {tmp_path / "folder.png": "is a folder", tmp_path / "file" / "sub" / "g.png": "is a file, not a folder"}
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if not os.access(read_only, os.W_OK):  # root may write anywhere: the case cannot be tested then
+        cases[read_only / "new" / "g.png"] = "is not writable"
+    try:
+        for out, fragment in cases.items():
+            with pytest.raises(SystemExit) as e:
+                generate.main(["--out", str(out), "--num-steps", "1"])
+            assert e.value.code == 2
+            (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+            assert f"--out {out}" in line and fragment in line, line
+    finally:
+        read_only.chmod(0o755)
+    assert not (tmp_path / "file" / "sub").exists() and not (read_only / "new").exists()
