@@ -8,8 +8,16 @@ import pytest
 from huggingface_hub import constants
 
 from fdfo.hub import HubRef, infer_guidance_scale, parse_hub_ref, resolve_checkpoint
-from tests.fake_hub import CFG_45, DECOY, FDFO_REPO, NFT_REPO, NO_CFG, build_checkpoint_cache, make_adapter, \
-    tiny_transformer
+from tests.fake_hub import (
+    CFG_45,
+    DECOY,
+    FDFO_REPO,
+    NFT_REPO,
+    NO_CFG,
+    build_checkpoint_cache,
+    make_adapter,
+    tiny_transformer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +218,7 @@ def test_known_ids_choose_the_guidance_and_say_why(baselines, monkeypatch, capsy
     from fdfo import tiny
 
     base = BaseModel(str(tiny.tiny_sd3_path()), torch.device("cpu"))
-    kwargs = dict(base=base, num_steps=1, resolution=64)
+    kwargs = {"base": base, "num_steps": 1, "resolution": 64}
     grpo = load_generator("hf:jieliu/SD3.5M-FlowGRPO-Text", **kwargs)
     assert grpo.guidance_scale == 4.5
     assert "guidance scale 4.5 (from the checkpoint's repository (jieliu/SD3.5M-FlowGRPO-Text is known to use it))" \
@@ -234,7 +242,7 @@ def test_known_ids_choose_the_guidance_and_say_why(baselines, monkeypatch, capsy
     f"hf:{FDFO_REPO}/x%5C..%5Csecrets",
     f"hf:{FDFO_REPO}/x%252F..",
     f"hf:{FDFO_REPO}@..%2F..%2Fsecrets/{NO_CFG}",
-    f"hf:nvidia%2F..%2Fx/repo",
+    "hf:nvidia%2F..%2Fx/repo",
     f"https://huggingface.co/{FDFO_REPO}/tree/main/%2F..%2Fsecrets",
     f"https://huggingface.co/{FDFO_REPO}/tree/main/..%2Fsecrets",
     f"https://huggingface.co/{FDFO_REPO}/tree/main/%2e%2e/%2e%2e/secrets",
