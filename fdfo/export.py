@@ -5,12 +5,13 @@
     pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium", dtype=torch.bfloat16)
     pipe.load_lora_weights(OUT_DIR)
 
-CHECKPOINT takes every form generate.py takes (a Hugging Face folder address, hf:ORG/REPO/SUB, a local PEFT folder
-or diffusers LoRA folder, a run or run checkpoint). An adapter holding NaN or infinite values is refused. Why an export: `load_lora_weights` on a PEFT folder silently loads nothing, and a state
-dict without its LoRA config is loaded with alpha = rank, i.e. with the wrong scale whenever alpha != rank. The
-export renames the tensors to diffusers' `transformer.<module>.lora_A.weight` keys and stores rank, alpha and targets
-as the adapter metadata that `load_lora_weights` reads, through diffusers' own `save_lora_weights`. The file gets
-the permissions the umask gives new files (safetensors itself creates it readable by its owner only).
+CHECKPOINT takes every form generate.py takes (a Hugging Face folder address, hf:ORG/REPO/SUB, a local PEFT folder or
+diffusers LoRA folder, a run or run checkpoint). An adapter holding NaN or infinite values is refused. Why an export:
+`load_lora_weights` on a PEFT folder silently loads nothing, and a state dict without its LoRA config is loaded with
+alpha = rank, i.e. with the wrong scale whenever alpha != rank. The export renames the tensors to diffusers'
+`transformer.<module>.lora_A.weight` keys and stores rank, alpha and targets as the adapter metadata that
+`load_lora_weights` reads, through diffusers' own `save_lora_weights`. The file gets the permissions the umask gives
+new files (safetensors itself creates it readable by its owner only).
 """
 
 from __future__ import annotations

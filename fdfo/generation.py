@@ -42,8 +42,8 @@ def resolve_guidance(checkpoint_scale: float | None, requested: float | None, ch
     if requested is None:
         return 1.0 if checkpoint_scale is None else float(checkpoint_scale)
     if checkpoint_scale is not None and float(requested) != float(checkpoint_scale):
-        dist.warn0(f"{checkpoint} was trained with guidance scale {checkpoint_scale:g}; sampling it at {requested:g} as "
-             f"requested gives images it was not optimised for")
+        dist.warn0(f"{checkpoint} was trained with guidance scale {checkpoint_scale:g}; sampling it at {requested:g} "
+                   f"as requested gives images it was not optimised for")
     return float(requested)
 
 

@@ -191,7 +191,8 @@ def baselines(tmp_path_factory):
         save_file({k.replace("base_model.model.", "transformer."): v for k, v in state.items()},
                   str(folder / "pytorch_lora_weights.safetensors"))
 
-    repos = {**{repo: copy for repo in KNOWN}, "someone/SD3.5M-FlowGRPO-Copy": copy, "someone/diffusers-lora": diffusers}
+    repos = {**{repo: copy for repo in KNOWN}, "someone/SD3.5M-FlowGRPO-Copy": copy,
+             "someone/diffusers-lora": diffusers}
     return build_fake_hf_cache(tmp_path_factory.mktemp("baselines"), repos)
 
 
@@ -224,7 +225,8 @@ def test_known_ids_choose_the_guidance_and_say_why(baselines, monkeypatch, capsy
     assert "guidance scale 4.5 (from the checkpoint's repository (jieliu/SD3.5M-FlowGRPO-Text is known to use it))" \
         in describe(grpo)
     unknown = load_generator("hf:someone/SD3.5M-FlowGRPO-Copy", **kwargs)
-    assert unknown.guidance_scale == 1.0 and "(the default: the checkpoint records no guidance scale)" in describe(unknown)
+    assert unknown.guidance_scale == 1.0
+    assert "(the default: the checkpoint records no guidance scale)" in describe(unknown)
     assert not [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: ")]
     forced = load_generator("hf:jieliu/SD3.5M-FlowGRPO-GenEval", guidance_scale=1.0, **kwargs)
     assert forced.guidance_scale == 1.0 and "(as requested)" in describe(forced)
