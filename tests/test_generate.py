@@ -160,6 +160,32 @@ def test_batches_and_large_seeds(base, hub):
     assert torch.equal(gen.generate(prompts[:1], [5 + 3 * 2**31]), gen.generate(prompts[:1], [5]))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_images_equal_the_diffusers_pipeline(hub):
+    """On CUDA (bf16 base, fp32 LoRA beside it): the project's images equal an independent bf16 pipeline with the LoRA
+    attached by PEFT (which keeps adapter weights in fp32), at guidance 1 and 4.5."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import PeftModel
+
+    device = torch.device("cuda")
+    folder = local(hub, FDFO_REPO, CFG_45)
+    cuda_base = BaseModel(str(tiny.tiny_sd3_path()), device)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny.tiny_sd3_path(), dtype=torch.bfloat16).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    PeftModel.from_pretrained(pipe.transformer, str(folder))
+    assert pipe.transformer.transformer_blocks[0].attn.to_q.lora_A["default"].weight.dtype == torch.float32
+    seeds = [3, 2**31 + 4]
+    for guidance in (1.0, 4.5):
+        got = load_generator(str(folder), base=cuda_base, num_steps=4, resolution=128,
+                             guidance_scale=guidance).generate(PROMPTS, seeds)
+        with torch.no_grad():
+            expected = pipe(prompt=PROMPTS, generator=[torch.Generator().manual_seed(s % 2**31) for s in seeds],
+                            num_inference_steps=4, guidance_scale=guidance, height=128, width=128,
+                            output_type="pt").images.float().cpu()
+        assert (to_uint8(got) - to_uint8(expected)).abs().max() <= 1, guidance
+
+
 def diffusers_copy(peft_folder, out, metadata=True):
     """The PEFT adapter in diffusers' format, written by diffusers' save_lora_weights (with or without the LoRA config
     as adapter metadata)."""
@@ -296,6 +322,8 @@ def test_generate_py_grid_from_every_address_form(hub, base, tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     assert f"hf:{FDFO_REPO}/{CFG_45} on stabilityai/stable-diffusion-3.5-medium: guidance scale 4.5 (from the " \
            f"checkpoint's folder name)" in stderr + stdout
+    assert f"hf:{NFT_REPO} on stabilityai/stable-diffusion-3.5-medium: guidance scale 1 (from the checkpoint's " \
+           f"repository ({NFT_REPO} is known to use it))" in stderr + stdout
     assert not warnings_in(stderr)
 
     layout = GridLayout(num_checkpoints=4, num_prompts=2, rows=1, cols=2, image_size=RES)
