@@ -174,18 +174,18 @@ class BaseModel:
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.pipe = load_pipeline(pretrained_model, device, self.dtype)
         self.transformer = self.pipe.transformer
-        self._names: dict[int, str] = {}  # id(adapter) -> adapter name in the transformer
-        self._adapters: list[Adapter] = []  # keeps the ids above alive
+        self._names: dict[str, str] = {}  # adapter file -> adapter name in the transformer
 
     def add(self, adapter: Adapter) -> str:
-        """Inject `adapter` under a new adapter name (once), checking every tensor against the model first."""
-        if id(adapter) in self._names:
-            return self._names[id(adapter)]
+        """Inject `adapter` under a new adapter name (once per file), checking every tensor against the model first.
+        Returns its adapter name."""
+        if adapter.file in self._names:
+            return self._names[adapter.file]
         import warnings
 
         from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
-        name = f"checkpoint_{len(self._adapters)}"
+        name = f"checkpoint_{len(self._names)}"
         transformer, state = self.transformer, adapter.state
         misfit = f"adapter {adapter.checkpoint.description} does not fit the base model {self.pretrained_model}"
         try:
@@ -217,8 +217,7 @@ class BaseModel:
                 container = getattr(layer, attr)
                 if name in container and isinstance(container[name], torch.nn.Module):
                     container[name].to(device=self.device, dtype=torch.float32).requires_grad_(False)
-        self._names[id(adapter)] = name
-        self._adapters.append(adapter)
+        self._names[adapter.file] = name
         self.activate(None)
         return name
 

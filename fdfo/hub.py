@@ -230,8 +230,8 @@ def _local_adapter_dir(path: Path) -> Path:
             return max((p for p in parent.iterdir() if CHECKPOINT_RE.match(p.name)), key=lambda p: p.name)
     if (path / "checkpoints").is_dir() or (path / "log.jsonl").is_file():
         raise FileNotFoundError(f"run folder {path} has no checkpoint yet (checkpoints/epoch-XXXXXXX)")
-    raise FileNotFoundError(f"{path} holds no adapter (adapter_config.json + adapter_model.safetensors) and is not a "
-                            f"run folder with checkpoints/epoch-XXXXXXX")
+    raise FileNotFoundError(f"{path} holds no adapter (adapter_config.json + adapter_model.safetensors, or "
+                            f"{DIFFUSERS_FILE}) and is not a run folder with checkpoints/epoch-XXXXXXX")
 
 
 def download_adapter(ref: HubRef) -> Path:
