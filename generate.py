@@ -10,9 +10,11 @@ Multi-GPU (the images are shared out; the grid is the same as on one GPU):
 $CHECKPOINT is the browser address of a Hugging Face folder
 (https://huggingface.co/nvidia/finite-difference-flow-optimization/tree/main/fdfo-combined-reward-no-cfg/epoch-0000100),
 a repository holding an adapter at its root (https://huggingface.co/worstcoder/SD3.5M-DiffusionNFT-MultiReward),
-hf:ORG/REPO[/SUB/DIR], a local PEFT folder, one of our runs (runs/<id>-<name>, its newest checkpoint) or checkpoints
-(runs/<id>-<name>/checkpoints/epoch-XXXXXXX), or `base`. Only that folder is downloaded. The guidance scale defaults to
-the one the checkpoint was trained with. `python generate.py --help` lists every flag.
+hf:ORG/REPO[/SUB/DIR], a local PEFT folder or diffusers LoRA folder (pytorch_lora_weights.safetensors), one of our
+runs (runs/<id>-<name>, its newest checkpoint) or checkpoints (runs/<id>-<name>/checkpoints/epoch-XXXXXXX), or `base`.
+Only that folder is downloaded. The guidance scale defaults to the one the checkpoint was trained with. Every image is
+what diffusers' StableDiffusion3Pipeline gives for its prompt and seed (the LoRA as an unmerged PEFT adapter).
+`python generate.py --help` lists every flag.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ class GenerateConfig:
     checkpoint: tuple[str, ...] = ()
     """One or more checkpoints, one block of columns each (see above); `base` is the base model. Default: base."""
     out: str = "out.jpg"
-    """Output image; .jpg/.jpeg (JPEG) or .png (PNG)."""
+    """Output image; .jpg/.jpeg (JPEG) or .png (PNG); checked to be writable before anything loads."""
     guidance_scale: float | None = None
-    """CFG scale; default: the checkpoint's (our state.json, or -no-cfg / -cfg-2.0 / -cfg-4.5 in the folder name),
-    else 1. A different value than the checkpoint's warns."""
+    """CFG scale; default: the checkpoint's (our state.json; 4.5 for Flow-GRPO's jieliu/SD3.5M-FlowGRPO-*, 1.0 for
+    worstcoder/SD3.5M-DiffusionNFT-MultiReward; -no-cfg / -cfg-2.0 / -cfg-4.5 in an FDFO folder name), else 1.
+    A different value than the checkpoint's warns."""
     prompts: str | None = None
     """Prompt file, one prompt per line; default: 15 built-in prompts of varied subjects and styles."""
     num_prompts: int | None = None
@@ -40,11 +43,11 @@ class GenerateConfig:
     grid_cols: int = 4
     """Columns of images per prompt (and checkpoint)."""
     seed: int = 0
-    """Image `index` of a checkpoint's block (prompt-major, then row, then column) uses seed + index."""
+    """Image `index` of a checkpoint's block (prompt-major, then row, then column) uses seed + index (mod 2**31)."""
     batch_size: int = 4
     """Images per forward pass (per GPU); it does not change the images."""
     num_steps: int = 40
-    """Euler steps (no churn)."""
+    """Sampling steps (the pipeline's num_inference_steps: Euler, no churn)."""
     resolution: int = 512
     """Image height and width in pixels."""
     pretrained_model: str | None = None

@@ -5,15 +5,18 @@
     pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium", dtype=torch.bfloat16)
     pipe.load_lora_weights(OUT_DIR)
 
-CHECKPOINT takes every form generate.py takes (a Hugging Face folder address, hf:ORG/REPO/SUB, a local PEFT folder,
-a run or run checkpoint). Why an export: `load_lora_weights` on a PEFT folder silently loads nothing, and a state
-dict without its LoRA config is loaded with alpha = rank, i.e. with the wrong scale whenever alpha != rank. The
-export renames the tensors to diffusers' `transformer.<module>.lora_A.weight` keys and stores rank, alpha and targets
-as the adapter metadata that `load_lora_weights` reads, through diffusers' own `save_lora_weights`.
+CHECKPOINT takes every form generate.py takes (a Hugging Face folder address, hf:ORG/REPO/SUB, a local PEFT folder or
+diffusers LoRA folder, a run or run checkpoint). An adapter holding NaN or infinite values is refused. Why an export:
+`load_lora_weights` on a PEFT folder silently loads nothing, and a state dict without its LoRA config is loaded with
+alpha = rank, i.e. with the wrong scale whenever alpha != rank. The export renames the tensors to diffusers'
+`transformer.<module>.lora_A.weight` keys and stores rank, alpha and targets as the adapter metadata that
+`load_lora_weights` reads, through diffusers' own `save_lora_weights`. The file gets the permissions the umask gives
+new files (safetensors itself creates it readable by its owner only).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -35,14 +38,24 @@ def diffusers_lora(state: dict, config) -> tuple[dict, dict]:
     if strange:
         raise ValueError(f"unexpected tensor names in the adapter (e.g. {strange[0]!r}); expected PEFT's "
                          f"'{PEFT_PREFIX}<module>.lora_A.weight'")
-    tensors = {k[len(PEFT_PREFIX):]: v.contiguous() for k, v in state.items()}
+    return {k[len(PEFT_PREFIX):]: v.contiguous() for k, v in state.items()}, lora_metadata(config)
+
+
+def lora_metadata(config) -> dict:
+    """The LoraConfig fields that decide what the adapter computes, as diffusers' adapter metadata."""
     metadata = {}
     for key in METADATA_FIELDS:
         value = getattr(config, key, None)
         if value is None:
             continue
         metadata[key] = sorted(value) if isinstance(value, (set, frozenset)) else value
-    return tensors, metadata
+    return metadata
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def export(checkpoint: str, out_dir: str | Path) -> Path:
@@ -55,13 +68,15 @@ def export(checkpoint: str, out_dir: str | Path) -> Path:
     ckpt = resolve_checkpoint(checkpoint)
     if ckpt.adapter_dir is None:
         raise ValueError("nothing to export: the checkpoint is the base model; pass a checkpoint folder or address")
-    adapter = read_adapter(ckpt)
-    tensors, metadata = diffusers_lora(adapter.state, adapter.config)
+    adapter = read_adapter(ckpt)  # PEFT or diffusers form; tensors keyed by transformer module
+    tensors = {k: v.contiguous() for k, v in adapter.state.items()}
+    metadata = lora_metadata(adapter.config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     StableDiffusion3Pipeline.save_lora_weights(out_dir, transformer_lora_layers=tensors,
                                                transformer_lora_adapter_metadata=metadata)
     path = out_dir / "pytorch_lora_weights.safetensors"
+    path.chmod(0o666 & ~_umask())
     print(f"wrote {path}: {len(tensors)} tensors, rank {metadata['r']}, alpha {metadata['lora_alpha']:g}, from "
           f"{ckpt.description}")
     if ckpt.guidance_scale is not None:

@@ -1,62 +1,90 @@
 """Images from the base SD3 model plus an optional LoRA checkpoint: the engine of generate.py and metrics.py.
 
-    gen = load_generator("https://huggingface.co/nvidia/finite-difference-flow-optimization/tree/main/"
-                         "fdfo-combined-reward-cfg-4.5/epoch-0000100")    # guidance 4.5, from the folder name
-    images = gen.generate(["a red bicycle", "a cat"], seeds=[0, 1])      # float32 [2, 3, 512, 512] in [0, 1], CPU
-    other = load_generator(None, base=gen.base)                          # the base model, same pipeline in memory
+    sampler = load_generator("https://huggingface.co/nvidia/finite-difference-flow-optimization/tree/main/"
+                             "fdfo-combined-reward-cfg-4.5/epoch-0000100")  # guidance 4.5, from the folder name
+    images = sampler.generate(["a red bicycle", "a cat"], seeds=[0, 1])   # float32 [2, 3, 512, 512] in [0, 1], CPU
+    other = load_generator(None, base=sampler.base)                       # the base model, same pipeline in memory
 
-Image i starts from `torch.randn(latent, generator=torch.Generator(device).manual_seed(seeds[i]))` and is sampled
-with plain Euler steps over the model's sigmas (ALGORITHM.md §1, no churn), with CFG against the empty prompt when
-the scale is not 1 (§2). So an image depends on its prompt and seed only, not on the batch it shares or the number
-of GPUs (up to the rounding of batched kernels). The model runs in bf16 on CUDA and fp32 on CPU.
+An image is what diffusers' `StableDiffusion3Pipeline.__call__` returns with its defaults for that prompt and seed
+(docs/algorithm.md §8): the pipeline itself is called, with one CPU generator `torch.Generator().manual_seed(seed %
+2**31)` per image, T5 `max_sequence_length` 256 (the pipeline's default; training uses 128), CFG against the empty
+negative prompt when the scale is above 1, `num_inference_steps` = num_steps and height = width = resolution. So an
+image depends on its prompt and seed only, not on the batch it shares or the number of GPUs (up to the rounding of
+batched kernels). The model runs in bf16 on CUDA and fp32 on CPU.
 
-The adapter is loaded through PEFT (rank, alpha and targets from its adapter_config.json) and merged into the
-transformer weights, so sampling costs what the base model costs. One `BaseModel` (pipeline) can serve several
-generators: each merges its adapter on use, after restoring the base weights it saved before the first merge.
+The LoRA is applied as an unmerged PEFT adapter: its fp32 A and B matrices sit beside the base weights, which are
+never modified. One `BaseModel` (pipeline) serves several samplers: each adapter is injected once under its own
+adapter name, and a sampler activates its adapter (or disables them all, for the base model) before sampling.
+Adapters come in PEFT form (adapter_config.json + adapter_model.safetensors) or diffusers form
+(pytorch_lora_weights.safetensors with `transformer.`-prefixed keys; rank and alpha from the file's adapter metadata,
+else inferred from the shapes with alpha = rank, as diffusers does).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from fdfo import distributed as dist
 from fdfo.config import SD35_MEDIUM
-from fdfo.hub import Checkpoint, resolve_checkpoint
-from fdfo.sampling import sample_euler
-from fdfo.sd3 import SD3Policy
+from fdfo.hub import DIFFUSERS_FILE, Checkpoint, resolve_checkpoint
 
 
 def resolve_guidance(checkpoint_scale: float | None, requested: float | None, checkpoint: str = "the checkpoint"
                      ) -> float:
     """The CFG scale to sample with: `requested` if given, else the checkpoint's (recorded or inferred), else 1.
 
-    A checkpoint trained with CFG must be sampled with the same scale (ALGORITHM.md §9): overriding it warns.
+    A checkpoint trained with CFG must be sampled with the same scale (docs/algorithm.md §9): overriding it warns.
     """
     if requested is None:
         return 1.0 if checkpoint_scale is None else float(checkpoint_scale)
     if checkpoint_scale is not None and float(requested) != float(checkpoint_scale):
-        dist.warn0(f"{checkpoint} was trained with guidance scale {checkpoint_scale:g}; sampling it at {requested:g} as "
-             f"requested gives images it was not optimised for")
+        dist.warn0(f"{checkpoint} was trained with guidance scale {checkpoint_scale:g}; sampling it at {requested:g} "
+                   f"as requested gives images it was not optimised for")
     return float(requested)
+
+
+def choose_base_model(checkpoints: Iterable[Checkpoint], requested: str | None = None) -> str:
+    """The base SD3 pipeline to load for `checkpoints`: `requested` if given, else the first base model one of them
+    records (our state.json), else SD3.5 Medium. The one place that makes this decision (generate.py, metrics.py)."""
+    if requested:
+        return requested
+    return next((c.pretrained_model for c in checkpoints if c.pretrained_model), SD35_MEDIUM)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Adapters
 
+PEFT_PREFIX = "base_model.model."
+DIFFUSERS_PREFIX = "transformer."
+METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights stores the LoraConfig fields
+
 
 @dataclass
 class Adapter:
-    """A PEFT LoRA read from disk: its config and tensors (CPU), checked against the base model when merged."""
+    """A LoRA read from disk: its peft.LoraConfig and its tensors (CPU) keyed by transformer module,
+    `<module>.lora_A.weight` / `<module>.lora_B.weight`, whichever format the file was in."""
 
     checkpoint: Checkpoint
     config: object  # peft.LoraConfig
     state: dict[str, torch.Tensor]
+    file: str  # the tensor file, for messages
 
 
-def read_adapter(checkpoint: Checkpoint) -> Adapter:
+def _lora_config(checkpoint: Checkpoint, fields: dict):
+    from peft import LoraConfig
+
+    try:
+        return LoraConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint {checkpoint.description}: the adapter's LoRA settings are invalid "
+                         f"({' '.join(str(e).split())[:300]})") from None
+
+
+def _read_peft(checkpoint: Checkpoint) -> tuple[object, dict[str, torch.Tensor], str]:
     from peft import LoraConfig
     from safetensors.torch import load_file
 
@@ -69,72 +97,106 @@ def read_adapter(checkpoint: Checkpoint) -> Adapter:
     if kind != "LORA":
         raise ValueError(f"checkpoint {checkpoint.description}: only LoRA adapters are supported, its "
                          f"adapter_config.json holds {kind}")
+    file = folder / "adapter_model.safetensors"
     try:
         config = LoraConfig.from_pretrained(str(folder))
-        state = load_file(str(folder / "adapter_model.safetensors"), device="cpu")
+        state = load_file(str(file), device="cpu")
     except Exception as e:  # peft / safetensors raise assorted types for a damaged file
         raise ValueError(f"checkpoint {checkpoint.description}: cannot read the adapter "
                          f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    strange = [k for k in state if not k.startswith(PEFT_PREFIX)]
+    if strange:
+        raise ValueError(f"checkpoint {checkpoint.description}: unexpected tensor name {strange[0]!r} in {file}; "
+                         f"a PEFT adapter's tensors are named '{PEFT_PREFIX}<module>.lora_A.weight'")
+    return config, {k[len(PEFT_PREFIX):]: v for k, v in state.items()}, str(file)
+
+
+def _read_diffusers(checkpoint: Checkpoint) -> tuple[object, dict[str, torch.Tensor], str]:
+    """pytorch_lora_weights.safetensors as diffusers' save_lora_weights writes it: LoraConfig from the file's
+    metadata, or from the tensor shapes with alpha = rank when it has none (what diffusers' loader assumes)."""
+    from diffusers.utils.peft_utils import get_peft_kwargs
+    from safetensors import safe_open
+
+    file = checkpoint.adapter_dir / DIFFUSERS_FILE
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        raw = header.get(METADATA_KEY)
+        metadata = json.loads(raw) if raw else {}
+    except Exception as e:  # safetensors / json raise assorted types for a damaged file
+        raise ValueError(f"checkpoint {checkpoint.description}: cannot read {file} "
+                         f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    strange = [k for k in state if not (k.startswith(DIFFUSERS_PREFIX) and (".lora_A." in k or ".lora_B." in k))]
+    if strange or not state:
+        raise ValueError(f"checkpoint {checkpoint.description}: {file} is not a diffusers LoRA for the SD3 "
+                         f"transformer: expected tensors named '{DIFFUSERS_PREFIX}<module>.lora_A.weight' / "
+                         f"'.lora_B.weight', found {strange[0] if strange else 'none'!r}")
+    state = {k[len(DIFFUSERS_PREFIX):]: v for k, v in state.items()}
+    fields = {k[len(DIFFUSERS_PREFIX):]: v for k, v in metadata.items() if k.startswith(DIFFUSERS_PREFIX)}
+    if not fields:
+        ranks = {f"^{k}": v.shape[1] for k, v in state.items() if "lora_B" in k and v.ndim > 1}
+        fields = get_peft_kwargs(ranks, network_alpha_dict=None, peft_state_dict=state, is_unet=False)
+    return _lora_config(checkpoint, fields), state, str(file)
+
+
+def read_adapter(checkpoint: Checkpoint) -> Adapter:
+    """The checkpoint's LoRA (PEFT folder, or diffusers file when the folder holds no PEFT adapter), checked for
+    non-finite values. Unreadable or damaged adapters: ValueError naming the file."""
+    folder = checkpoint.adapter_dir
+    if (folder / "adapter_config.json").is_file() or not (folder / DIFFUSERS_FILE).is_file():
+        config, state, file = _read_peft(checkpoint)
+    else:
+        config, state, file = _read_diffusers(checkpoint)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"checkpoint {checkpoint.description}: the adapter file {file} holds NaN or infinite "
+                         f"values in {len(bad)} of its {len(state)} tensors (e.g. {bad[0]}); it is damaged or "
+                         f"comes from a diverged run")
     config.inference_mode = True
-    return Adapter(checkpoint, config, state)
+    return Adapter(checkpoint, config, state, file)
 
 
-def _strip_lora(transformer: torch.nn.Module) -> None:
-    """Undo a half-done PEFT injection: put every wrapped layer's base layer back, drop the attached config."""
+def _lora_layers(transformer: torch.nn.Module):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for name, module in list(transformer.named_modules()):
-        if isinstance(module, BaseTunerLayer) and name:
-            parent_name, _, child = name.rpartition(".")
-            setattr(transformer.get_submodule(parent_name) if parent_name else transformer, child,
-                    module.get_base_layer())
-    if hasattr(transformer, "peft_config"):
-        del transformer.peft_config
+    return [(name, m) for name, m in transformer.named_modules() if isinstance(m, BaseTunerLayer) and name]
 
 
 class BaseModel:
-    """The SD3 pipeline, loaded once per process, with at most one adapter merged into its transformer."""
+    """The SD3 pipeline, loaded once per process, holding every adapter loaded so far as a named PEFT adapter."""
 
     def __init__(self, pretrained_model: str, device: torch.device):
+        from fdfo.sd3 import load_pipeline
+
         self.pretrained_model = pretrained_model
-        self.policy = SD3Policy(pretrained_model, device, lora_rank=None)
-        self.device = self.policy.device
-        self._originals: dict[str, dict[str, torch.Tensor]] = {}  # module name -> base weight / bias, on CPU
-        self._active: Adapter | None = None
+        self.device = device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.pipe = load_pipeline(pretrained_model, device, self.dtype)
+        self.transformer = self.pipe.transformer
+        self._names: dict[str, str] = {}  # adapter file -> adapter name in the transformer
 
-    def activate(self, adapter: Adapter | None) -> None:
-        """Make the transformer the base model plus `adapter` (None: the base model itself)."""
-        if adapter is self._active:
-            return
-        self._restore()
-        if adapter is not None:
-            self._merge(adapter)
-        self._active = adapter
+    def add(self, adapter: Adapter) -> str:
+        """Inject `adapter` under a new adapter name (once per file), checking every tensor against the model first.
+        Returns its adapter name."""
+        if adapter.file in self._names:
+            return self._names[adapter.file]
+        import warnings
 
-    def _restore(self) -> None:
-        transformer = self.policy.transformer
-        with torch.no_grad():
-            for name, tensors in self._originals.items():
-                module = transformer.get_submodule(name)
-                for key, value in tensors.items():
-                    getattr(module, key).copy_(value)
-        self._active = None
+        from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
-    def _merge(self, adapter: Adapter) -> None:
-        import copy
-
-        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-        from peft.tuners.lora import LoraLayer
-
-        transformer, state = self.policy.transformer, adapter.state
+        name = f"checkpoint_{len(self._names)}"
+        transformer, state = self.transformer, adapter.state
         misfit = f"adapter {adapter.checkpoint.description} does not fit the base model {self.pretrained_model}"
         try:
-            model = get_peft_model(transformer, copy.deepcopy(adapter.config))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "Already found a peft_config attribute": several adapters on purpose
+                inject_adapter_in_model(adapter.config, transformer, adapter_name=name)
         except (ValueError, RuntimeError, KeyError, TypeError) as e:  # e.g. target modules the model does not have
-            _strip_lora(transformer)
+            self._remove(name)
             raise ValueError(f"{misfit}: {' '.join(str(e).split())[:400]}") from None
         # Check every tensor before copying, so a misfit is a short message instead of torch's list of mismatches.
-        expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+        expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(transformer, adapter_name=name).items()}
         wrong = [k for k in state if k in expected and tuple(state[k].shape) != expected[k]]
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]
@@ -146,103 +208,127 @@ class BaseModel:
         elif missing or unexpected:
             problem = (f"{len(missing)} LoRA tensors missing (e.g. {missing[:1]}), {len(unexpected)} unexpected "
                        f"(e.g. {unexpected[:1]})")
-        else:
-            set_peft_model_state_dict(model, state)
         if problem:
-            _strip_lora(transformer)
+            self._remove(name)
             raise ValueError(f"{misfit}: {problem}")
-        for name, module in transformer.named_modules():
-            if isinstance(module, LoraLayer) and name not in self._originals:
-                base = module.get_base_layer()
-                self._originals[name] = {key: getattr(base, key).detach().to("cpu", copy=True)
-                                         for key in ("weight", "bias") if getattr(base, key, None) is not None}
-        model.merge_and_unload()  # W <- W + (alpha / r) B A in every wrapped layer; the wrappers are removed
+        set_peft_model_state_dict(transformer, state, adapter_name=name)
+        for _, layer in _lora_layers(transformer):  # fp32 LoRA weights beside the (bf16 on GPU) base weights
+            for attr in layer.adapter_layer_names:
+                container = getattr(layer, attr)
+                if name in container and isinstance(container[name], torch.nn.Module):
+                    container[name].to(device=self.device, dtype=torch.float32).requires_grad_(False)
+        self._names[adapter.file] = name
+        self.activate(None)
+        return name
+
+    def _remove(self, name: str) -> None:
+        """Undo a half-done injection of adapter `name`; layers left without any adapter get their base layer back."""
+        transformer = self.transformer
+        for module_name, layer in _lora_layers(transformer):
+            layer.delete_adapter(name)
+            if not layer._all_available_adapter_names():
+                parent, _, child = module_name.rpartition(".")
+                setattr(transformer.get_submodule(parent) if parent else transformer, child, layer.get_base_layer())
+        config = getattr(transformer, "peft_config", None)
+        if isinstance(config, dict):
+            config.pop(name, None)
+            if not config:
+                del transformer.peft_config
+
+    def activate(self, adapter: Adapter | None) -> None:
+        """Make the transformer compute the base model plus `adapter` (None: the base model itself)."""
+        name = None if adapter is None else self.add(adapter)
+        for _, layer in _lora_layers(self.transformer):
+            if name is not None and name in layer._all_available_adapter_names():
+                layer.set_adapter(name, inference_mode=True)
+                layer.enable_adapters(True)
+            else:
+                layer.enable_adapters(False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Generators
+# Samplers
 
 
-class Generator:
+class ImageSampler:
     """Base model + one checkpoint + sampling settings. `generate(prompts, seeds)` -> float32 `[B, 3, H, W]`."""
 
     def __init__(self, base: BaseModel, checkpoint: Checkpoint, adapter: Adapter | None, guidance_scale: float,
-                 num_steps: int, resolution: int):
+                 num_steps: int, resolution: int, guidance_source: str = ""):
         self.base, self.checkpoint, self.adapter = base, checkpoint, adapter
         self.guidance_scale, self.num_steps, self.resolution = guidance_scale, num_steps, resolution
+        self.guidance_source = guidance_source
         self.checkpoint_description = checkpoint.description
         self.label = checkpoint.label
-        self.latent_shape = base.policy.latent_shape(resolution)
-        self.sigmas = base.policy.sigmas(num_steps)
 
     @property
     def device(self) -> torch.device:
         return self.base.device
 
-    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
-        """`[B, C, h, w]`: image i's noise comes from its own generator seeded with seeds[i], nothing else."""
-        return torch.stack([torch.randn(self.latent_shape, device=self.device,
-                                        generator=torch.Generator(self.device).manual_seed(int(s))) for s in seeds])
-
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], batch_size: int | None = None) -> torch.Tensor:
-        """Images for `prompts[i]` from `seeds[i]`: float32 `[B, 3, H, W]` in [0, 1] on CPU.
-
-        batch_size: images per forward pass (default: all at once); it does not change the images.
-        """
+        """Images for `prompts[i]` from `seeds[i]`: float32 `[B, 3, H, W]` in [0, 1] on CPU, each what
+        `StableDiffusion3Pipeline.__call__` gives for that prompt with `torch.Generator().manual_seed(seeds[i] %
+        2**31)`. batch_size: images per pipeline call (default: all at once); it does not change the images."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per image")
         if not prompts:
             return torch.zeros(0, 3, self.resolution, self.resolution)
         self.base.activate(self.adapter)
-        policy = self.base.policy
-        policy.guidance_scale = self.guidance_scale  # the policy is shared between generators
         step = batch_size or len(prompts)
         images = []
         for i in range(0, len(prompts), step):
-            x = self.initial_noise(seeds[i:i + step])
-            latents = sample_euler(policy.velocity, x, policy.encode(list(prompts[i:i + step])), self.sigmas)
-            images.append(policy.decode(latents).float().cpu())
+            generators = [torch.Generator().manual_seed(int(s) % 2**31) for s in seeds[i:i + step]]
+            out = self.base.pipe(prompt=list(prompts[i:i + step]), generator=generators,
+                                 num_inference_steps=self.num_steps, guidance_scale=self.guidance_scale,
+                                 height=self.resolution, width=self.resolution, output_type="pt")
+            images.append(out.images.float().cpu())
         return torch.cat(images)
 
 
 def load_generator(checkpoint: str | Checkpoint | None, pretrained_model: str | None = None,
                    device: torch.device | None = None, guidance_scale: float | None = None, num_steps: int = 40,
-                   resolution: int = 512, base: BaseModel | None = None) -> Generator:
+                   resolution: int = 512, base: BaseModel | None = None) -> ImageSampler:
     """Resolve `checkpoint` (any form of fdfo.hub, or a resolved Checkpoint; None = the base model), load the base
-    model (or reuse `base`), merge the adapter, and fix the guidance scale (default: the checkpoint's, see
+    model (or reuse `base`), add the adapter, and fix the guidance scale (default: the checkpoint's, see
     `resolve_guidance`).
 
-    pretrained_model: default the model recorded in our checkpoint's state.json, else SD3.5 Medium.
+    pretrained_model: default `base`'s model, else `choose_base_model` (our state.json's, else SD3.5 Medium).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint)
     recorded = ckpt.pretrained_model
     if pretrained_model is None:
-        pretrained_model = base.pretrained_model if base is not None else recorded or SD35_MEDIUM
+        pretrained_model = base.pretrained_model if base is not None else choose_base_model([ckpt])
     if recorded is not None and recorded != pretrained_model:
         dist.warn0(f"{ckpt.description} was trained on {recorded}, but the base model is {pretrained_model}")
     adapter = read_adapter(ckpt) if ckpt.adapter_dir is not None else None
     scale = resolve_guidance(ckpt.guidance_scale, guidance_scale, ckpt.description)
+    if guidance_scale is not None:
+        source = "as requested"
+    elif ckpt.guidance_scale is not None:
+        source = f"from the checkpoint's {ckpt.guidance_source}"
+    else:
+        source = "the default: the checkpoint records no guidance scale"
     if base is None:
         base = BaseModel(pretrained_model, device or dist.init())
     elif base.pretrained_model != pretrained_model:
         raise ValueError(f"the shared base model is {base.pretrained_model}, not {pretrained_model}")
-    factor = base.policy.pipe.vae_scale_factor * base.policy.pipe.transformer.config.patch_size
+    factor = base.pipe.vae_scale_factor * base.transformer.config.patch_size
     if resolution <= 0 or resolution % factor:
         raise ValueError(f"resolution {resolution} must be a positive multiple of {factor}")
-    base.activate(adapter)  # merge now, so an adapter that does not fit fails before any sampling
-    return Generator(base, ckpt, adapter, scale, num_steps, resolution)
+    if adapter is not None:
+        base.add(adapter)  # now, so an adapter that does not fit fails before any sampling
+    return ImageSampler(base, ckpt, adapter, scale, num_steps, resolution, source)
 
 
-def describe(gen: Generator) -> str:
-    """One line for logs: checkpoint, base model, guidance scale and where it came from."""
-    source = ""
-    if gen.checkpoint.guidance_scale is not None and gen.guidance_scale == gen.checkpoint.guidance_scale:
-        source = f" (from the checkpoint's {gen.checkpoint.guidance_source})"
+def describe(gen: ImageSampler) -> str:
+    """One line for logs: checkpoint, base model, guidance scale and why it was chosen."""
+    source = f" ({gen.guidance_source})" if gen.guidance_source else ""
     return (f"{gen.checkpoint_description} on {gen.base.pretrained_model}: guidance scale {gen.guidance_scale:g}"
             f"{source}, {gen.num_steps} Euler steps, {gen.resolution} px")
 
 
-__all__ = ["Adapter", "BaseModel", "Generator", "describe", "load_generator", "read_adapter", "resolve_guidance"]
+__all__ = ["Adapter", "BaseModel", "ImageSampler", "choose_base_model", "describe", "load_generator", "read_adapter",
+           "resolve_guidance"]

@@ -12,13 +12,13 @@ Text uses PIL's built-in scalable font, so nothing is downloaded.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fdfo import distributed as dist
-from fdfo.config import SD35_MEDIUM
 
 # Written for this project: varied subjects, styles and the things text-to-image models get wrong (counting, spatial
 # relations, text, hands, reflections).
@@ -168,17 +168,34 @@ def _generate_share(gen, prompts: list[str], seeds: list[int], batch_size: int, 
     return gathered[order]
 
 
+def check_output_path(out: Path, flag: str = "--out") -> None:
+    """Refuse, before anything loads, an output path that cannot be written: a folder, a path below a file, a file or
+    nearest existing folder without write permission."""
+    if out.is_dir():
+        raise ValueError(f"{flag} {out} is a folder; pass a file name ending in .jpg, .jpeg or .png")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"{flag} {out}: the file exists and is not writable")
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {out}: {parent} is a file, not a folder, so nothing can be written below it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out}: the folder {parent} is not writable")
+
+
 def generate_grid(cfg) -> Path:
     """Run generate.py's configuration (see generate.py): load, sample, draw, save; returns the output path."""
     from tqdm import tqdm
 
-    from fdfo.generation import describe, load_generator
+    from fdfo.generation import choose_base_model, describe, load_generator
     from fdfo.hub import resolve_checkpoint
     from fdfo.prompts import load_prompts
 
     out = Path(cfg.out)
     if out.suffix.lower() not in (".jpg", ".jpeg", ".png"):
         raise ValueError(f"--out {cfg.out}: the grid is written as JPEG or PNG; end the name in .jpg, .jpeg or .png")
+    check_output_path(out)
     for name in ("grid_rows", "grid_cols", "batch_size", "num_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -189,8 +206,7 @@ def generate_grid(cfg) -> Path:
     device = dist.init(cfg.device)
     with dist.rank0_first():  # rank 0 downloads into the shared cache first
         checkpoints = [resolve_checkpoint(spec) for spec in (cfg.checkpoint or [None])]
-    recorded = [c.pretrained_model for c in checkpoints if c.pretrained_model]
-    pretrained = cfg.pretrained_model or (recorded[0] if recorded else SD35_MEDIUM)
+    pretrained = choose_base_model(checkpoints, cfg.pretrained_model)
 
     per_prompt = cfg.grid_rows * cfg.grid_cols
     grid_prompts = [p for p in prompts for _ in range(per_prompt)]

@@ -6,13 +6,19 @@ Accepted forms (ALGORITHM.md §9):
   `resolve/` addresses of `adapter_config.json` or `adapter_model.safetensors` are taken as their folder);
 * `https://huggingface.co/ORG/REPO` — an adapter at the root of a repository;
 * `hf:ORG/REPO[@REV][/SUB/DIR]`;
-* a local folder holding `adapter_config.json` + `adapter_model.safetensors` (PEFT format);
+* a local folder holding `adapter_config.json` + `adapter_model.safetensors` (PEFT format), or
+  `pytorch_lora_weights.safetensors` (diffusers format, as `fdfo.export` or diffusers' `save_lora_weights` write it);
 * one of our run checkpoints `runs/<id>-<name>/checkpoints/epoch-XXXXXXX`, or a run folder (its newest checkpoint);
 * nothing (None, "", "base"): the base model.
 
 Only the named folder's adapter files (and `state.json`, when there is one) are downloaded, through the Hugging Face
-cache, so `HF_HUB_OFFLINE=1` and `HF_HUB_CACHE` are honoured. The guidance scale a checkpoint was trained with comes
-from our `state.json`, else from the published FDFO folder names (`...-no-cfg` = 1, `...-cfg-2.0`, `...-cfg-4.5`).
+cache, so `HF_HUB_OFFLINE=1` and `HF_HUB_CACHE` are honoured. Hub addresses are percent-decoded before they are
+checked: no `.`/`..` component and no encoded separator (`%2F`, `%5C`) may reach the cache paths, except `%2F`
+inside a revision such as `refs%2Fpr%2F3` (each of whose parts must be a plain name).
+
+The guidance scale a checkpoint was trained with comes from our `state.json`, else from the known public
+repositories (`KNOWN_GUIDANCE`: Flow-GRPO 4.5, DiffusionNFT 1.0; docs/algorithm.md §9), else from the published FDFO
+folder names (`...-no-cfg` = 1, `...-cfg-2.0`, `...-cfg-4.5`).
 """
 
 from __future__ import annotations
@@ -25,16 +31,26 @@ from pathlib import Path
 
 from fdfo.checkpoints import CHECKPOINT_RE
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT format
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # diffusers format (fdfo.export, save_lora_weights)
 STATE_FILE = "state.json"
 BASE_NAMES = ("", "base", "none")
 HUB_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
 FORMS = ("https://huggingface.co/ORG/REPO/tree/REV/SUB/DIR, https://huggingface.co/ORG/REPO, hf:ORG/REPO[/SUB/DIR], "
-         "a local PEFT folder (adapter_config.json + adapter_model.safetensors), a run folder or "
+         "a local PEFT folder (adapter_config.json + adapter_model.safetensors) or diffusers LoRA folder "
+         "(pytorch_lora_weights.safetensors), a run folder or "
          "runs/<run>/checkpoints/epoch-XXXXXXX, or 'base'")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 _NO_CFG_RE = re.compile(r"(?:^|[-_])no-cfg(?:$|[-_])")
 _CFG_RE = re.compile(r"(?:^|[-_])cfg-(\d+(?:\.\d+)?)(?:$|[-_])")
+_ENCODED_SEPARATOR_RE = re.compile(r"%(2f|5c)", re.IGNORECASE)
+# Public baselines and the guidance scale they were trained and evaluated with (docs/algorithm.md §9); keys lower case.
+KNOWN_GUIDANCE = {
+    "jieliu/sd3.5m-flowgrpo-geneval": 4.5,
+    "jieliu/sd3.5m-flowgrpo-pickscore": 4.5,
+    "jieliu/sd3.5m-flowgrpo-text": 4.5,
+    "worstcoder/sd3.5m-diffusionnft-multireward": 1.0,
+}
 
 
 @dataclass(frozen=True)
@@ -71,11 +87,25 @@ class Checkpoint:
     pretrained_model: str | None = None
 
 
-def _parts(path: str, spec: str) -> list[str]:
-    parts = [urllib.parse.unquote(p) for p in path.split("/") if p]
-    if any(p in (".", "..") for p in parts):
-        raise ValueError(f"checkpoint {spec!r}: '.' and '..' are not allowed in a hub path")
-    return parts
+def _decode(part: str, spec: str, revision: bool = False) -> str:
+    """One percent-decoded path component of a hub address, checked: it must stay one plain name inside the cache.
+
+    revision: the component names a revision, where an encoded `/` is allowed (`refs%2Fpr%2F3`) if every piece
+    between the slashes is a plain name."""
+    if _ENCODED_SEPARATOR_RE.search(part) and not (revision and "%5c" not in part.lower()):
+        raise ValueError(f"checkpoint {spec!r}: encoded path separators (%2F, %5C) are not allowed in a hub path")
+    decoded = urllib.parse.unquote(part)
+    pieces = decoded.split("/") if revision else [decoded]
+    for piece in pieces:
+        if piece in ("", ".", "..") or "\\" in piece or "/" in piece or "%" in piece or "\0" in piece:
+            raise ValueError(f"checkpoint {spec!r}: {part!r} decodes to {decoded!r}; '.' and '..', separators and "
+                             f"doubly encoded characters are not allowed in a hub path")
+    return decoded
+
+
+def _parts(path: str, spec: str, revision_at: int | None = None) -> list[str]:
+    """The decoded components of a hub path; component `revision_at` may be a revision with encoded slashes."""
+    return [_decode(p, spec, i == revision_at) for i, p in enumerate(q for q in path.split("/") if q)]
 
 
 def _check_repo(org: str, name: str, spec: str) -> str:
@@ -88,7 +118,9 @@ def _parse_url(spec: str) -> HubRef:
     url = urllib.parse.urlsplit(spec if "://" in spec else "https://" + spec)
     if url.scheme not in ("http", "https") or url.netloc.lower() not in HUB_HOSTS:
         raise ValueError(f"checkpoint {spec!r} is not a Hugging Face address. Expected {FORMS}.")
-    parts = _parts(url.path, spec)
+    raw = [p for p in url.path.split("/") if p]
+    revision_at = 3 if len(raw) > 3 and raw[2] in ("tree", "blob", "resolve") else None
+    parts = _parts(url.path, spec, revision_at)
     if parts and parts[0] in ("datasets", "spaces", "buckets"):
         raise ValueError(f"checkpoint {spec!r} points to a {parts[0][:-1]}, not a model repository")
     if len(parts) < 2:
@@ -104,7 +136,7 @@ def _parse_url(spec: str) -> HubRef:
                          f"https://huggingface.co/{repo_id}/tree/main/SUB/DIR")
     revision, folder = rest[0], rest[1:]
     if kind != "tree":  # the address of a file: take its folder
-        if not folder or folder[-1] not in (*ADAPTER_FILES, STATE_FILE):
+        if not folder or folder[-1] not in (*ADAPTER_FILES, STATE_FILE, DIFFUSERS_FILE):
             raise ValueError(f"checkpoint {spec!r} is the address of a file; pass its folder "
                              f"(https://huggingface.co/{repo_id}/tree/{revision}/...)")
         folder = folder[:-1]
@@ -112,11 +144,14 @@ def _parse_url(spec: str) -> HubRef:
 
 
 def _parse_hf(spec: str) -> HubRef:
-    parts = _parts(spec[len("hf:"):], spec)
-    if len(parts) < 2:
+    raw = [p for p in spec[len("hf:"):].split("/") if p]
+    if len(raw) < 2:
         raise ValueError(f"checkpoint {spec!r} names no repository: expected hf:ORG/REPO[/SUB/DIR]")
-    name, _, revision = parts[1].partition("@")
-    return HubRef(_check_repo(parts[0], name, spec), "/".join(parts[2:]), revision or None)
+    name, _, revision = raw[1].partition("@")
+    org, name = _decode(raw[0], spec), _decode(name, spec)
+    revision = _decode(revision, spec, revision=True) if revision else None
+    folder = [_decode(p, spec) for p in raw[2:]]
+    return HubRef(_check_repo(org, name, spec), "/".join(folder), revision)
 
 
 def parse_hub_ref(spec: str) -> HubRef | None:
@@ -153,13 +188,29 @@ def _read_state(folder: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def _checkpoint(folder: Path, description: str, label: str, name_for_cfg: str) -> Checkpoint:
-    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+def _missing_adapter_files(folder: Path) -> list[str]:
+    """[] when `folder` holds a PEFT adapter or a diffusers LoRA file, else the PEFT files it lacks."""
+    if (folder / DIFFUSERS_FILE).is_file() and not (folder / ADAPTER_FILES[0]).is_file():
+        return []
+    return [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+
+
+def known_guidance_scale(repo_id: str) -> float | None:
+    """The guidance scale a known public baseline repository was trained and evaluated with, else None."""
+    return KNOWN_GUIDANCE.get(repo_id.lower())
+
+
+def _checkpoint(folder: Path, description: str, label: str, name_for_cfg: str, repo_id: str | None = None
+                ) -> Checkpoint:
+    missing = _missing_adapter_files(folder)
     if missing:
         raise FileNotFoundError(f"checkpoint {description}: no {' or '.join(missing)} in {folder}; a checkpoint "
-                                f"folder holds a PEFT adapter (adapter_config.json + adapter_model.safetensors)")
+                                f"folder holds a PEFT adapter (adapter_config.json + adapter_model.safetensors) or "
+                                f"a diffusers LoRA ({DIFFUSERS_FILE})")
     state = _read_state(folder)
     scale, source = state.get("guidance_scale"), STATE_FILE
+    if scale is None and repo_id is not None and known_guidance_scale(repo_id) is not None:
+        scale, source = known_guidance_scale(repo_id), f"repository ({repo_id} is known to use it)"
     if scale is None:
         scale, source = infer_guidance_scale(name_for_cfg), "folder name"
     return Checkpoint(folder, description, label, None if scale is None else float(scale),
@@ -168,19 +219,19 @@ def _checkpoint(folder: Path, description: str, label: str, name_for_cfg: str) -
 
 def _local_adapter_dir(path: Path) -> Path:
     """A PEFT folder as given, the newest epoch-XXXXXXX of a run folder or of its checkpoints/ folder."""
-    if path.is_file() and path.name in (*ADAPTER_FILES, STATE_FILE):
+    if path.is_file() and path.name in (*ADAPTER_FILES, STATE_FILE, DIFFUSERS_FILE):
         return path.parent
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {str(path)!r} is neither a folder nor a file of an adapter")
-    if (path / ADAPTER_FILES[0]).exists() or (path / ADAPTER_FILES[1]).exists():
+    if any((path / f).exists() for f in (*ADAPTER_FILES, DIFFUSERS_FILE)):
         return path
     for parent in (path, path / "checkpoints"):
         if parent.is_dir() and any(CHECKPOINT_RE.match(p.name) for p in parent.iterdir()):
             return max((p for p in parent.iterdir() if CHECKPOINT_RE.match(p.name)), key=lambda p: p.name)
     if (path / "checkpoints").is_dir() or (path / "log.jsonl").is_file():
         raise FileNotFoundError(f"run folder {path} has no checkpoint yet (checkpoints/epoch-XXXXXXX)")
-    raise FileNotFoundError(f"{path} holds no adapter (adapter_config.json + adapter_model.safetensors) and is not a "
-                            f"run folder with checkpoints/epoch-XXXXXXX")
+    raise FileNotFoundError(f"{path} holds no adapter (adapter_config.json + adapter_model.safetensors, or "
+                            f"{DIFFUSERS_FILE}) and is not a run folder with checkpoints/epoch-XXXXXXX")
 
 
 def download_adapter(ref: HubRef) -> Path:
@@ -194,7 +245,7 @@ def download_adapter(ref: HubRef) -> Path:
         f" --revision {ref.revision}" if ref.revision else "")
     try:
         root = snapshot_download(ref.repo_id, revision=ref.revision,
-                                 allow_patterns=[prefix + f for f in (*ADAPTER_FILES, STATE_FILE)])
+                                 allow_patterns=[prefix + f for f in (*ADAPTER_FILES, DIFFUSERS_FILE, STATE_FILE)])
     except errors.GatedRepoError:
         raise FileNotFoundError(f"checkpoint {ref}: {ref.repo_id} is gated; accept its terms on "
                                 f"https://huggingface.co/{ref.repo_id} and log in (`hf auth login`)") from None
@@ -210,7 +261,7 @@ def download_adapter(ref: HubRef) -> Path:
             f"and could not be downloaded ({e.__class__.__name__}). Fix: download it where there is network access "
             f"(`{fetch}`), or pass a local folder.") from None
     folder = Path(root) / ref.subfolder
-    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+    missing = _missing_adapter_files(folder)
     if missing:
         offline = " (HF_HUB_OFFLINE=1: only the local cache was searched)" if constants.HF_HUB_OFFLINE else ""
         raise FileNotFoundError(
@@ -229,7 +280,8 @@ def resolve_checkpoint(spec: str | None) -> Checkpoint:
     if ref is not None:
         folder = download_adapter(ref)
         label = ref.subfolder or ref.repo_id.split("/")[1]
-        return _checkpoint(folder, str(ref), label, f"{ref.repo_id.split('/')[1]}/{ref.subfolder}")
+        return _checkpoint(folder, str(ref), label, f"{ref.repo_id.split('/')[1]}/{ref.subfolder}",
+                           ref.repo_id)
     path = Path(spec).expanduser()
     if not path.exists():
         hint = (f" For a Hugging Face repository write hf:{spec} or https://huggingface.co/{spec}."

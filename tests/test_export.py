@@ -1,6 +1,10 @@
 """fdfo/export.py: the diffusers export loads with `load_lora_weights` and reproduces the PEFT-loaded model, with
 alpha != rank and a partial target list (where a missing LoRA config would silently give the wrong scale)."""
 
+import json
+import os
+import stat
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -61,3 +65,35 @@ def test_export_bad_inputs(tmp_path, capsys):
         export("base", tmp_path / "out")
     with pytest.raises(ValueError, match="unexpected tensor names"):
         diffusers_lora({"transformer.x.lora_A.weight": torch.zeros(1)}, None)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_export_file_gets_the_umask_permissions(tmp_path, umask, mode):
+    """safetensors creates its files 0600; the export is a file to share, so it gets what the umask gives (0666 &
+    ~umask), like any file the user creates."""
+    from fdfo.export import export
+
+    adapter = tmp_path / "adapter"
+    make_adapter(adapter, tiny_transformer(), rank=2, alpha=2, seed=1, targets=LORA_TARGETS[:2])
+    before = os.umask(umask)
+    try:
+        path = export(str(adapter), tmp_path / "out")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+def test_export_of_a_diffusers_lora_is_the_same_file(tmp_path):
+    """A diffusers-format folder is accepted as input too: exporting the export again gives the same tensors and
+    LoRA settings."""
+    from fdfo.export import export
+
+    adapter = tmp_path / "adapter"
+    make_adapter(adapter, tiny_transformer(), rank=2, alpha=6, seed=2, targets=LORA_TARGETS[:3])
+    first = export(str(adapter), tmp_path / "one")
+    second = export(str(tmp_path / "one"), tmp_path / "two")
+    with safe_open(str(first), "pt") as a, safe_open(str(second), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys()) and len(list(a.keys())) == 2 * 3 * 2
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+        meta_a, meta_b = (json.loads(f.metadata()["lora_adapter_metadata"]) for f in (a, b))
+    assert meta_a == meta_b and meta_a["transformer.r"] == 2 and meta_a["transformer.lora_alpha"] == 6

@@ -1,6 +1,9 @@
-"""Generation (fdfo/generation.py) and generate.py: merged LoRAs against hand-computed weights, per-image seeding,
-guidance-scale memory, and the end-to-end grid from every checkpoint address form through an offline fake hub."""
+"""Generation (fdfo/generation.py) and generate.py: images equal to an independent diffusers pipeline (base model and
+LoRAs loaded through PEFT / diffusers), unmerged named adapters, per-image seeding, diffusers-format LoRAs, damaged
+adapters, guidance-scale memory, and the end-to-end grid from every checkpoint address form through an offline
+fake hub."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +12,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from fdfo import tiny
-from fdfo.generation import BaseModel, load_generator, resolve_guidance
+from fdfo.generation import BaseModel, choose_base_model, load_generator, resolve_guidance
 from fdfo.grid import BUILTIN_PROMPTS, GridLayout
-from tests.fake_hub import BAD_REPO, CFG_45, FDFO_REPO, NFT_REPO, NO_CFG, build_checkpoint_cache, hub_env
+from fdfo.hub import Checkpoint
+from tests.fake_hub import (
+    BAD_REPO,
+    CFG_45,
+    FDFO_REPO,
+    NFT_REPO,
+    NO_CFG,
+    build_checkpoint_cache,
+    hub_env,
+    make_adapter,
+    tiny_transformer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, RES = 2, 64
@@ -45,6 +58,35 @@ def warnings_in(text):
     return [line for line in text.splitlines() if line.startswith("warning: ")]
 
 
+def to_uint8(images):
+    return (images * 255 + 0.5).clamp(0, 255).to(torch.uint8).int()
+
+
+def reference_images(prompts, seeds, guidance, peft_folder=None, diffusers_folder=None):
+    """What diffusers' own pipeline gives, loaded independently of fdfo: a fresh StableDiffusion3Pipeline, the LoRA
+    attached by PEFT's PeftModel.from_pretrained (PEFT folder) or diffusers' load_lora_weights (diffusers folder)."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import PeftModel
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny.tiny_sd3_path())
+    pipe.set_progress_bar_config(disable=True)
+    if peft_folder is not None:
+        PeftModel.from_pretrained(pipe.transformer, str(peft_folder))  # wraps the pipeline's layers in place
+    if diffusers_folder is not None:
+        pipe.load_lora_weights(str(diffusers_folder))
+    with torch.no_grad():
+        return pipe(prompt=prompts, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                    num_inference_steps=STEPS, guidance_scale=guidance, height=RES, width=RES,
+                    output_type="pt").images.float()
+
+
+def assert_same_images(got, expected):
+    """<= 1 level of 255 after 8-bit rounding; the tiny model on CPU is in fact exact to float rounding."""
+    assert got.shape == expected.shape
+    assert (to_uint8(got) - to_uint8(expected)).abs().max() <= 1
+    assert (got - expected).abs().max() <= 1e-4
+
+
 def test_resolve_guidance(capsys):
     assert resolve_guidance(None, None) == 1.0
     assert resolve_guidance(4.5, None) == 4.5
@@ -55,62 +97,176 @@ def test_resolve_guidance(capsys):
     assert "hf:x/y/z was trained with guidance scale 4.5" in line and "at 1" in line
 
 
-def test_merged_weights_are_base_plus_scaled_lora(base, hub):
-    """W = W0 + (alpha / r) B A on every targeted layer, untouched elsewhere; switching back restores W0 exactly."""
-    blocks = base.policy.transformer.transformer_blocks
-    to_q, add_k = blocks[0].attn.to_q, blocks[0].attn.add_k_proj
-    generator(base, None).generate(PROMPTS[:1], [0])
-    w_q, w_k = to_q.weight.detach().clone(), add_k.weight.detach().clone()
-
-    def lora(folder, module):
-        state = load_file(str(folder / "adapter_model.safetensors"))
-        key = f"base_model.model.transformer_blocks.0.attn.{module}.lora_%s.weight"
-        return state[key % "B"] @ state[key % "A"]
-
-    nft = local(hub, NFT_REPO)  # rank 2, alpha 6, only to_q/to_k/to_v/to_out.0
-    gen = generator(base, nft)
-    torch.testing.assert_close(to_q.weight, w_q + 3.0 * lora(nft, "to_q"), atol=1e-6, rtol=0)
-    assert torch.equal(add_k.weight, w_k)
-    assert (to_q.weight - w_q).abs().max() > 1e-2  # the adapter is far from zero
-
-    no_cfg = local(hub, FDFO_REPO, NO_CFG)  # rank 4, alpha 8, all eight projections
-    other = generator(base, no_cfg)
-    other.generate(PROMPTS[:1], [0])
-    torch.testing.assert_close(to_q.weight, w_q + 2.0 * lora(no_cfg, "to_q"), atol=1e-6, rtol=0)
-    torch.testing.assert_close(add_k.weight, w_k + 2.0 * lora(no_cfg, "add_k_proj"), atol=1e-6, rtol=0)
-    gen.generate(PROMPTS[:1], [0])  # the first generator merges its own adapter again on use
-    torch.testing.assert_close(to_q.weight, w_q + 3.0 * lora(nft, "to_q"), atol=1e-6, rtol=0)
-    generator(base, None).generate(PROMPTS[:1], [0])
-    assert torch.equal(to_q.weight, w_q) and torch.equal(add_k.weight, w_k)
-    assert not any("lora" in name for name, _ in base.policy.transformer.named_modules())
+def test_choose_base_model():
+    plain = Checkpoint(None, "base model", "base model")
+    ours = Checkpoint(Path("a"), "a", "a", pretrained_model="builtin:tiny-sd3")
+    assert choose_base_model([plain]) == "stabilityai/stable-diffusion-3.5-medium"
+    assert choose_base_model([plain, ours]) == "builtin:tiny-sd3"
+    assert choose_base_model([ours], "my/model") == "my/model"
 
 
-def test_images_depend_on_their_seed_only(base, hub):
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_images_equal_the_diffusers_pipeline(base, hub, guidance):
+    """Base model and a LoRA (rank 4, alpha 8: scale 2): the project's images equal an independent pipeline call with
+    the same seeds, at guidance 1 (no CFG) and 3 (CFG against the empty prompt), and the LoRA really matters."""
+    seeds = [4, 9]
+    folder = local(hub, FDFO_REPO, NO_CFG)
+    plain = generator(base, None, guidance_scale=guidance).generate(PROMPTS, seeds)
+    assert_same_images(plain, reference_images(PROMPTS, seeds, guidance))
+    tuned = generator(base, folder, guidance_scale=guidance).generate(PROMPTS, seeds)
+    assert_same_images(tuned, reference_images(PROMPTS, seeds, guidance, peft_folder=folder))
+    assert (tuned - plain).abs().mean() > 0.02
+    assert (plain[0] - plain[1]).abs().mean() > 0.02
+
+
+def test_adapters_are_unmerged_and_switch_by_name(base, hub):
+    """Two adapters and the base model share one pipeline in any order: the base weights never change, each
+    adapter's A and B sit beside them in fp32 under their own name, and every sampler keeps giving its own images."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    to_q = base.transformer.transformer_blocks[0].attn.to_q
+    weight = to_q.get_base_layer().weight.detach().clone() if isinstance(to_q, LoraLayer) else \
+        to_q.weight.detach().clone()
+    samplers = [generator(base, f) for f in (local(hub, NFT_REPO), None, local(hub, FDFO_REPO, NO_CFG))]
+    first = [s.generate(PROMPTS[:1], [3]) for s in samplers]
+    again = [s.generate(PROMPTS[:1], [3]) for s in reversed(samplers)][::-1]
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert (first[0] - first[1]).abs().mean() > 0.02 and (first[2] - first[0]).abs().mean() > 0.02
+    to_q = base.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(to_q, LoraLayer) and not to_q.merged
+    assert torch.equal(to_q.get_base_layer().weight, weight)  # never merged into the base weights
+    state = load_file(str(local(hub, NFT_REPO) / "adapter_model.safetensors"))
+    name = base.add(samplers[0].adapter)
+    a = to_q.lora_A[name].weight
+    assert a.dtype == torch.float32
+    assert torch.equal(a, state["base_model.model.transformer_blocks.0.attn.to_q.lora_A.weight"])
+    assert to_q.scaling[name] == 3.0  # alpha 6 / rank 2
+
+
+def test_batches_and_large_seeds(base, hub):
+    """Batch size does not change the images; seed s >= 2**31 is seed s % 2**31 (a CPU generator per image)."""
     gen = generator(base, local(hub, FDFO_REPO, NO_CFG))
     assert gen.guidance_scale == 1.0  # inferred from the folder name
-    noise = gen.initial_noise([5, 7])
-    assert torch.equal(noise[1], torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(7)))
     prompts, seeds = [PROMPTS[0], PROMPTS[1], PROMPTS[0]], [5, 6, 7]
     together = gen.generate(prompts, seeds, batch_size=2)
     assert together.shape == (3, 3, RES, RES) and together.dtype == torch.float32
     assert 0 <= together.min() and together.max() <= 1
     alone = torch.cat([gen.generate([p], [s]) for p, s in zip(prompts, seeds)])
-    torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
+    assert_same_images(together, alone)
     assert (together[0] - together[2]).abs().mean() > 0.02  # same prompt, other seed: another image
-    base_images = generator(base, None).generate(prompts, seeds)
-    assert (together - base_images).abs().mean() > 0.02
+    assert torch.equal(gen.generate(prompts[:1], [5 + 2**31]), gen.generate(prompts[:1], [5]))
+    assert torch.equal(gen.generate(prompts[:1], [5 + 3 * 2**31]), gen.generate(prompts[:1], [5]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_images_equal_the_diffusers_pipeline(hub):
+    """On CUDA (bf16 base, fp32 LoRA beside it): the project's images equal an independent bf16 pipeline with the LoRA
+    attached by PEFT (which keeps adapter weights in fp32), at guidance 1 and 4.5."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import PeftModel
+
+    device = torch.device("cuda")
+    folder = local(hub, FDFO_REPO, CFG_45)
+    cuda_base = BaseModel(str(tiny.tiny_sd3_path()), device)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny.tiny_sd3_path(), dtype=torch.bfloat16).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    PeftModel.from_pretrained(pipe.transformer, str(folder))
+    assert pipe.transformer.transformer_blocks[0].attn.to_q.lora_A["default"].weight.dtype == torch.float32
+    seeds = [3, 2**31 + 4]
+    for guidance in (1.0, 4.5):
+        got = load_generator(str(folder), base=cuda_base, num_steps=4, resolution=128,
+                             guidance_scale=guidance).generate(PROMPTS, seeds)
+        with torch.no_grad():
+            expected = pipe(prompt=PROMPTS, generator=[torch.Generator().manual_seed(s % 2**31) for s in seeds],
+                            num_inference_steps=4, guidance_scale=guidance, height=128, width=128,
+                            output_type="pt").images.float().cpu()
+        assert (to_uint8(got) - to_uint8(expected)).abs().max() <= 1, guidance
+
+
+def diffusers_copy(peft_folder, out, metadata=True):
+    """The PEFT adapter in diffusers' format, written by diffusers' save_lora_weights (with or without the LoRA config
+    as adapter metadata)."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(peft_folder) / "adapter_model.safetensors"))
+    tensors = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    config = LoraConfig.from_pretrained(str(peft_folder))
+    meta = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+    StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=tensors,
+                                               transformer_lora_adapter_metadata=meta if metadata else None)
+    return out
+
+
+def test_diffusers_format_loras_give_the_peft_images(base, hub, tmp_path):
+    """The same weights as a diffusers file give the PEFT folder's images: with metadata (alpha 8 != rank 4), through
+    fdfo.export, and without metadata when alpha = rank (the convention diffusers assumes); and equal diffusers'
+    own load_lora_weights."""
+    from fdfo.export import export
+
+    seeds = [1, 2]
+    folder = local(hub, FDFO_REPO, NO_CFG)
+    peft_images = generator(base, folder).generate(PROMPTS, seeds)
+    with_meta = generator(base, diffusers_copy(folder, tmp_path / "meta")).generate(PROMPTS, seeds)
+    assert_same_images(with_meta, peft_images)
+    export(str(folder), tmp_path / "export")
+    assert_same_images(generator(base, tmp_path / "export").generate(PROMPTS, seeds), peft_images)
+    assert_same_images(with_meta, reference_images(PROMPTS, seeds, 1.0, diffusers_folder=tmp_path / "meta"))
+
+    equal = tmp_path / "alpha-equals-rank"
+    make_adapter(equal, tiny_transformer(), rank=2, alpha=2, seed=11, std=0.6)
+    no_meta = generator(base, diffusers_copy(equal, tmp_path / "nometa", metadata=False)).generate(PROMPTS, seeds)
+    assert_same_images(no_meta, generator(base, equal).generate(PROMPTS, seeds))
+    assert (no_meta - generator(base, None).generate(PROMPTS, seeds)).abs().mean() > 0.005
+
+
+def test_non_finite_adapters_are_refused(base, hub, tmp_path):
+    """A NaN or inf in either format: one ValueError naming the file, from load_generator and from fdfo.export."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fdfo.export import export
+
+    for bad_value, kind in ((float("nan"), "peft"), (float("inf"), "diffusers")):
+        folder = tmp_path / f"{kind}-bad"
+        if kind == "peft":
+            shutil.copytree(local(hub, FDFO_REPO, NO_CFG), folder)
+            file = folder / "adapter_model.safetensors"
+        else:
+            diffusers_copy(local(hub, FDFO_REPO, NO_CFG), folder)
+            file = folder / "pytorch_lora_weights.safetensors"
+        state = load_file(str(file))
+        key = sorted(state)[3]
+        state[key][0, 0] = bad_value
+        save_file(state, str(file), metadata={"format": "pt"} if kind == "peft" else None)
+        for call, args in ((generator, (base, folder)), (export, (str(folder), tmp_path / "out"))):
+            with pytest.raises(ValueError, match="NaN or infinite") as e:
+                call(*args)
+            assert str(file) in str(e.value)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name, fragment", [("wrong-shape", "have another shape than the model"),
                                             ("wrong-target", "attn.to_qkv_fused")])
 def test_adapters_that_do_not_fit_are_value_errors(base, hub, name, fragment):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def adapters():
+        return {(n, a) for n, m in base.transformer.named_modules() if isinstance(m, BaseTunerLayer)
+                for a in m._all_available_adapter_names()}, sorted(getattr(base.transformer, "peft_config", {}))
+
     reference = generator(base, None).generate(PROMPTS[:1], [3])
+    before = adapters()
     folder = local(hub, BAD_REPO, name)
     with pytest.raises(ValueError, match="does not fit the base model") as e:
         generator(base, folder)
     assert str(folder) in str(e.value) and fragment in str(e.value)
-    assert not hasattr(base.policy.transformer, "peft_config")
-    assert not any("lora" in n for n, _ in base.policy.transformer.named_modules())
+    assert adapters() == before  # the half-injected adapter is gone again
     assert torch.equal(generator(base, None).generate(PROMPTS[:1], [3]), reference)
 
 
@@ -166,6 +322,8 @@ def test_generate_py_grid_from_every_address_form(hub, base, tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     assert f"hf:{FDFO_REPO}/{CFG_45} on stabilityai/stable-diffusion-3.5-medium: guidance scale 4.5 (from the " \
            f"checkpoint's folder name)" in stderr + stdout
+    assert f"hf:{NFT_REPO} on stabilityai/stable-diffusion-3.5-medium: guidance scale 1 (from the checkpoint's " \
+           f"repository ({NFT_REPO} is known to use it))" in stderr + stdout
     assert not warnings_in(stderr)
 
     layout = GridLayout(num_checkpoints=4, num_prompts=2, rows=1, cols=2, image_size=RES)
@@ -189,8 +347,9 @@ def test_generate_py_grid_from_every_address_form(hub, base, tmp_path):
 def test_generate_py_bad_inputs_are_one_clear_message(hub, tmp_path, monkeypatch, capsys):
     """Malformed address, missing sub-folder (in-process, hub constants pointed at the fake cache) and an adapter
     that does not fit (a real offline subprocess): exit status 2 and one `error:` line saying what is wrong."""
-    import generate
     from huggingface_hub import constants
+
+    import generate
 
     common = ["--num-steps", STEPS, "--resolution", RES, "--num-prompts", 1, "--grid-cols", 1]
     proc = run_generate(hub, tmp_path, "--checkpoint", hub["adapters"]["wrong_shape"]["hf"], "--out",
@@ -234,8 +393,6 @@ def test_jpeg_grid_of_builtin_prompts(tmp_path, capsys):
 @pytest.mark.slow
 def test_generate_py_under_torchrun_gives_the_single_process_grid(hub, tmp_path):
     """3 prompts x 1 image over 2 ranks (one rank pads its share): the same PNG as one process, up to rounding."""
-    import os
-
     args = ["generate.py", "--checkpoint", str(local(hub, FDFO_REPO, NO_CFG)), "--num-prompts", "3", "--grid-cols",
             "1", "--num-steps", str(STEPS), "--resolution", str(RES), "--batch-size", "1",
             "--pretrained-model", str(tiny.tiny_sd3_path())]
@@ -249,3 +406,33 @@ def test_generate_py_under_torchrun_gives_the_single_process_grid(hub, tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("one", "two"))
     assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+def test_unwritable_out_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """--out that is a folder, below a file, or in a read-only folder: exit 2 and one `error:` line, nothing loaded."""
+    import generate
+    from fdfo import generation
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(generation, "BaseModel", no_loading)
+    monkeypatch.setattr(generation, "resolve_checkpoint", no_loading)
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "file").write_text("x")
+    cases = {tmp_path / "folder.png": "is a folder", tmp_path / "file" / "sub" / "g.png": "is a file, not a folder"}
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if not os.access(read_only, os.W_OK):  # root may write anywhere: the case cannot be tested then
+        cases[read_only / "new" / "g.png"] = "is not writable"
+    try:
+        for out, fragment in cases.items():
+            with pytest.raises(SystemExit) as e:
+                generate.main(["--out", str(out), "--num-steps", "1"])
+            assert e.value.code == 2
+            (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+            assert f"--out {out}" in line and fragment in line, line
+    finally:
+        read_only.chmod(0o755)
+    assert not (tmp_path / "file" / "sub").exists() and not (read_only / "new").exists()

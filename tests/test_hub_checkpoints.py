@@ -8,8 +8,16 @@ import pytest
 from huggingface_hub import constants
 
 from fdfo.hub import HubRef, infer_guidance_scale, parse_hub_ref, resolve_checkpoint
-from tests.fake_hub import CFG_45, DECOY, FDFO_REPO, NFT_REPO, NO_CFG, build_checkpoint_cache, make_adapter, \
-    tiny_transformer
+from tests.fake_hub import (
+    CFG_45,
+    DECOY,
+    FDFO_REPO,
+    NFT_REPO,
+    NO_CFG,
+    build_checkpoint_cache,
+    make_adapter,
+    tiny_transformer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +60,7 @@ def test_parse_hub_ref(spec, ref):
     ("https://github.com/NVlabs/DiffusionNFT", "is not a Hugging Face address"),
     ("hf:nvidia", "names no repository"),
     ("hf:nvidia/bad name!", "is not a valid repository id"),
-    (f"hf:{FDFO_REPO}/../secrets", "'..' are not allowed"),
+    (f"hf:{FDFO_REPO}/../secrets", "'.' and '..', separators"),
 ])
 def test_malformed_addresses_are_value_errors(spec, fragment):
     with pytest.raises(ValueError, match="checkpoint") as e:
@@ -78,7 +86,7 @@ def test_every_hub_form_resolves_offline_to_its_folder(offline):
             assert (ckpt.guidance_scale, ckpt.guidance_source) == (scale, "folder name")
             assert ckpt.description == f"hf:{FDFO_REPO}/{folder}" and ckpt.label == folder
     nft = resolve_checkpoint(offline["adapters"]["nft"]["url"])
-    assert (nft.adapter_dir / "adapter_config.json").is_file() and nft.guidance_scale is None
+    assert (nft.adapter_dir / "adapter_config.json").is_file() and nft.guidance_scale == 1.0  # a known repository
     assert resolve_checkpoint(None).adapter_dir is None and resolve_checkpoint("base").adapter_dir is None
 
 
@@ -112,8 +120,9 @@ def test_only_the_requested_folder_is_fetched(hub, monkeypatch):
     resolve_checkpoint(f"https://huggingface.co/{NFT_REPO}")
     assert calls == [
         (FDFO_REPO, None, [f"{CFG_45}/adapter_config.json", f"{CFG_45}/adapter_model.safetensors",
-                           f"{CFG_45}/state.json"]),
-        (NFT_REPO, None, ["adapter_config.json", "adapter_model.safetensors", "state.json"]),
+                           f"{CFG_45}/pytorch_lora_weights.safetensors", f"{CFG_45}/state.json"]),
+        (NFT_REPO, None, ["adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors",
+                          "state.json"]),
     ]
 
 
@@ -155,3 +164,110 @@ def test_local_forms_and_state_json(tmp_path):
         resolve_checkpoint(str(newest))
     with pytest.raises(FileNotFoundError, match="holds no adapter"):
         resolve_checkpoint(str(tmp_path))
+
+
+KNOWN = {"jieliu/SD3.5M-FlowGRPO-GenEval": 4.5, "jieliu/SD3.5M-FlowGRPO-PickScore": 4.5,
+         "jieliu/SD3.5M-FlowGRPO-Text": 4.5, "worstcoder/SD3.5M-DiffusionNFT-MultiReward": 1.0}
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory):
+    """A fake cache with the public baselines (a tiny adapter at each root), an unknown repository, and a repository
+    holding only a diffusers-format LoRA."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from rewards.tiny import build_fake_hf_cache
+
+    source = tmp_path_factory.mktemp("adapter")
+    state = make_adapter(source, tiny_transformer(), rank=2, alpha=2, seed=0)
+
+    def copy(folder):
+        shutil.copytree(source, folder)
+
+    def diffusers(folder):
+        folder.mkdir(parents=True)
+        save_file({k.replace("base_model.model.", "transformer."): v for k, v in state.items()},
+                  str(folder / "pytorch_lora_weights.safetensors"))
+
+    repos = {**{repo: copy for repo in KNOWN}, "someone/SD3.5M-FlowGRPO-Copy": copy,
+             "someone/diffusers-lora": diffusers}
+    return build_fake_hf_cache(tmp_path_factory.mktemp("baselines"), repos)
+
+
+@pytest.mark.parametrize("repo", sorted(KNOWN))
+def test_known_public_ids_default_to_their_guidance(baselines, monkeypatch, repo):
+    """Flow-GRPO: 4.5, DiffusionNFT: 1.0 (docs/algorithm.md §9), by URL and hf: form, any capitalisation; an unknown
+    repository says nothing; a state.json would still take precedence (tested with our runs)."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(baselines))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for spec in (f"https://huggingface.co/{repo}", f"hf:{repo}", f"https://huggingface.co/{repo}/tree/main"):
+        ckpt = resolve_checkpoint(spec)
+        assert ckpt.guidance_scale == KNOWN[repo], spec
+        assert ckpt.guidance_source == f"repository ({repo} is known to use it)"
+    assert resolve_checkpoint("hf:someone/SD3.5M-FlowGRPO-Copy").guidance_scale is None
+
+
+def test_known_ids_choose_the_guidance_and_say_why(baselines, monkeypatch, capsys):
+    from fdfo.generation import BaseModel, describe, load_generator
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(baselines))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    import torch
+
+    from fdfo import tiny
+
+    base = BaseModel(str(tiny.tiny_sd3_path()), torch.device("cpu"))
+    kwargs = {"base": base, "num_steps": 1, "resolution": 64}
+    grpo = load_generator("hf:jieliu/SD3.5M-FlowGRPO-Text", **kwargs)
+    assert grpo.guidance_scale == 4.5
+    assert "guidance scale 4.5 (from the checkpoint's repository (jieliu/SD3.5M-FlowGRPO-Text is known to use it))" \
+        in describe(grpo)
+    unknown = load_generator("hf:someone/SD3.5M-FlowGRPO-Copy", **kwargs)
+    assert unknown.guidance_scale == 1.0
+    assert "(the default: the checkpoint records no guidance scale)" in describe(unknown)
+    assert not [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: ")]
+    forced = load_generator("hf:jieliu/SD3.5M-FlowGRPO-GenEval", guidance_scale=1.0, **kwargs)
+    assert forced.guidance_scale == 1.0 and "(as requested)" in describe(forced)
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: ")]
+    assert "trained with guidance scale 4.5" in line
+    diffusers = resolve_checkpoint("https://huggingface.co/someone/diffusers-lora")
+    assert (diffusers.adapter_dir / "pytorch_lora_weights.safetensors").is_file()
+
+
+SEPARATOR, DOTS = "encoded path separators (%2F, %5C) are not allowed", "'.' and '..', separators"
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    (f"hf:{FDFO_REPO}/%2F..%2Fsecrets", SEPARATOR),
+    (f"hf:{FDFO_REPO}/..%2F..%2Fsecrets", SEPARATOR),
+    (f"hf:{FDFO_REPO}/fdfo%2fx/adapter", SEPARATOR),
+    (f"hf:{FDFO_REPO}/%2e%2e/secrets", "'%2e%2e' decodes to '..'"),
+    (f"hf:{FDFO_REPO}/%2E%2E%2Fsecrets", SEPARATOR),
+    (f"hf:{FDFO_REPO}/x%5C..%5Csecrets", SEPARATOR),
+    (f"hf:{FDFO_REPO}/x%252F..", "'x%252F..' decodes to 'x%2F..'"),
+    (f"hf:{FDFO_REPO}@..%2F..%2Fsecrets/{NO_CFG}", "'..%2F..%2Fsecrets' decodes to '../../secrets'"),
+    (f"hf:{FDFO_REPO}@main%5Cx/{NO_CFG}", SEPARATOR),
+    ("hf:nvidia%2F..%2Fx/repo", SEPARATOR),
+    (f"https://huggingface.co/{FDFO_REPO}/tree/main/%2F..%2Fsecrets", SEPARATOR),
+    (f"https://huggingface.co/{FDFO_REPO}/tree/main/..%2Fsecrets", SEPARATOR),
+    (f"https://huggingface.co/{FDFO_REPO}/tree/main/%2e%2e/%2e%2e/secrets", "'%2e%2e' decodes to '..'"),
+    (f"https://huggingface.co/{FDFO_REPO}/tree/main/x%5Csecrets", SEPARATOR),
+    (f"https://huggingface.co/{FDFO_REPO}/tree/refs%2F..%2F..%2Fx/{NO_CFG}", "decodes to 'refs/../../x'"),
+    (f"https://huggingface.co/{FDFO_REPO}/tree/main/fdfo%2Fx/adapter", SEPARATOR),
+    ("https://huggingface.co/nvidia/%2e%2e/tree/main/x", "'%2e%2e' decodes to '..'"),
+    (f"hf:{FDFO_REPO}/../secrets", DOTS),
+])
+def test_encoded_escapes_from_the_cache_are_refused(spec, fragment, monkeypatch):
+    """Percent-encoded `..` and separators are decoded before the check (or refused outright), so no address can
+    name a path outside the Hugging Face cache; nothing is looked up."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("snapshot_download was called")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    with pytest.raises(ValueError, match="not allowed in a hub path") as e:
+        resolve_checkpoint(spec)
+    assert fragment in str(e.value)
