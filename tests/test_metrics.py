@@ -1,7 +1,7 @@
-"""metrics.py and the evaluation protocol of ALGORITHM.md §8: prompt selection and seeds against hand values, the split
-over ranks, the diversity math, the DreamSim plumbing, user errors, and end-to-end runs through the published hub ids
-(fake offline cache) that must reproduce the scorers applied directly to independently regenerated images, with one
-process and with two torchrun processes."""
+"""metrics.py and the evaluation protocol of docs/algorithm.md §8: prompt selection and seeds against hand values, the
+split over ranks, the 8-bit rounding every metric sees, the diversity math, the DreamSim plumbing, user errors, and
+end-to-end runs through the published hub ids (fake offline cache) that must reproduce the scorers applied directly to
+independently regenerated images, with one process and with two torchrun processes, and a paired --compare run."""
 
 import json
 import os
@@ -15,10 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
+from scipy import stats as scipy_stats
+
 from fdfo import distributed, evaluation
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
 from fdfo.evaluation import (EvalConfig, Plan, check_config, generate_and_score, image_seed, rank_prompts,
-                             select_prompts, unshard)
+                             select_prompts, to_uint8, unshard)
 from rewards import RewardConfig, Term, WeightedReward, build_metrics
 from rewards.analytic import Brightness
 from rewards.tiny import build_fake_hf_cache, tiny_reward_repos
@@ -33,11 +35,25 @@ PROMPTS = ["a red bicycle", "a cat on a sofa", "an oil painting of a boat", "a s
 # The protocol on hand values
 
 
+def numpy_subset(lines: list[str], seed: int, count: int) -> list[str]:
+    """docs/algorithm.md §8 written out: numpy's in-place shuffle of the lines themselves, first `count` kept."""
+    lines = list(lines)
+    np.random.RandomState(seed).shuffle(lines)
+    return lines[:count]
+
+
 def test_prompt_selection():
-    # torch.randperm(10) seeded with 0 is [4, 1, 7, 5, 3, 9, 0, 8, 6, 2] (pinned: a change would change every result)
-    assert select_prompts(10, 4, prompt_seed=0) == [4, 1, 7, 5]
-    assert select_prompts(10, 10, prompt_seed=0) == [4, 1, 7, 5, 3, 9, 0, 8, 6, 2]
-    assert select_prompts(10, 4, prompt_seed=1) == [5, 6, 1, 2]
+    # np.random.RandomState(0).shuffle on range(10) gives [2, 8, 4, 9, 1, 6, 7, 3, 0, 5] (pinned: a change would change
+    # every result; a torch permutation would give [4, 1, 7, 5, ...])
+    assert select_prompts(10, 4, prompt_seed=0) == [2, 8, 4, 9]
+    assert select_prompts(10, 10, prompt_seed=0) == [2, 8, 4, 9, 1, 6, 7, 3, 0, 5]
+    assert select_prompts(10, 4, prompt_seed=1) == [2, 9, 6, 4]
+    # against numpy's shuffle of the prompt strings, on a set of the published size, and the prefix property
+    lines = [f"prompt {i}" for i in range(3200)]
+    for seed in (0, 7):
+        full = [lines[i] for i in select_prompts(3200, 3200, seed)]
+        assert full == numpy_subset(lines, seed, 3200)
+        assert [lines[i] for i in select_prompts(3200, 100, seed)] == full[:100]
     for bad in (0, 11):
         with pytest.raises(ValueError, match="--num-prompts must be between 1 and the 10 prompts"):
             select_prompts(10, bad, prompt_seed=0)
@@ -59,11 +75,12 @@ def test_plan_from_the_prompt_file_and_seeds(tmp_path):
     (tmp_path / "set.txt").write_text("\n".join(PROMPTS))
     plan = evaluation.make_plan(EvalConfig(prompt_set=str(tmp_path / "set.txt"), num_prompts=3, image_seed=9,
                                            prompt_seed=1, num_repeats=4))
-    # randperm(5) seeded with 1 is [0, 4, 2, 3, 1]
-    assert plan.set_indices == [0, 4, 2] and plan.prompts == [PROMPTS[0], PROMPTS[4], PROMPTS[2]]
+    # RandomState(1).shuffle of 5 entries gives [2, 1, 4, 0, 3]
+    assert plan.set_indices == [2, 1, 4] and plan.prompts == [PROMPTS[2], PROMPTS[1], PROMPTS[4]]
+    assert plan.prompts == numpy_subset(PROMPTS, 1, 3)
     assert (plan.image_seed, plan.num_repeats) == (9, 4)
     plan = evaluation.make_plan(EvalConfig(prompt_set=str(tmp_path / "set.txt"), seed=1, image_seed=9))
-    assert plan.set_indices == [0, 4, 2, 3, 1] and len(plan.prompts) == 5 and plan.image_seed == 1  # --seed: both
+    assert plan.set_indices == [2, 1, 4, 0, 3] and len(plan.prompts) == 5 and plan.image_seed == 1  # --seed: both
     with pytest.raises(ValueError, match="between 1 and the 5 prompts of the set, got 6"):
         evaluation.make_plan(EvalConfig(prompt_set=str(tmp_path / "set.txt"), num_prompts=6))
 
@@ -130,6 +147,68 @@ def test_results_do_not_depend_on_the_number_of_ranks(world, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# 8-bit rounding before every metric
+
+
+def eight_bit(x: np.ndarray) -> np.ndarray:
+    """docs/algorithm.md §8 in numpy float32 arithmetic: uint8((x * 255 + 0.5).clamp(0, 255))."""
+    y = np.asarray(x, dtype=np.float32) * np.float32(255) + np.float32(0.5)
+    return np.floor(np.clip(y, 0, 255)).astype(np.uint8)
+
+
+# x * 255 = 0.5 and 2.5 exactly in float32: half-up gives 1 and 3, round-half-even (torch.round, runlog.to_pil) 0 and 2
+PIXELS = [2 / 1020, 10 / 1020, 0.25, 0.5, 1.0, -0.2, 1.3, 0.7]
+
+
+class RecordingScorer:
+    names = ("brightness",)
+
+    def __init__(self):
+        self.received = []
+
+    def components(self, prompts, images):
+        self.received.append(images.clone())
+        return {"brightness": images.mean(dim=(1, 2, 3))}
+
+
+class RecordingEmbedder:
+    def __init__(self):
+        self.received = []
+
+    def __call__(self, pictures):
+        self.received += [np.asarray(p) for p in pictures]
+        return torch.zeros(len(pictures), 2)
+
+
+class ValueGenerator:
+    """Image of seed s: every pixel PIXELS[s % len(PIXELS)] (float32)."""
+
+    resolution = 4
+
+    def generate(self, prompts, seeds):
+        return torch.stack([torch.full((3, 4, 4), PIXELS[s % len(PIXELS)], dtype=torch.float32) for s in seeds])
+
+
+def test_every_metric_sees_the_8_bit_image(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 1)
+    monkeypatch.setattr(distributed, "get_rank", lambda: 0)
+    plan = Plan(prompts=["a", "b", "c", "d"], set_indices=[0, 1, 2, 3], num_repeats=2, image_seed=0)
+    scorer, embedder = RecordingScorer(), RecordingEmbedder()
+    scores, _ = generate_and_score(plan, ValueGenerator(), scorer, embedder, 3, str(tmp_path / "images"))
+    expected = eight_bit(PIXELS)
+    assert expected[:2].tolist() == [1, 3]  # half up, not half to even
+    received = torch.cat(scorer.received)[:, 0, 0, 0]
+    assert torch.equal(received, torch.from_numpy(expected.astype(np.float32) / np.float32(255)))  # float32 v / 255
+    assert torch.cat(scorer.received).dtype == torch.float32
+    assert [int(p[0, 0, 0]) for p in embedder.received] == expected.tolist()  # DreamSim: the same 8-bit image
+    saved = [int(np.asarray(Image.open(tmp_path / "images" / f"{j:05d}-{r:02d}.png"))[0, 0, 0])
+             for j in range(4) for r in range(2)]
+    assert saved == expected.tolist()
+    assert scores[:, :, 0].flatten().tolist() == pytest.approx([v / 255 for v in expected])
+    assert to_uint8(torch.tensor(PIXELS)).tolist() == expected.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Diversity
 
 
@@ -149,7 +228,7 @@ def test_dreamsim_embedder_with_a_stand_in_package(monkeypatch):
 
     def dreamsim(pretrained, device, cache_dir):
         loaded.update(pretrained=pretrained, device=device, cache_dir=cache_dir)
-        model = types.SimpleNamespace(embed=lambda x: x.mean(dim=(2, 3)) * 7)  # [B, 3], not unit length
+        model = types.SimpleNamespace(embed=lambda x: x.mean(dim=(2, 3)) / 255)  # [B, 3]
         return model, lambda picture: torch.from_numpy(np.asarray(picture, dtype=np.float32)).permute(2, 0, 1)[None]
 
     monkeypatch.setitem(sys.modules, "dreamsim", types.SimpleNamespace(dreamsim=dreamsim))
@@ -157,9 +236,12 @@ def test_dreamsim_embedder_with_a_stand_in_package(monkeypatch):
     assert loaded == {"pretrained": True, "device": "cpu", "cache_dir": "/tmp/weights"}
     pictures = [Image.new("RGB", (4, 4), (255, 0, 0)), Image.new("RGB", (4, 4), (0, 0, 255))]
     out = embedder(pictures)
-    assert torch.allclose(out, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))  # unit length
+    # dreamsim 0.2.1's embed() is already unit length: the embedder passes it on unchanged
+    assert torch.equal(out, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
     # orthogonal unit vectors: ||a - b||^2 = 2 = 2 * DreamSim distance (1 - cos)
     assert mean_pairwise_sq_distance(out[None]).item() == pytest.approx(2.0)
+    half = embedder([Image.new("RGB", (4, 4), (0, 0, 51))])
+    assert torch.allclose(half, torch.tensor([[0.0, 0.0, 0.2]]))  # not renormalised
 
     monkeypatch.setitem(sys.modules, "dreamsim", None)  # what a missing package looks like to `import`
     with pytest.raises(ValueError, match="pip install dreamsim"):
