@@ -67,6 +67,6 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict:
     d = a - b
     low, high = t_interval(d)
     p_value = None
-    if d.size >= 2 and np.isfinite(d).all():
-        p_value = _finite(scipy_stats.ttest_rel(a, b).pvalue)  # NaN (-> None) when every difference is equal
+    if d.size >= 2 and np.isfinite(d).all() and np.ptp(d) > 0:  # equal differences: no spread, the test is undefined
+        p_value = _finite(scipy_stats.ttest_rel(a, b).pvalue)
     return {"mean_difference": _finite(d.mean()), "ci95": [low, high], "p_value": p_value, "n": int(d.size)}

@@ -264,6 +264,36 @@ def test_user_errors_before_anything_loads(monkeypatch):
     assert check_config(EvalConfig(metrics=("clip_l14", "vlm_photo"))) == (["clip_l14", "vlm_photo"], False)
 
 
+def test_unusable_output_paths_are_refused(tmp_path, monkeypatch):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "folder").mkdir()
+    cases = [
+        (dict(out=str(tmp_path / "folder")), f"--out {str(tmp_path / 'folder')!r} is a folder; give a file path"),
+        (dict(out=str(tmp_path / "file.txt/sub/results.json")), f"{str(tmp_path / 'file.txt')!r} is a file"),
+        (dict(save_images=str(tmp_path / "file.txt")), "--save-images"),
+        (dict(save_images=str(tmp_path / "file.txt/images")), f"{str(tmp_path / 'file.txt')!r} is a file"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+            check_config(EvalConfig(metrics=("pickscore",), **kwargs))
+    # usable: new paths below a writable folder, an existing folder for the images, an existing file to replace
+    check_config(EvalConfig(out=str(tmp_path / "new/results.json"), save_images=str(tmp_path / "new/images")))
+    check_config(EvalConfig(out=str(tmp_path / "file.txt"), save_images=str(tmp_path / "folder")))
+    # a read-only folder (os.access stands in: this check runs as root here, which may write anywhere)
+    monkeypatch.setattr(evaluation.os, "access", lambda path, mode: Path(path) != tmp_path / "folder")
+    with pytest.raises(ValueError, match="--out .* cannot be created: the folder .*folder' is not writable"):
+        check_config(EvalConfig(out=str(tmp_path / "folder/a/results.json")))
+    with pytest.raises(ValueError, match="--save-images .*folder' is not writable"):
+        check_config(EvalConfig(save_images=str(tmp_path / "folder")))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_read_only_output_folder(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(ValueError, match="--out .* the folder .* is not writable"):
+        check_config(EvalConfig(out=str(tmp_path / "ro/results.json")))
+
+
 def run_metrics(*args, cwd=ROOT, env=None, nproc=None, timeout=300):
     launcher = [sys.executable] if nproc is None else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -283,8 +313,9 @@ def assert_user_error(result, *fragments):
 @pytest.mark.parametrize("args, fragments", [
     (["--metrics", "hpsv2", "dreamsim_diversity", "--num-repeats", "1"], ["needs --num-repeats >= 2"]),
     (["--metrics", "pickscore", "aesthetic"], ["unknown metric(s) aesthetic", "vlm_quality"]),
-    (["--prompt-set", "hpdv2", "--metrics", "pickscore"], ["prompt_sets/hpdv2.txt not found",
+    (["--prompt-set", "hpdv2", "--metrics", "pickscore"], ["prompt_sets/hpdv2.json not found",
                                                            "`python -m fdfo.prompts download hpdv2`"]),
+    (["--out", ".", "--metrics", "pickscore"], ["--out '.' is a folder; give a file path"]),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, args, fragments):
     assert_user_error(run_metrics(*args, cwd=tmp_path), *fragments)  # cwd: a folder without prompt_sets/
@@ -344,27 +375,34 @@ def test_metrics_equal_the_scorers_on_regenerated_images(hub, single_run):
     assert results["config"]["prompt_seed"] == 3 and results["elapsed_s"] > 0
     assert "pickscore" in stdout and f"{results['metrics']['pickscore']:.4f}" in stdout  # the table
 
-    # The protocol, written out independently: shuffle with the prompt seed, keep 3, seed = 10 + 2 j + r.
-    order = torch.randperm(len(PROMPTS), generator=torch.Generator().manual_seed(3))[:3].tolist()
-    prompts = [PROMPTS[i] for j, i in enumerate(order) for _ in range(2)]
+    # The protocol, written out independently: numpy-shuffle with the prompt seed, keep 3, seed = 10 + 2 j + r, 8 bits.
+    subset = numpy_subset(PROMPTS, 3, 3)
+    order = [PROMPTS.index(prompt) for prompt in subset]
+    prompts = [prompt for prompt in subset for _ in range(2)]
     seeds = [10 + 2 * j + r for j in range(3) for r in range(2)]
     cache = info["cache"]
     generator = load_generator(str(snapshot(cache, FDFO_REPO) / NO_CFG),
                                pretrained_model=str(snapshot(cache, "stabilityai/stable-diffusion-3.5-medium")),
                                device=torch.device("cpu"), guidance_scale=1.0, num_steps=2, resolution=64)
     images = torch.cat([generator.generate(prompts[i:i + 2], seeds[i:i + 2]) for i in range(0, 6, 2)])
+    pixels = torch.from_numpy(eight_bit(images.numpy()))
     config = RewardConfig(**{field: str(snapshot(cache, repo)) for field, repo in REWARD_IDS.items()})
-    direct = build_metrics(METRICS, config, "cpu").components(prompts, images)
+    direct = build_metrics(METRICS, config, "cpu").components(prompts, pixels.float() / 255)
     for name in METRICS:
         assert results["metrics"][name] == pytest.approx(direct[name].double().mean().item(), rel=1e-5, abs=1e-5)
+        per_prompt = direct[name].double().view(3, 2).mean(1).numpy()  # the interval is over the 3 prompts
+        half = 4.302652729749462 * per_prompt.std(ddof=1) / np.sqrt(3)  # t quantile 0.975 with 2 degrees of freedom
+        assert results["stats"][name]["ci95"] == pytest.approx([per_prompt.mean() - half, per_prompt.mean() + half],
+                                                               rel=1e-5, abs=1e-5)
+        assert (results["stats"][name]["n"], results["stats"][name]["n_images"]) == (3, 6)
+        assert f"{results['stats'][name]['ci95'][0]:.4f}" in stdout
 
     index = [json.loads(line) for line in (out / "images/index.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["seed"], r["repeat"]) for r in index] == list(zip(prompts, seeds, [0, 1] * 3))
     assert [r["set_index"] for r in index[::2]] == order
     assert [r["pickscore"] for r in index] == pytest.approx(direct["pickscore"].tolist(), rel=1e-5, abs=1e-5)
     saved = torch.stack([torch.from_numpy(np.array(Image.open(out / "images" / r["file"]))) for r in index])
-    expected = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    assert (saved.int() - expected.int()).abs().max() <= 1
+    assert torch.equal(saved, pixels.permute(0, 2, 3, 1))
 
 
 def test_two_processes_give_the_same_numbers(hub, single_run):
@@ -385,3 +423,35 @@ def test_two_processes_give_the_same_numbers(hub, single_run):
                                                                abs=1e-5)
     assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{j:05d}-{r:02d}.png" for j in range(3)
                                                                        for r in range(2)]
+
+
+def test_compare_two_adapters_on_the_same_prompts_and_seeds(hub, single_run):
+    info, tmp = hub
+    out = tmp / "compare"
+    nft = "hf:worstcoder/SD3.5M-DiffusionNFT-MultiReward"
+    args = ARGS[:ARGS.index("--metrics") + 1] + ["pickscore", "clip_l14"] + ARGS[ARGS.index("--num-steps"):]
+    result = run_metrics(*args, "--prompt-set", str(tmp / "prompts.txt"), "--compare", nft, "--out",
+                         str(out / "results.json"), "--save-images", str(out / "images"), env=hub_env(info, tmp))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    one = json.loads((single_run[0] / "results.json").read_text())
+    assert list(results["difference"]) == ["pickscore", "clip_l14"]
+    for name in results["difference"]:  # A is the single run again: same prompts, seeds and images
+        assert results["a"]["metrics"][name] == pytest.approx(one["metrics"][name], rel=1e-5, abs=1e-5)
+    assert results["b"]["checkpoint"] != results["a"]["checkpoint"] and "ttest_rel" in results["test"]
+    index = {side: [json.loads(line) for line in (out / "images" / side / "index.jsonl").read_text().splitlines()]
+             for side in ("a", "b")}
+    assert [r["seed"] for r in index["a"]] == [r["seed"] for r in index["b"]] == [10, 11, 12, 13, 14, 15]
+    assert [r["prompt"] for r in index["a"]] == [r["prompt"] for r in index["b"]]
+    for name in results["difference"]:
+        a, b = (np.array([r[name] for r in index[side]]).reshape(3, 2).mean(1) for side in ("a", "b"))
+        d = a - b
+        assert np.abs(d).max() > 0  # different adapters, different images
+        half = 4.302652729749462 * d.std(ddof=1) / np.sqrt(3)
+        t = d.mean() / (d.std(ddof=1) / np.sqrt(3))
+        p = 1 - abs(t) / np.sqrt(2 + t * t)  # two-sided p of Student's t with 2 degrees of freedom, closed form
+        diff = results["difference"][name]
+        assert diff["mean_difference"] == pytest.approx(d.mean(), rel=1e-5, abs=1e-6)
+        assert diff["ci95"] == pytest.approx([d.mean() - half, d.mean() + half], rel=1e-4, abs=1e-6)
+        assert diff["p_value"] == pytest.approx(p, rel=1e-4, abs=1e-6) and diff["n"] == 3
+    assert "A - B" in result.stdout and "paired t-test over prompts" in result.stdout
