@@ -30,8 +30,8 @@ from collections.abc import Sequence
 import torch
 
 INSTALL_HINT = (
-    "dreamsim_diversity needs the dreamsim package: `pip install dreamsim==0.2.1` (it installs torchvision: on a GPU machine "
-    "make sure its build matches your CUDA torch). Leave dreamsim_diversity out of --metrics to run without it."
+    "dreamsim_diversity needs the dreamsim package: `pip install dreamsim==0.2.1` (it installs torchvision: on a GPU "
+    "machine make sure its build matches your CUDA torch). Leave dreamsim_diversity out of --metrics to run without it."
 )
 
 

@@ -77,7 +77,9 @@ checkpoints, else stabilityai/stable-diffusion-3.5-medium."""
     device: str | None = None
     """Torch device; default cuda:<local rank> when CUDA is available, else cpu."""
     compare: str | None = None
-    """A second checkpoint (any form --checkpoint takes; "base" for the base model) to score on the same prompts and seeds: reports per metric the mean difference (checkpoint - compare), its 95 % interval and a paired t-test's p-value. Its guidance scale is its own default unless --guidance-scale is given (then both use it)."""
+    """A second checkpoint (any form --checkpoint takes; "base" for the base model) to score on the same prompts and \
+seeds: reports per metric the mean difference (checkpoint - compare), its 95 % interval and a paired t-test's \
+p-value. Its guidance scale is its own default unless --guidance-scale is given (then both use it)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
 
 

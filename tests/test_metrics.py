@@ -15,8 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from scipy import stats as scipy_stats
-
 from fdfo import distributed, evaluation
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
 from fdfo.evaluation import (EvalConfig, Plan, check_config, generate_and_score, image_seed, rank_prompts,
@@ -268,10 +266,10 @@ def test_unusable_output_paths_are_refused(tmp_path, monkeypatch):
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "folder").mkdir()
     cases = [
-        (dict(out=str(tmp_path / "folder")), f"--out {str(tmp_path / 'folder')!r} is a folder; give a file path"),
-        (dict(out=str(tmp_path / "file.txt/sub/results.json")), f"{str(tmp_path / 'file.txt')!r} is a file"),
-        (dict(save_images=str(tmp_path / "file.txt")), "--save-images"),
-        (dict(save_images=str(tmp_path / "file.txt/images")), f"{str(tmp_path / 'file.txt')!r} is a file"),
+        ({"out": str(tmp_path / "folder")}, f"--out {str(tmp_path / 'folder')!r} is a folder; give a file path"),
+        ({"out": str(tmp_path / "file.txt/sub/results.json")}, f"{str(tmp_path / 'file.txt')!r} is a file"),
+        ({"save_images": str(tmp_path / "file.txt")}, "--save-images"),
+        ({"save_images": str(tmp_path / "file.txt/images")}, f"{str(tmp_path / 'file.txt')!r} is a file"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message.replace("[", r"\[")):

@@ -211,7 +211,7 @@ def test_hpdv2_download_checks_counts_and_passes_the_revision(tmp_path, monkeypa
     assert load_prompt_set(str(path)) == sum((hpdv2_entries(style) for style in HPDV2_STYLES), [])
 
     fake_hf_hub_download(monkeypatch, {"paintings": 801}, tmp_path / "files", calls)
-    with pytest.raises(ValueError, match="benchmark/paintings.json holds 801 prompts, expected 800.*nothing was written"):
+    with pytest.raises(ValueError, match="paintings.json holds 801 prompts, expected 800.*nothing was written"):
         prompts.download("hpdv2", tmp_path / "other")
     assert not (tmp_path / "other/hpdv2.json").exists()
 
