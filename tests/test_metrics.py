@@ -382,7 +382,8 @@ def test_metrics_equal_the_scorers_on_regenerated_images(hub, single_run):
     generator = load_generator(str(snapshot(cache, FDFO_REPO) / NO_CFG),
                                pretrained_model=str(snapshot(cache, "stabilityai/stable-diffusion-3.5-medium")),
                                device=torch.device("cpu"), guidance_scale=1.0, num_steps=2, resolution=64)
-    images = torch.cat([generator.generate(prompts[i:i + 2], seeds[i:i + 2]) for i in range(0, 6, 2)])
+    # the run's batches (--batch-size 3): the same float rounding, so the same 8-bit images bit for bit
+    images = torch.cat([generator.generate(prompts[i:i + 3], seeds[i:i + 3]) for i in range(0, 6, 3)])
     pixels = torch.from_numpy(eight_bit(images.numpy()))
     config = RewardConfig(**{field: str(snapshot(cache, repo)) for field, repo in REWARD_IDS.items()})
     direct = build_metrics(METRICS, config, "cpu").components(prompts, pixels.float() / 255)
@@ -412,13 +413,19 @@ def test_two_processes_give_the_same_numbers(hub, single_run):
     one = json.loads((single_run[0] / "results.json").read_text())
     two = json.loads((out / "results.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
+    # Other batch compositions round differently in the last float bits; where a pixel sits at a .5 step, the 8-bit
+    # rounding turns that into one step of 1/255. So: the same 8-bit images up to a few such pixels, and scores that
+    # agree to what those pixels can move (a step of 1/255 is not kernel noise any more for the tiny scorers).
+    for one_png in sorted((single_run[0] / "images").glob("*.png")):
+        a, b = (np.asarray(Image.open(path)).astype(int) for path in (one_png, out / "images" / one_png.name))
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3, one_png.name
     for name, value in one["metrics"].items():
-        assert two["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-5)
+        assert two["metrics"][name] == pytest.approx(value, rel=1e-3, abs=1e-3)
     lines = [(out / "images/index.jsonl").read_text(), (single_run[0] / "images/index.jsonl").read_text()]
     index_two, index_one = ([json.loads(line) for line in text.splitlines()] for text in lines)
     assert [r["seed"] for r in index_two] == [r["seed"] for r in index_one]
-    assert [r["clip_l14"] for r in index_two] == pytest.approx([r["clip_l14"] for r in index_one], rel=1e-5,
-                                                               abs=1e-5)
+    assert [r["clip_l14"] for r in index_two] == pytest.approx([r["clip_l14"] for r in index_one], rel=1e-3,
+                                                               abs=1e-3)
     assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{j:05d}-{r:02d}.png" for j in range(3)
                                                                        for r in range(2)]
 
