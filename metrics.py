@@ -1,4 +1,5 @@
-r"""Evaluate a checkpoint by the protocol of ALGORITHM.md §8: seeded prompts, per-image seeds, a table and a JSON file.
+r"""Evaluate a checkpoint by the protocol of docs/algorithm.md §8: seeded prompts, per-image seeds, 8-bit images, a
+table of means with 95 % confidence intervals (t-interval over prompts) and a JSON file.
 
 Single GPU or CPU:
     python metrics.py --checkpoint $CHECKPOINT --prompt-set pickscore_train --num-prompts 4096 \
@@ -7,6 +8,9 @@ Single GPU or CPU:
 Multi-GPU (the same images and numbers on any number of GPUs):
     torchrun --nproc_per_node=8 metrics.py --checkpoint $CHECKPOINT --prompt-set hpdv2 --num-prompts 3200 \
         --num-repeats 4 --metrics hpsv2 clip_h14 clip_l14 dreamsim_diversity
+
+Two checkpoints on the same prompts and seeds (mean difference A - B, its 95 % interval, paired t-test p-value):
+    python metrics.py --checkpoint $A --compare $B --prompt-set hpdv2 --num-prompts 3200 --metrics hpsv2
 
 $CHECKPOINT: a run checkpoint folder, a PEFT LoRA folder, a huggingface.co URL or hf:<org>/<repo>/<subfolder>; leave
 --checkpoint out to evaluate the base model. Fetch the prompt sets first with `python -m fdfo.prompts download hpdv2`

@@ -1,12 +1,22 @@
-"""The dreamsim_diversity metric (ALGORITHM.md §8): how different the repeats of one prompt look to DreamSim.
+"""The dreamsim_diversity metric (docs/algorithm.md §8): how different the repeats of one prompt look to DreamSim.
 
-Reading of "mean squared distance between DreamSim embeddings of the repeats of a prompt", made precise here: every
-image's DreamSim embedding is scaled to unit length, and for prompt p with repeats r = 0..R-1
+"Mean squared distance between DreamSim embeddings of the repeats of a prompt": with e_pr = DreamSim's embedding of
+repeat r of prompt p, exactly as `model.embed` returns it,
 
     diversity_p = mean over the R(R-1)/2 pairs r < r' of ||e_pr - e_pr'||^2
 
-and the reported metric is the mean of diversity_p over prompts. For unit vectors ||a - b||^2 = 2 (1 - cos(a, b)),
-twice DreamSim's own distance `1 - cos`, so the value lies in [0, 4] (0: identical repeats).
+and the reported metric is the mean of diversity_p over prompts.
+
+What DreamSim's embedding is (checked in the source of dreamsim 0.2.1, the sdist on PyPI, dreamsim/model.py): the
+factory `dreamsim(pretrained=True, device, cache_dir, normalize_embeds=True, ...)` builds a `PerceptualModel` with
+`normalize_embeds=True` by default; `PerceptualModel.embed(img)` concatenates the ensemble's features and, with
+`normalize_embeds`, applies `normalize_embedding`, which subtracts each embedding's mean over its features and then
+divides it by its L2 norm. So the embeddings are already unit length (and centred): we use them as returned, without
+normalising again, and `||a - b||^2 = 2 (1 - cos(a, b))` is twice DreamSim's own distance
+(`PerceptualModel.forward` = `1 - cosine_similarity` of the same embeddings); values lie in [0, 4]. Its
+`preprocess(pil_image)` resizes to 224 x 224 (bicubic) and converts to a [0, 1] tensor. Older releases (0.1.x)
+divided by the norm before subtracting the mean, which leaves the embedding shorter than 1: the install hint pins
+0.2.1.
 
 The `dreamsim` package is imported only when the metric is asked for: it pulls torchvision, which the rest of this
 project does not need (and which breaks CPU-only installs of transformers/peft; see README).
@@ -15,21 +25,20 @@ project does not need (and which breaks CPU-only installs of transformers/peft; 
 from __future__ import annotations
 
 import importlib.util
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 INSTALL_HINT = (
-    "dreamsim_diversity needs the dreamsim package: `pip install dreamsim` (it installs torchvision: on a GPU machine "
-    "make sure its build matches your CUDA torch). Leave dreamsim_diversity out of --metrics to run without it."
+    "dreamsim_diversity needs the dreamsim package: `pip install dreamsim==0.2.1` (it installs torchvision: on a GPU "
+    "machine make sure its build matches your CUDA torch). Leave dreamsim_diversity out of --metrics to run without it."
 )
 
 
 def mean_pairwise_sq_distance(embeddings: torch.Tensor) -> torch.Tensor:
-    """ALGORITHM.md §8 diversity of each prompt: the mean over pairs r < r' of `||e_r - e_r'||^2`.
+    """docs/algorithm.md §8 diversity of each prompt: the mean over pairs r < r' of `||e_r - e_r'||^2`.
 
-    embeddings: `[P, R, D]`, the R >= 2 repeats of P prompts (used as given: normalise before if wanted).
+    embeddings: `[P, R, D]`, the R >= 2 repeats of P prompts (used as given).
     Returns float64 `[P]`.
     """
     num_repeats = embeddings.shape[1]
@@ -45,13 +54,14 @@ def dreamsim_available() -> bool:
 
 
 class DreamSimEmbedder:
-    """Unit-length DreamSim embeddings of PIL images: `[B, D]` float32 on CPU."""
+    """DreamSim embeddings of PIL images as `model.embed` returns them (unit length in dreamsim 0.2.1, see above):
+    `[B, D]` float32 on CPU."""
 
     def __init__(self, model, preprocess, device: torch.device):
         self.model, self.preprocess, self.device = model, preprocess, device
 
     @classmethod
-    def load(cls, cache_dir: str, device: torch.device | str) -> "DreamSimEmbedder":
+    def load(cls, cache_dir: str, device: torch.device | str) -> DreamSimEmbedder:
         """The pretrained DreamSim ensemble; its weights are downloaded into `cache_dir` on first use."""
         try:
             from dreamsim import dreamsim
@@ -66,4 +76,4 @@ class DreamSimEmbedder:
         if not images:
             return torch.zeros(0, 0)
         pixels = torch.cat([self.preprocess(image) for image in images]).to(self.device)  # [B, 3, 224, 224]
-        return F.normalize(self.model.embed(pixels).float(), dim=-1).cpu()
+        return self.model.embed(pixels).float().reshape(len(images), -1).cpu()

@@ -1,13 +1,16 @@
-"""The evaluation protocol of ALGORITHM.md §8 (metrics.py): which prompts, which seeds, which rank does what, and the
-aggregation into one table.
+"""The evaluation protocol of docs/algorithm.md §8 (metrics.py): which prompts, which seeds, which rank does what, and
+the aggregation into one table.
 
-* The prompt set is shuffled by a permutation seeded with `prompt_seed` and its first `num_prompts` are kept; they are
-  numbered j = 0 .. num_prompts - 1 in that order.
+* The prompt set, in file order, is shuffled by numpy's `np.random.RandomState(prompt_seed).shuffle` and its first
+  `num_prompts` are kept; they are numbered j = 0 .. num_prompts - 1 in that order (the published subsets).
 * Image r of prompt j is generated from seed `image_seed + j * num_repeats + r` (each image has its own generator).
+* Every image is rounded to 8 bits, `uint8((x * 255 + 0.5).clamp(0, 255))`, before any metric sees it; the scorers
+  get that / 255, DreamSim and --save-images the same 8-bit image.
 * Rank k of W takes prompts j = k, k + W, k + 2W, ...; all repeats of a prompt stay on one rank (diversity needs
   them together). Scores are all-gathered and put back in j order.
 Images therefore depend on (checkpoint, prompt, seed) only, not on the number of GPUs or the batch size, and the
-means are over the same images whatever the launch.
+means are over the same images whatever the launch. Means come with 95 % t-intervals over prompts (fdfo/stats.py);
+`--compare` scores a second checkpoint on the same prompts and seeds and reports the paired differences.
 """
 
 from __future__ import annotations
@@ -15,17 +18,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from fdfo import distributed
+from fdfo import distributed, stats
 from fdfo.checkpoints import write_json_atomic
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
 from fdfo.prompts import load_prompt_set
-from fdfo.runlog import to_pil
 from rewards import EVAL_METRICS, RewardConfig, build_metrics
 
 DIVERSITY = "dreamsim_diversity"
@@ -71,6 +76,10 @@ checkpoints, else stabilityai/stable-diffusion-3.5-medium."""
     """Folder for the DreamSim weights (downloaded on first use)."""
     device: str | None = None
     """Torch device; default cuda:<local rank> when CUDA is available, else cpu."""
+    compare: str | None = None
+    """A second checkpoint (any form --checkpoint takes; "base" for the base model) to score on the same prompts and \
+seeds: reports per metric the mean difference (checkpoint - compare), its 95 % interval and a paired t-test's \
+p-value. Its guidance scale is its own default unless --guidance-scale is given (then both use it)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
 
 
@@ -79,18 +88,33 @@ checkpoints, else stabilityai/stable-diffusion-3.5-medium."""
 
 
 def select_prompts(num_available: int, num_prompts: int, prompt_seed: int) -> list[int]:
-    """Indices into the prompt set of prompts j = 0 .. num_prompts - 1: the first entries of a permutation of the
-    whole set seeded by `prompt_seed` (so a smaller `num_prompts` keeps a prefix of a larger one)."""
+    """Indices into the prompt set (file order) of prompts j = 0 .. num_prompts - 1: the set shuffled in place by
+    `np.random.RandomState(prompt_seed).shuffle`, first `num_prompts` kept (docs/algorithm.md §8; a smaller
+    `num_prompts` keeps a prefix of a larger one). Shuffling the positions draws the same swaps as shuffling the
+    prompts themselves."""
     if not 1 <= num_prompts <= num_available:
         raise ValueError(f"--num-prompts must be between 1 and the {num_available:,} prompts of the set, "
                          f"got {num_prompts:,}.")
-    order = torch.randperm(num_available, generator=torch.Generator().manual_seed(prompt_seed))
-    return order[:num_prompts].tolist()
+    order = list(range(num_available))
+    np.random.RandomState(prompt_seed).shuffle(order)
+    return order[:num_prompts]
 
 
 def image_seed(base: int, prompt: int, num_repeats: int, repeat: int) -> int:
-    """ALGORITHM.md §8: the seed of repeat r of prompt j is `image_seed + j * num_repeats + r`."""
+    """docs/algorithm.md §8: the seed of repeat r of prompt j is `image_seed + j * num_repeats + r`, j the prompt's
+    global position (the published code numbers j per rank, so its seeds depend on the GPU count; ours do not)."""
     return base + prompt * num_repeats + repeat
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """docs/algorithm.md §8: float images in [0, 1] -> 8 bits, `uint8((x * 255 + 0.5).clamp(0, 255))` (round half
+    up; the cast truncates the non-negative values). `[B, 3, H, W]` stays `[B, 3, H, W]`."""
+    return (images.float() * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+def uint8_to_pil(image: torch.Tensor) -> Image.Image:
+    """One `[3, H, W]` uint8 image -> RGB PIL image, the same pixel values."""
+    return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), "RGB")
 
 
 def rank_prompts(num_prompts: int, rank: int, world: int) -> range:
@@ -130,7 +154,31 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
         raise ValueError(f"--batch-size and --num-steps must be >= 1, got {cfg.batch_size} and {cfg.num_steps}.")
     if cfg.resolution < 16 or cfg.resolution % 16:
         raise ValueError(f"--resolution must be a positive multiple of 16, got {cfg.resolution}.")
+    if cfg.out:
+        check_output_path("--out", Path(cfg.out), folder=False)
+    if cfg.save_images:
+        check_output_path("--save-images", Path(cfg.save_images), folder=True)
     return [name for name in metrics if name != DIVERSITY], DIVERSITY in metrics
+
+
+def check_output_path(flag: str, path: Path, folder: bool) -> None:
+    """Refuse an output path that cannot be written, before anything loads: --out must be a file path (not a
+    folder), --save-images a folder path (not a file), and the nearest existing folder above must be a writable
+    folder (not a file)."""
+    kind = "a folder" if folder else "a file"
+    if path.exists():
+        if path.is_dir() != folder:
+            raise ValueError(f"{flag} {str(path)!r} is {'a file' if folder else 'a folder'}; give {kind} path.")
+        if not os.access(path if folder else path.parent, os.W_OK):
+            raise ValueError(f"{flag} {str(path)!r} is not writable.")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(path)!r} cannot be created: the folder {str(parent)!r} is not writable.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,7 +203,8 @@ def make_plan(cfg: EvalConfig) -> Plan:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Generate, score and aggregate; rank 0 prints the table and writes --out / --save-images/index.jsonl.
-    Returns the results (the same dict on every rank)."""
+    Returns the results (the same dict on every rank). With --compare, both checkpoints are scored on the same
+    prompts and seeds (one base model in memory) and the results hold both and their paired differences."""
     from fdfo.generation import describe, load_generator
 
     start = time.perf_counter()
@@ -165,28 +214,40 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = distributed.init(cfg.device)
     generator = load_generator(cfg.checkpoint, pretrained_model=cfg.pretrained_model, device=device,
                                guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, resolution=cfg.resolution)
+    other = None
+    if cfg.compare is not None:
+        other = load_generator(None if cfg.compare == "base" else cfg.compare, base=generator.base, device=device,
+                               guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, resolution=cfg.resolution)
     scorer = build_metrics(reward_names, cfg.reward, device) if reward_names else None
     embedder = None
     if want_diversity:
         with distributed.rank0_first():  # one download of the DreamSim weights
             embedder = DreamSimEmbedder.load(str(Path(cfg.dreamsim_cache).expanduser()), device)
-    distributed.print0(f"evaluating {describe(generator)}; {len(plan.prompts):,} prompts x {plan.num_repeats} of "
-                       f"{cfg.prompt_set} on {distributed.get_world_size()} process(es)")
-
-    scores, diversity = generate_and_score(plan, generator, scorer, embedder, cfg.batch_size, cfg.save_images)
-    scores = gather_prompts(scores, len(plan.prompts), device)
-    diversity = gather_prompts(diversity, len(plan.prompts), device) if diversity is not None else None
-
     names = list(scorer.names) if scorer is not None else []
-    results = summarize(names, scores, diversity, cfg, generator, time.perf_counter() - start)
+    runs = [("a", generator)] + ([("b", other)] if other is not None else [])
+    summaries = {}
+    for label, gen in runs:
+        distributed.print0(f"evaluating {describe(gen)}; {len(plan.prompts):,} prompts x {plan.num_repeats} of "
+                           f"{cfg.prompt_set} on {distributed.get_world_size()} process(es)")
+        save_dir = None if not cfg.save_images else str(Path(cfg.save_images) / label) if other else cfg.save_images
+        scores, diversity = generate_and_score(plan, gen, scorer, embedder, cfg.batch_size, save_dir)
+        scores = gather_prompts(scores, len(plan.prompts), device)
+        diversity = gather_prompts(diversity, len(plan.prompts), device) if diversity is not None else None
+        summaries[label] = (scores, diversity)
+        if distributed.get_rank() == 0 and save_dir:
+            write_index(Path(save_dir), plan, names, scores, diversity)
+
+    elapsed = time.perf_counter() - start
+    results = summarize(names, *summaries["a"], cfg, generator, elapsed)
+    if other is not None:
+        results = compare_results(results, summarize(names, *summaries["b"], cfg, other, elapsed),
+                                  metric_values(names, *summaries["a"]), metric_values(names, *summaries["b"]))
     if distributed.get_rank() == 0:
-        print(format_table(results), flush=True)
+        print(format_comparison(results) if other is not None else format_table(results), flush=True)
         if cfg.out:
             Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(Path(cfg.out), results)
             print(f"wrote {cfg.out}", flush=True)
-        if cfg.save_images:
-            write_index(Path(cfg.save_images), plan, names, scores, diversity)
     distributed.barrier()
     return results
 
@@ -217,12 +278,13 @@ def generate_and_score(plan: Plan, generator, scorer, embedder, batch_size: int,
             images = generator.generate(prompts, [image_seed(plan.image_seed, j, repeats, r) for j, r in batch])
         else:
             images = torch.zeros(0, 3, generator.resolution, generator.resolution)
+        pixels = to_uint8(images)  # every metric scores the 8-bit image (docs/algorithm.md §8)
         if scorer is not None:
-            parts = scorer.components(prompts, images)
+            parts = scorer.components(prompts, pixels.float() / 255)
             scores[b * batch_size: b * batch_size + len(batch)] = torch.stack([parts[n] for n in scorer.names], -1)
         if not batch or (embedder is None and not save_dir):
             continue
-        pictures = [to_pil(image) for image in images]
+        pictures = [uint8_to_pil(image) for image in pixels]
         if embedder is not None:
             embeddings.append(embedder(pictures))
         if save_dir:
@@ -253,17 +315,24 @@ def image_name(prompt: int, repeat: int) -> str:
 # Aggregation and output
 
 
+def metric_values(names: list[str], scores: torch.Tensor, diversity: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """Per metric: `[N, R]` scores of the images, or `[N]` diversity of the prompts (float64)."""
+    values = {name: scores[:, :, m].double().numpy() for m, name in enumerate(names)}
+    if diversity is not None:
+        values[DIVERSITY] = diversity.double().numpy()
+    return values
+
+
 def summarize(names: list[str], scores: torch.Tensor, diversity: torch.Tensor | None, cfg: EvalConfig, generator,
               elapsed: float) -> dict:
-    """Means over all images (diversity: over prompts), with std and count, plus what was evaluated and how."""
-    values = {name: scores[:, :, m].double().flatten() for m, name in enumerate(names)}
-    if diversity is not None:
-        values[DIVERSITY] = diversity.double()
-    stats = {name: {"mean": _number(v.mean()), "std": _number(v.std(correction=0)), "count": v.numel()}
-             for name, v in values.items()}
+    """Per metric the mean over all images (diversity: over prompts), its 95 % t-interval over prompts (fdfo/stats.py:
+    the repeats of a prompt are averaged first, they are not independent) and n (prompts), plus what was evaluated
+    and how."""
+    summaries = {name: stats.summary(v) for name, v in metric_values(names, scores, diversity).items()}
     return {
-        "metrics": {name: s["mean"] for name, s in stats.items()},
-        "stats": stats,
+        "metrics": {name: s["mean"] for name, s in summaries.items()},
+        "stats": summaries,
+        "interval": "95 % Student t-interval over prompts (per-prompt mean of the repeats)",
         "checkpoint": generator.checkpoint_description,
         "pretrained_model": generator.base.pretrained_model,
         "guidance_scale": generator.guidance_scale,
@@ -278,24 +347,61 @@ def summarize(names: list[str], scores: torch.Tensor, diversity: torch.Tensor | 
     }
 
 
+def compare_results(a: dict, b: dict, values_a: dict[str, np.ndarray], values_b: dict[str, np.ndarray]) -> dict:
+    """The --compare results: both summaries and, per metric, the paired difference A - B over prompts."""
+    return {
+        "a": a,
+        "b": b,
+        "difference": {name: stats.paired(values_a[name], values_b[name]) for name in values_a},
+        "test": f"difference = a - b per prompt; 95 % t-interval; p-value of the {stats.PAIRED_TEST}",
+    }
+
+
 def _number(x: torch.Tensor) -> float | None:
     value = float(x)
     return value if math.isfinite(value) else None  # JSON has no NaN
 
 
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if value is not None else "nan"
+
+
+def _fmt_interval(interval: list) -> str:
+    low, high = interval
+    return "n/a" if low is None else f"[{_fmt(low)}, {_fmt(high)}]"
+
+
+def _fmt_p(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.2e}" if p < 1e-3 else f"{p:.4f}"
+
+
 def format_table(results: dict) -> str:
-    lines = [f"{'metric':<20} {'mean':>12} {'std':>12} {'count':>8}"]
+    lines = [f"{'metric':<20} {'mean':>12} {'95% CI':>25} {'n':>7}"]
     for name, s in results["stats"].items():
-        mean, std = (f"{v:.4f}" if v is not None else "nan" for v in (s["mean"], s["std"]))
-        lines.append(f"{name:<20} {mean:>12} {std:>12} {s['count']:>8}")
+        lines.append(f"{name:<20} {_fmt(s['mean']):>12} {_fmt_interval(s['ci95']):>25} {s['n']:>7}")
     lines.append(f"({results['num_prompts']:,} prompts x {results['num_repeats']} of {results['prompt_set']}, "
-                 f"{results['checkpoint']}, {results['elapsed_s']:.0f} s)")
+                 f"{results['checkpoint']}, {results['elapsed_s']:.0f} s; CI: t-interval over prompts, n = prompts)")
+    return "\n".join(lines)
+
+
+def format_comparison(results: dict) -> str:
+    a, b = results["a"], results["b"]
+    lines = [f"A: {a['checkpoint']} (guidance {a['guidance_scale']:g})",
+             f"B: {b['checkpoint']} (guidance {b['guidance_scale']:g})",
+             f"{'metric':<20} {'A':>10} {'B':>10} {'A - B':>10} {'95% CI of A - B':>25} {'p':>9} {'n':>7}"]
+    for name, d in results["difference"].items():
+        lines.append(f"{name:<20} {_fmt(a['stats'][name]['mean']):>10} {_fmt(b['stats'][name]['mean']):>10} "
+                     f"{_fmt(d['mean_difference']):>10} {_fmt_interval(d['ci95']):>25} {_fmt_p(d['p_value']):>9} "
+                     f"{d['n']:>7}")
+    lines.append(f"({a['num_prompts']:,} prompts x {a['num_repeats']} of {a['prompt_set']}, the same seeds for A and "
+                 f"B; p: {stats.PAIRED_TEST})")
     return "\n".join(lines)
 
 
 def write_index(folder: Path, plan: Plan, names: list[str], scores: torch.Tensor, diversity: torch.Tensor | None
                 ) -> None:
     """`folder/index.jsonl`: one line per image with its file, prompt, seed and scores."""
+    folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "index.jsonl", "w", encoding="utf-8") as handle:
         for j, prompt in enumerate(plan.prompts):
             for r in range(plan.num_repeats):

@@ -4,16 +4,21 @@ Pair g (counted over the whole run: epoch * pairs_per_epoch + i) gets prompt `pe
 permutation of the N prompts seeded by (seed, p) and p = g // N is the pass over the file. The loader position is
 therefore a pure function of the counters: resuming, or changing the number of GPUs, continues the same sequence.
 
-The named sets (ALGORITHM.md §8) are not shipped; fetch them into `prompt_sets/` (relative to the working directory,
-like train.py's default `--prompt-file`):
-    python -m fdfo.prompts download pickscore_train    # Pick-a-Pic training prompts, 25,432 lines (Flow-GRPO's list)
-    python -m fdfo.prompts download hpdv2              # HPDv2 benchmark, 4 styles x 800 = 3,200 lines
+The named sets (docs/algorithm.md §8, §9) are not shipped; fetch them into `prompt_sets/` (relative to the working
+directory, like train.py's default `--prompt-file`):
+    python -m fdfo.prompts download pickscore_train  # Pick-a-Pic training prompts, 25,432 lines, pinned and verified
+    python -m fdfo.prompts download hpdv2            # HPDv2 benchmark, 4 styles x 800 = 3,200 prompts (JSON list)
+
+pickscore_train.txt is Flow-GRPO's file at a pinned commit, checked against its line count and sha256; hpdv2.json is
+the four benchmark files of the Hugging Face dataset concatenated in a fixed order, verbatim (a prompt may hold a line
+break, so the set is a JSON list, not a text file).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import urllib.error
 import urllib.request
@@ -22,13 +27,17 @@ from pathlib import Path
 import torch
 
 from fdfo.checkpoints import write_text_atomic
-from fdfo.distributed import warn0
 from fdfo.rng import derive_seed
 
 PROMPT_SET_DIR = Path("prompt_sets")
-PICKSCORE_TRAIN_URL = "https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/pickscore/train.txt"
+# docs/algorithm.md §9: the commit the FDFO authors pin (the file is unchanged since that repository's first commit)
+PICKSCORE_TRAIN_COMMIT = "9745241cf1101407e9b518dd4f10498092150522"
+PICKSCORE_TRAIN_URL = (f"https://raw.githubusercontent.com/yifan123/flow_grpo/{PICKSCORE_TRAIN_COMMIT}/"
+                       "dataset/pickscore/train.txt")
+PICKSCORE_TRAIN_LINES = 25_432
+PICKSCORE_TRAIN_SHA256 = "2f425adcbb9a6d0feee7c6c448e1cb83a1f71deca9434b803907e2578eca837f"
 HPDV2_REPO = "zhwang/HPDv2"  # a Hugging Face dataset repository
-HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")  # the order of the lines in hpdv2.txt
+HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")  # the order of the prompts in hpdv2.json
 HPDV2_PER_STYLE = 800
 
 
@@ -37,13 +46,14 @@ class PromptSet:
     name: str
     description: str  # what it is and how many lines, for messages and --help
     lines: int  # expected number of prompts
+    file: str  # its file name in prompt_sets/
 
 
 PROMPT_SETS = {
     "pickscore_train": PromptSet("pickscore_train", "the Pick-a-Pic training prompts (25,432 lines; Flow-GRPO ships "
-                                 "them as dataset/pickscore/train.txt)", 25_432),
+                                 "them as dataset/pickscore/train.txt)", PICKSCORE_TRAIN_LINES, "pickscore_train.txt"),
     "hpdv2": PromptSet("hpdv2", "the HPDv2 benchmark prompts (3,200 lines: 800 each of anime, concept-art, paintings, "
-                       "photo)", len(HPDV2_STYLES) * HPDV2_PER_STYLE),
+                       "photo)", len(HPDV2_STYLES) * HPDV2_PER_STYLE, "hpdv2.json"),
 }
 
 
@@ -53,10 +63,9 @@ def download_command(name: str) -> str:
 
 # File name -> how to get it; train.py's missing --prompt-file message (tests/test_cli.py checks its wording).
 HOW_TO_GET = {
-    f"{s.name}.txt": (
-        f"It is {s.description}, one prompt per line. Fetch it with `{download_command(s.name)}` (run from the "
-        f"repository root; writes {PROMPT_SET_DIR / s.name}.txt), or pass --prompt-file PATH with any "
-        "one-prompt-per-line file."
+    s.file: (
+        f"It is {s.description}. Fetch it with `{download_command(s.name)}` (run from the repository root; writes "
+        f"{PROMPT_SET_DIR / s.file}), or pass --prompt-file PATH with any one-prompt-per-line file."
     )
     for s in PROMPT_SETS.values()
 }
@@ -71,23 +80,48 @@ def load_prompts(path: str | Path, hint: str | None = None) -> list[str]:
         hint = HOW_TO_GET.get(path.name, "Pass --prompt-file with a text file holding one prompt per line.")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} not found. {hint}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {err.start}: {err.reason}). Save it as UTF-8, "
+                         "one prompt per line.") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts. {hint}")
     return prompts
 
 
+def load_prompt_list(path: str | Path, hint: str) -> list[str]:
+    """A JSON list of prompt strings, used verbatim (no whitespace changes, docs/algorithm.md §9)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found. {hint}")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"prompt file {path} is not a UTF-8 JSON list of prompts ({err}). {hint}") from None
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ValueError(f"prompt file {path} is not a JSON list of prompt strings. {hint}")
+    if not entries:
+        raise ValueError(f"prompt file {path} holds no prompts. {hint}")
+    return entries
+
+
 def load_prompt_set(name_or_path: str, option: str = "--prompt-set") -> list[str]:
-    """The prompts of a named set (`prompt_sets/<name>.txt`) or of a text file given by its path."""
+    """The prompts of a named set (`prompt_sets/pickscore_train.txt`, `prompt_sets/hpdv2.json`) or of a file given by
+    its path: a `.json` file is a JSON list of prompts (verbatim), any other file holds one prompt per line."""
     if name_or_path in PROMPT_SETS:
-        path = PROMPT_SET_DIR / f"{name_or_path}.txt"
-        hint = (f"The prompt set {name_or_path!r} is {PROMPT_SETS[name_or_path].description}. Fetch it with "
+        spec = PROMPT_SETS[name_or_path]
+        path = PROMPT_SET_DIR / spec.file
+        hint = (f"The prompt set {name_or_path!r} is {spec.description}. Fetch it with "
                 f"`{download_command(name_or_path)}` (run from the repository root), or give {option} the path of "
                 "a text file with one prompt per line.")
-        return load_prompts(path, hint)
+        return load_prompt_list(path, hint) if path.suffix == ".json" else load_prompts(path, hint)
     if not Path(name_or_path).is_file():
         raise FileNotFoundError(f"{option} {name_or_path!r} is neither a prompt set ({', '.join(PROMPT_SETS)}) nor "
                                 "an existing text file with one prompt per line.")
+    if Path(name_or_path).suffix == ".json":
+        return load_prompt_list(name_or_path, f"Give {option} a JSON list of prompt strings.")
     return load_prompts(name_or_path, f"Give {option} a text file with one prompt per line.")
 
 
@@ -107,63 +141,87 @@ def prompt_indices(num_prompts: int, seed: int, start: int, count: int) -> list[
 # Downloading the named sets
 
 
-def fetch_pickscore_train(url: str = PICKSCORE_TRAIN_URL) -> list[str]:
-    """The Pick-a-Pic training prompts from Flow-GRPO's repository (plain HTTPS, no hub)."""
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fetch_pickscore_train(revision: str | None = None) -> str:
+    """Flow-GRPO's `dataset/pickscore/train.txt` at the pinned commit (plain HTTPS, no hub), verified: its prompt count
+    (`[line.strip() for line in file if line.strip()]`) and the sha256 of its bytes must be those of docs/algorithm.md
+    §9. Returns the file's text, to be stored unchanged."""
+    if revision is not None:
+        raise ValueError(f"--revision {revision!r}: pickscore_train is pinned to flow_grpo commit "
+                         f"{PICKSCORE_TRAIN_COMMIT}; --revision applies to hpdv2 only.")
+    url = PICKSCORE_TRAIN_URL
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
-            text = response.read().decode("utf-8")
+            data = response.read()
     except (urllib.error.URLError, OSError) as err:
         reason = str(err).rstrip(".")
         raise FileNotFoundError(f"could not download {url}: {reason}. Download that file by hand and save it as "
-                                f"{PROMPT_SET_DIR / 'pickscore_train.txt'}.") from err
-    return [line.strip() for line in text.splitlines() if line.strip()]
+                                f"{PROMPT_SET_DIR / 'pickscore_train.txt'} (sha256 {PICKSCORE_TRAIN_SHA256}).") from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{url} is not UTF-8 text ({err}); nothing was written.") from None
+    count = len([line.strip() for line in text.splitlines() if line.strip()])
+    if count != PICKSCORE_TRAIN_LINES:
+        raise ValueError(f"{url} holds {count:,} prompts, expected {PICKSCORE_TRAIN_LINES:,}: not the pinned file, "
+                         "nothing was written.")
+    digest = sha256_hex(data)
+    if digest != PICKSCORE_TRAIN_SHA256:
+        raise ValueError(f"{url} has sha256 {digest}, expected {PICKSCORE_TRAIN_SHA256}: not the pinned file, "
+                         "nothing was written.")
+    return text
 
 
-def fetch_hpdv2() -> list[str]:
-    """The four HPDv2 benchmark files of the Hugging Face dataset `zhwang/HPDv2`, in `HPDV2_STYLES` order.
+def fetch_hpdv2(revision: str | None = None) -> str:
+    """The four HPDv2 benchmark files of the Hugging Face dataset `zhwang/HPDv2` (at `revision`, default its main
+    branch), in `HPDV2_STYLES` order, as the text of one JSON list of 3,200 prompts.
 
-    Each `benchmark/<style>.json` is a JSON list of prompts; whitespace inside a prompt (newlines included) is
-    collapsed to single spaces so that every prompt is one line.
+    Each `benchmark/<style>.json` must be a JSON list of exactly 800 strings; the prompts are kept verbatim (no
+    whitespace changes, docs/algorithm.md §9).
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
     prompts = []
     for style in HPDV2_STYLES:
         filename = f"benchmark/{style}.json"
         try:
-            path = hf_hub_download(HPDV2_REPO, filename, repo_type="dataset")
-        except (OSError, EntryNotFoundError) as err:
+            path = hf_hub_download(HPDV2_REPO, filename, repo_type="dataset", revision=revision)
+        except (OSError, EntryNotFoundError, RevisionNotFoundError) as err:
             reason = str(err).rstrip(".")
             raise FileNotFoundError(
-                f"could not get {filename} of the Hugging Face dataset {HPDV2_REPO}: {reason}. It needs network access "
-                f"to huggingface.co or the file in the Hugging Face cache (`hf download {HPDV2_REPO} --repo-type "
+                f"could not get {filename} of the Hugging Face dataset {HPDV2_REPO}"
+                f"{f' at revision {revision}' if revision else ''}: {reason}. It needs network access to "
+                f"huggingface.co or the file in the Hugging Face cache (`hf download {HPDV2_REPO} --repo-type "
                 "dataset`, then HF_HUB_OFFLINE=1 works).") from err
-        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            entries = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{HPDV2_REPO}/{filename} is not UTF-8 JSON ({err}); nothing was written.") from None
         if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-            raise ValueError(f"{HPDV2_REPO}/{filename} is not a JSON list of prompt strings.")
-        style_prompts = [" ".join(entry.split()) for entry in entries if entry.strip()]
-        if len(style_prompts) != HPDV2_PER_STYLE:
-            warn0(f"{HPDV2_REPO}/{filename} holds {len(style_prompts)} prompts, expected {HPDV2_PER_STYLE}.")
-        prompts += style_prompts
-    return prompts
+            raise ValueError(f"{HPDV2_REPO}/{filename} is not a JSON list of prompt strings; nothing was written.")
+        if len(entries) != HPDV2_PER_STYLE:
+            raise ValueError(f"{HPDV2_REPO}/{filename} holds {len(entries):,} prompts, expected {HPDV2_PER_STYLE}: "
+                             "not the published benchmark, nothing was written.")
+        prompts += entries
+    return json.dumps(prompts, ensure_ascii=False, indent=0) + "\n"
 
 
 FETCHERS = {"pickscore_train": fetch_pickscore_train, "hpdv2": fetch_hpdv2}
 
 
-def download(name: str, out_dir: str | Path = PROMPT_SET_DIR) -> Path:
-    """Fetch the named set and write it to `out_dir/<name>.txt` (one prompt per line); returns the path."""
+def download(name: str, out_dir: str | Path = PROMPT_SET_DIR, revision: str | None = None) -> Path:
+    """Fetch and verify the named set and write it to `out_dir/<file>` (pickscore_train.txt or hpdv2.json); returns
+    the path. A download that fails a check writes nothing."""
     if name not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {name!r}; choose one of {', '.join(PROMPT_SETS)}.")
-    prompts = FETCHERS[name]()
-    expected = PROMPT_SETS[name].lines
-    if len(prompts) != expected:
-        warn0(f"{name} has {len(prompts):,} prompts, expected {expected:,}: the source may have changed, so results "
-              "may not be comparable with published numbers.")
-    path = Path(out_dir) / f"{name}.txt"
+    text = FETCHERS[name](revision)
+    path = Path(out_dir) / PROMPT_SETS[name].file
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, "".join(prompt + "\n" for prompt in prompts))  # a failed download leaves no half file
+    write_text_atomic(path, text)  # a failed download leaves no half file
     return path
 
 
@@ -174,12 +232,15 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("download", help="download a prompt set into prompt_sets/")
     fetch.add_argument("name", choices=list(PROMPT_SETS))
-    fetch.add_argument("--out-dir", default=str(PROMPT_SET_DIR), help="folder to write <name>.txt into")
+    fetch.add_argument("--out-dir", default=str(PROMPT_SET_DIR), help="folder to write the set into")
+    fetch.add_argument("--revision", default=None, help="hpdv2 only: a revision (commit, branch or tag) of the "
+                       f"Hugging Face dataset {HPDV2_REPO}; default its main branch")
     args = parser.parse_args(argv)
 
     def run() -> None:
-        path = download(args.name, args.out_dir)
-        print(f"wrote {path} ({len(load_prompts(path)):,} prompts)")
+        path = download(args.name, args.out_dir, args.revision)
+        count = len(load_prompt_set(str(path)))
+        print(f"wrote {path} ({count:,} prompts)")
 
     guarded(run)
 

@@ -1,5 +1,6 @@
-"""Named prompt sets: loading with a message that says how to get a missing set, and the two downloads tested offline
-(HPDv2 from a fake Hugging Face dataset cache, the Pick-a-Pic list through a monkeypatched URL opener)."""
+"""Named prompt sets: loading with a message that says how to get a missing set, the pinned and verified downloads
+tested offline (HPDv2 from a fake Hugging Face dataset cache or a monkeypatched hf_hub_download, the Pick-a-Pic list
+through a monkeypatched URL opener), and the published evaluation subset's sha256 when the real file is present."""
 
 import hashlib
 import io
@@ -10,9 +11,11 @@ import sys
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fdfo import prompts
+from fdfo.evaluation import select_prompts
 from fdfo.prompts import HPDV2_STYLES, load_prompt_set, load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +31,27 @@ def test_missing_named_set_names_the_download_command(tmp_path, monkeypatch):
         load_prompt_set("hpdv3")
 
     (tmp_path / "prompt_sets").mkdir()
-    (tmp_path / "prompt_sets/hpdv2.txt").write_text("a cat\n\n  a dog  \n")
-    assert load_prompt_set("hpdv2") == ["a cat", "a dog"]
+    (tmp_path / "prompt_sets/hpdv2.txt").write_text("a cat\n")  # the old text form is not read any more
+    with pytest.raises(FileNotFoundError, match="prompt_sets/hpdv2.json not found"):
+        load_prompt_set("hpdv2")
+    (tmp_path / "prompt_sets/hpdv2.json").write_text(json.dumps(["a cat", "  a dog  ", "two\nlines"]))
+    assert load_prompt_set("hpdv2") == ["a cat", "  a dog  ", "two\nlines"]  # verbatim
+    (tmp_path / "prompt_sets/pickscore_train.txt").write_text("a cat\n\n  a dog  \n")
+    assert load_prompt_set("pickscore_train") == ["a cat", "a dog"]  # [line.strip() ... if line.strip()]
     (tmp_path / "mine.txt").write_text("one\ntwo\n")
     assert load_prompt_set(str(tmp_path / "mine.txt")) == ["one", "two"]
+    (tmp_path / "mine.json").write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(ValueError, match="mine.json is not a JSON list of prompt strings"):
+        load_prompt_set(str(tmp_path / "mine.json"))
+
+
+def test_a_prompt_file_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("a café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"prompt file {path} is not UTF-8 text \\(byte 5"):
+        load_prompts(path)
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
+        load_prompt_set(str(path))
 
 
 def test_training_message_for_a_missing_prompt_file(tmp_path):
@@ -57,22 +77,66 @@ def fake_opener(text: str, seen: list):
     return urlopen
 
 
+PINNED_URL = ("https://raw.githubusercontent.com/yifan123/flow_grpo/9745241cf1101407e9b518dd4f10498092150522/"
+              "dataset/pickscore/train.txt")
+
+
+def pin(monkeypatch, text: str) -> None:
+    """Make `text` the pinned file (its sha256; the line count stays 25,432)."""
+    monkeypatch.setattr(prompts, "PICKSCORE_TRAIN_SHA256", hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
 def test_pickscore_download(tmp_path, monkeypatch, capsys):
+    assert prompts.PICKSCORE_TRAIN_URL == PINNED_URL and prompts.PICKSCORE_TRAIN_LINES == 25_432
+    assert prompts.PICKSCORE_TRAIN_SHA256 == "2f425adcbb9a6d0feee7c6c448e1cb83a1f71deca9434b803907e2578eca837f"
     seen = []
-    lines = [f"prompt number {i} é" for i in range(25_432)]
-    lines[10] += "  "  # trailing blanks and blank lines are dropped
-    monkeypatch.setattr(prompts.urllib.request, "urlopen", fake_opener("\n".join(lines[:5] + [""] + lines[5:]), seen))
+    text = "".join(f"prompt number {i} é\n" for i in range(25_432))
+    pin(monkeypatch, text)
+    monkeypatch.setattr(prompts.urllib.request, "urlopen", fake_opener(text, seen))
     path = prompts.download("pickscore_train", tmp_path / "sets")
-    assert seen == ["https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/pickscore/train.txt"]
+    assert seen == [PINNED_URL]
     assert path == tmp_path / "sets/pickscore_train.txt"
-    assert load_prompts(path) == [line.strip() for line in lines]
-    assert path.read_text(encoding="utf-8").count("\n") == 25_432
+    assert path.read_bytes() == text.encode("utf-8")  # stored unchanged
+    assert load_prompts(path) == [f"prompt number {i} é" for i in range(25_432)]
     assert "warning" not in capsys.readouterr().err
 
-    monkeypatch.setattr(prompts.urllib.request, "urlopen", fake_opener("a\nb\n\nc\n", seen))
-    prompts.download("pickscore_train", tmp_path / "sets")
-    assert "warning: pickscore_train has 3 prompts, expected 25,432" in capsys.readouterr().err
-    assert load_prompts(path) == ["a", "b", "c"]
+
+@pytest.mark.parametrize("text, message", [
+    ("".join(f"prompt {i}\n" for i in range(25_431)), "holds 25,431 prompts, expected 25,432"),
+    ("".join(f"prompt {i}\n" for i in range(25_432)) + "\n", "has sha256 "),  # right count, other bytes
+    ("".join(f"prompt {i}\n" for i in range(25_432)) + "\udcff", "not UTF-8"),  # a 0xff byte
+])
+def test_pickscore_download_that_fails_a_check_writes_nothing(tmp_path, monkeypatch, text, message):
+    pin(monkeypatch, "".join(f"prompt {i}\n" for i in range(25_432)))
+    data = text.encode("utf-8", errors="surrogateescape")
+    monkeypatch.setattr(prompts.urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(data))
+    with pytest.raises(ValueError, match=message) as error:
+        prompts.download("pickscore_train", tmp_path / "sets")
+    assert "nothing was written" in str(error.value)
+    assert not (tmp_path / "sets").exists() or not list((tmp_path / "sets").iterdir())
+
+
+def test_pickscore_download_is_pinned(tmp_path):
+    with pytest.raises(ValueError, match="pinned to flow_grpo commit 9745241c.*applies to hpdv2 only"):
+        prompts.download("pickscore_train", tmp_path, revision="main")
+
+
+PUBLISHED_SUBSET_SHA256 = "2118abaab5aa2d42740a6e60f8869d6b29f84264dab76cbc12c14522d448e4c8"
+
+
+@pytest.mark.skipif(not (ROOT / "prompt_sets/pickscore_train.txt").is_file(),
+                    reason="prompt_sets/pickscore_train.txt is not here (fetch it with "
+                           "`python -m fdfo.prompts download pickscore_train`)")
+def test_the_published_pickscore_evaluation_subset():
+    path = ROOT / "prompt_sets/pickscore_train.txt"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == prompts.PICKSCORE_TRAIN_SHA256
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(lines) == 25_432
+    shuffled = list(lines)
+    np.random.RandomState(0).shuffle(shuffled)
+    assert hashlib.sha256("\n".join(shuffled[:4096]).encode("utf-8")).hexdigest() == PUBLISHED_SUBSET_SHA256
+    ours = [lines[i] for i in select_prompts(len(lines), 4096, prompt_seed=0)]  # what metrics.py evaluates
+    assert hashlib.sha256("\n".join(ours).encode("utf-8")).hexdigest() == PUBLISHED_SUBSET_SHA256
 
 
 def test_pickscore_download_without_network_is_one_clear_error(tmp_path, monkeypatch):
@@ -85,15 +149,22 @@ def test_pickscore_download_without_network_is_one_clear_error(tmp_path, monkeyp
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+HPDV2_ODD = ["  leading and trailing blanks  ", "a line\nbreak and\ttab", "double  space", "\u2028 separator"]
+
+
+def hpdv2_entries(style: str, count: int = 800) -> list[str]:
+    entries = [f"{style} prompt {i}" for i in range(count)]
+    entries[1:1 + len(HPDV2_ODD)] = [f"{style}{odd}" for odd in HPDV2_ODD]
+    return entries
+
+
 def fake_hpdv2_cache(cache: Path, per_style: int = 800) -> Path:
     commit = hashlib.sha1(b"zhwang/HPDv2").hexdigest()
     root = cache / "datasets--zhwang--HPDv2"
     for style in HPDV2_STYLES:
-        entries = [f"{style} prompt {i}" for i in range(per_style)]
-        entries[1] = f"a {style}\nwith  a line break"
         folder = root / "snapshots" / commit / "benchmark"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{style}.json").write_text(json.dumps(entries))
+        (folder / f"{style}.json").write_text(json.dumps(hpdv2_entries(style, per_style)))
     (root / "refs").mkdir(parents=True)
     (root / "refs/main").write_text(commit)
     return cache
@@ -111,24 +182,45 @@ def test_hpdv2_download_from_the_hub_cache(tmp_path):
     result = run_download(cache, tmp_path, "hpdv2", "--out-dir", str(tmp_path / "sets"))
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr and "(3,200 prompts)" in result.stdout
-    lines = (tmp_path / "sets/hpdv2.txt").read_text().splitlines()
-    assert len(lines) == 3200
-    # the fixed style order, 800 each, and a prompt with a line break kept on one line
-    assert [lines[800 * k] for k in range(4)] == [f"{style} prompt 0" for style in HPDV2_STYLES]
-    assert lines[1] == "a anime with a line break" and lines[3199] == "photo prompt 799"
+    stored = json.loads((tmp_path / "sets/hpdv2.json").read_text(encoding="utf-8"))
+    # the fixed style order, 800 each, every prompt verbatim (blanks, line breaks, tabs, U+2028 kept)
+    assert stored == sum((hpdv2_entries(style) for style in HPDV2_STYLES), [])
+    assert stored[1] == "anime  leading and trailing blanks  " and stored[2] == "animea line\nbreak and\ttab"
+    assert not (tmp_path / "sets/hpdv2.txt").exists()
+
+
+def fake_hf_hub_download(monkeypatch, per_style: dict, folder: Path, calls: list):
+    import huggingface_hub
+
+    def download(repo_id, filename, repo_type=None, revision=None):
+        calls.append((repo_id, filename, repo_type, revision))
+        style = filename.removeprefix("benchmark/").removesuffix(".json")
+        path = folder / f"{style}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(hpdv2_entries(style, per_style.get(style, 800))))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+
+
+def test_hpdv2_download_checks_counts_and_passes_the_revision(tmp_path, monkeypatch):
+    calls = []
+    fake_hf_hub_download(monkeypatch, {}, tmp_path / "files", calls)
+    path = prompts.download("hpdv2", tmp_path / "sets", revision="abc123")
+    assert calls == [("zhwang/HPDv2", f"benchmark/{style}.json", "dataset", "abc123") for style in HPDV2_STYLES]
+    assert load_prompt_set(str(path)) == sum((hpdv2_entries(style) for style in HPDV2_STYLES), [])
+
+    fake_hf_hub_download(monkeypatch, {"paintings": 801}, tmp_path / "files", calls)
+    with pytest.raises(ValueError, match="paintings.json holds 801 prompts, expected 800.*nothing was written"):
+        prompts.download("hpdv2", tmp_path / "other")
+    assert not (tmp_path / "other/hpdv2.json").exists()
 
 
 def test_hpdv2_download_errors(tmp_path):
     result = run_download(tmp_path / "empty-hub", tmp_path, "hpdv2", "--out-dir", str(tmp_path / "sets"))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "error: could not get benchmark/anime.json of the Hugging Face dataset zhwang/HPDv2" in result.stderr
-    assert not (tmp_path / "sets/hpdv2.txt").exists()
+    assert not (tmp_path / "sets/hpdv2.json").exists()
 
-    cache = fake_hpdv2_cache(tmp_path / "hub", per_style=799)
-    result = run_download(cache, tmp_path, "hpdv2", "--out-dir", str(tmp_path / "sets"))
-    assert result.returncode == 0, result.stderr
-    assert "benchmark/photo.json holds 799 prompts, expected 800" in result.stderr
-    assert "hpdv2 has 3,196 prompts, expected 3,200" in result.stderr
-
-    result = run_download(cache, tmp_path, "parti")
+    result = run_download(tmp_path / "empty-hub", tmp_path, "parti")
     assert result.returncode == 2 and "invalid choice: 'parti'" in result.stderr
