@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from fdfo import distributed, stats
 from fdfo.checkpoints import write_json_atomic
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
+from fdfo.images import to_uint8, uint8_to_pil
 from fdfo.prompts import load_prompt_set
 from rewards import EVAL_METRICS, RewardConfig, build_metrics
 
@@ -104,17 +104,6 @@ def image_seed(base: int, prompt: int, num_repeats: int, repeat: int) -> int:
     """docs/algorithm.md §8: the seed of repeat r of prompt j is `image_seed + j * num_repeats + r`, j the prompt's
     global position (the published code numbers j per rank, so its seeds depend on the GPU count; ours do not)."""
     return base + prompt * num_repeats + repeat
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """docs/algorithm.md §8: float images in [0, 1] -> 8 bits, `uint8((x * 255 + 0.5).clamp(0, 255))` (round half
-    up; the cast truncates the non-negative values). `[B, 3, H, W]` stays `[B, 3, H, W]`."""
-    return (images.float() * 255 + 0.5).clamp(0, 255).to(torch.uint8)
-
-
-def uint8_to_pil(image: torch.Tensor) -> Image.Image:
-    """One `[3, H, W]` uint8 image -> RGB PIL image, the same pixel values."""
-    return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), "RGB")
 
 
 def rank_prompts(num_prompts: int, rank: int, world: int) -> range:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fdfo import distributed as dist
+from fdfo.images import to_uint8
 
 # Written for this project: varied subjects, styles and the things text-to-image models get wrong (counting, spatial
 # relations, text, hands, reflections).
@@ -145,11 +146,6 @@ def draw_grid(images: torch.Tensor, layout: GridLayout, titles: list[str], promp
                 pixels = images[k, p * per_prompt + j].permute(1, 2, 0).contiguous().numpy()
                 canvas.paste(Image.fromarray(pixels), layout.cell(k, p, j // layout.cols, j % layout.cols))
     return canvas
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float `[B, 3, H, W]` in [0, 1] -> uint8, rounded."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _generate_share(gen, prompts: list[str], seeds: list[int], batch_size: int, bar) -> torch.Tensor:

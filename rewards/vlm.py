@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from fdfo.images import to_uint8
 from rewards.common import check_batch, chunk_slices, load_pretrained
 from rewards.sharding import shard_vlm, synced_chunk_count
 
@@ -42,11 +43,6 @@ def resize_for_vlm(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor
     """§7: plain bilinear resize (no antialias, align_corners False) of `[B, 3, H, W]` images in [0, 1] to
     `[B, 3, size, size]` float32."""
     return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """§8 rounding of float images in [0, 1]: `uint8((x * 255 + 0.5).clamp(0, 255))` (exact for 8-bit images)."""
-    return (images.float() * 255 + 0.5).clamp(0, 255).to(torch.uint8)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

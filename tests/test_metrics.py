@@ -17,8 +17,17 @@ from PIL import Image
 
 from fdfo import distributed, evaluation
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
-from fdfo.evaluation import (EvalConfig, Plan, check_config, generate_and_score, image_seed, rank_prompts,
-                             select_prompts, to_uint8, unshard)
+from fdfo.evaluation import (
+    EvalConfig,
+    Plan,
+    check_config,
+    generate_and_score,
+    image_seed,
+    rank_prompts,
+    select_prompts,
+    unshard,
+)
+from fdfo.images import to_uint8
 from rewards import RewardConfig, Term, WeightedReward, build_metrics
 from rewards.analytic import Brightness
 from rewards.tiny import build_fake_hf_cache, tiny_reward_repos
