@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from fdfo import distributed
-from fdfo.config import Geometry, smoke_config
+from fdfo.config import Geometry, batch_geometry, smoke_config
+from fdfo.objective import clip_fraction, pair_targets
 from fdfo.prompts import PROMPT_STREAM, prompt_indices
 from fdfo.rng import derive_seed, generator, randn_per_sample
 
@@ -270,3 +271,44 @@ def test_generators_and_per_sample_noise():
     for i in range(3):  # sample i's noise is its own generator's first draw, whatever the batch
         assert torch.equal(noise[i], torch.randn(2, 3, generator=generator("cpu", 1, i)))
     assert noise.dtype == torch.float32 and noise.shape == (3, 2, 3)
+
+
+# -- FD targets and the clip statistic (fdfo/objective.py, docs/algorithm.md §3-§4) -----------------------------------
+
+
+def test_fd_direction_is_normalised_by_the_mean_square_not_the_mean_magnitude():
+    # one pair, x_a - x_b = (4, -8) / 2 per element -> half dx = (2, -4); m = mean(dx^2) = (4 + 16) / 2 = 10
+    final = torch.tensor([[4.0, -8.0], [0.0, 0.0]])
+    dR, dx = pair_targets(torch.tensor([3.0, 1.0]), final)
+    torch.testing.assert_close(dR, torch.tensor([1.0, -1.0]))
+    m = 10.0 + 1e-6
+    torch.testing.assert_close(dx, torch.tensor([[2 / m, -4 / m], [-2 / m, 4 / m]]), rtol=1e-6, atol=0)
+
+
+def test_pair_targets_reject_rewards_and_latents_of_different_counts():
+    with pytest.raises(ValueError, match="4 rewards and 2 latents"):
+        pair_targets(torch.zeros(4), torch.zeros(2, 3))
+
+
+def test_clip_fraction_counts_only_ratios_strictly_outside_the_region():
+    # |rho - 1| = 0.25 exactly (binary fractions) is on the edge, inside; 0.5 is outside
+    ratio = torch.tensor([1.25, 0.75, 1.5, 1.0])
+    assert clip_fraction(ratio, 0.25).item() == 0.25
+
+
+# -- batch geometry: impossible batch sizes are user errors (fdfo/config.py) ------------------------------------------
+
+
+@pytest.mark.parametrize("flag,value", [("sample", -2), ("sample", 0), ("train", -4), ("train", 0)])
+def test_non_positive_batch_sizes_are_rejected(flag, value):
+    cfg = smoke_config()  # 16 pairs, 2 steps: 16 pairs and 16 items per step on one GPU, both divisible by -2, -4
+    getattr(cfg, flag).batch_size = value
+    with pytest.raises(ValueError, match=f"--{flag}.batch-size {value} must divide"):
+        batch_geometry(cfg, 1)
+
+
+def test_negative_max_batch_size_is_rejected():
+    cfg = smoke_config()
+    cfg.max_batch_size = -1
+    with pytest.raises(ValueError, match="--max-batch-size must be >= 1, got -1"):
+        batch_geometry(cfg, 1)
