@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from fdfo import distributed
-from fdfo.config import Geometry, batch_geometry, smoke_config
+from fdfo.config import batch_geometry, smoke_config
 from fdfo.objective import clip_fraction, pair_targets
 from fdfo.prompts import PROMPT_STREAM, prompt_indices
 from fdfo.rng import derive_seed, generator, randn_per_sample
@@ -103,8 +103,8 @@ def test_kl_term_moves_v_towards_the_base_velocity():
     data = _kl_training_set(4, 3, shape)
     cfg = smoke_config()
     cfg.train.kl_weight, cfg.train.max_grad_norm = 0.5, 1e9
-    geom = Geometry(world_size=1, pairs_per_gpu=2, sample_batch=2, train_batch=4, grad_accum=3, items_per_step=4,
-                    gradient_steps=1)
+    cfg.total_pairs_per_epoch, cfg.gradient_steps_per_epoch, cfg.train.batch_size = 2, 1, 4
+    geom = batch_geometry(cfg, 1)  # one step over 4 samples x 3 timesteps, in micro-batches of 4 items
     x = data.states.flatten(0, 1)
 
     def kl():
