@@ -104,14 +104,19 @@ def write_reward_curve(log_path: str | os.PathLike, png_path: str | os.PathLike)
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+
+    def fail(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
     if len(args) not in (1, 2):
-        raise SystemExit("usage: python -m fdfo.plots LOG.jsonl [OUT.png]  (default: reward_curve.png beside the log)")
+        fail("usage: python -m fdfo.plots LOG.jsonl [OUT.png]  (default: reward_curve.png beside the log)")
     log_path = Path(args[0])
     if not log_path.is_file():
-        raise SystemExit(f"error: log file {log_path} not found")
+        fail(f"log file {log_path} not found")
     out = Path(args[1]) if len(args) == 2 else log_path.with_name("reward_curve.png")
     if not write_reward_curve(log_path, out):
-        raise SystemExit(f"error: {log_path} holds no epoch record yet")
+        fail(f"{log_path} holds no epoch record yet")
     print(f"wrote {out}")
 
 
