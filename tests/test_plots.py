@@ -1,0 +1,106 @@
+"""The reward curve: the PNG is a real image, and the lines drawn carry exactly the log's numbers."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fdfo.plots import read_epoch_records, reward_figure, reward_series, write_reward_curve
+
+
+def _write_log(path, records, tail=""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+def _epoch(epoch, reward, std, clipfrac, **components):
+    record = dict(epoch=epoch, prompt_position=16 * (epoch + 1), reward_mean=reward, reward_std=std,
+                  loss=-0.1, clipfrac=clipfrac, time_sample=1.5)
+    for name, (mean, sd) in components.items():
+        record[f"{name}_mean"], record[f"{name}_std"] = mean, sd
+    return record
+
+
+def _step(epoch, step):
+    return dict(epoch=epoch, step=step, loss=0.5, policy_loss=0.4, clipfrac=0.9, kl=0.0, grad_norm=1.0, lr=1e-3)
+
+
+def _lines(figure):
+    return {line.get_gid(): line for ax in figure.axes for line in ax.get_lines()}
+
+
+def _same(a, b):
+    """Equal lists of floats, NaN equal to NaN."""
+    np.testing.assert_array_equal(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
+
+
+def test_curve_carries_the_logged_numbers(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [
+        _step(0, 1), _step(0, 2),
+        _epoch(0, 0.10, 0.02, 0.25, pickscore=(21.0, 0.5), vlm=(0.3, 0.1)),
+        _step(1, 3), _step(1, 4),
+        _epoch(1, 0.30, 0.05, 0.50, pickscore=(21.5, 0.4), vlm=(None, None)),  # a component without a value
+        _epoch(2, 0.20, 0.01, 0.75, pickscore=(22.0, 0.3)),  # first try of epoch 2, superseded after a resume
+        _epoch(3, 0.45, 0.04, float("nan"), pickscore=(22.7, 0.2), vlm=(0.5, 0.2)),
+        _epoch(2, 0.40, 0.03, 0.125, pickscore=(22.5, 0.3)),  # epoch 2 again, vlm missing entirely
+    ]
+    _write_log(log, records, tail='{"epoch": 4, "rew')  # a line cut by a crash
+    png = tmp_path / "curve.png"
+    series = write_reward_curve(log, png)
+
+    with Image.open(png) as image:
+        image.verify()
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 300
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind
+
+    nan = math.nan
+    assert list(series) == ["reward", "pickscore", "vlm", "clipfrac"]
+    expected = {
+        "reward": ([0.10, 0.30, 0.40, 0.45], [0.02, 0.05, 0.03, 0.04]),
+        "pickscore": ([21.0, 21.5, 22.5, 22.7], [0.5, 0.4, 0.3, 0.2]),
+        "vlm": ([0.3, nan, nan, 0.5], [0.1, nan, nan, 0.2]),
+    }
+    lines = _lines(reward_figure(series))
+    for name, (mean, std) in expected.items():
+        _same(series[name]["epoch"], [0, 1, 2, 3])
+        _same(series[name]["mean"], mean)
+        _same(series[name]["std"], std)
+        _same(lines[f"{name}_mean"].get_xdata(), [0, 1, 2, 3])
+        _same(lines[f"{name}_mean"].get_ydata(), mean)
+    _same(series["clipfrac"]["value"], [0.25, 0.50, 0.125, nan])
+    _same(lines["clipfrac"].get_ydata(), [0.25, 0.50, 0.125, nan])
+    # the shaded band spans mean - std .. mean + std
+    band = [c for ax in reward_figure(series).axes for c in ax.collections if c.get_gid() == "reward_std"][0]
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert min(ys) == pytest.approx(0.10 - 0.02) and max(ys) == pytest.approx(0.45 + 0.04)
+
+
+def test_one_epoch_and_replacing_an_older_png(tmp_path):
+    log = tmp_path / "log.jsonl"
+    _write_log(log, [_step(0, 1), _epoch(0, 1.5, 0.0, 0.0)])
+    png = tmp_path / "curve.png"
+    png.write_bytes(b"old")
+    series = write_reward_curve(log, png)
+    with Image.open(png) as image:
+        image.verify()
+    assert series["reward"]["mean"] == [1.5] and series["clipfrac"]["value"] == [0.0]
+    assert list(series) == ["reward", "clipfrac"]
+
+
+def test_no_epoch_record_yet_writes_nothing(tmp_path):
+    log = tmp_path / "log.jsonl"
+    _write_log(log, [_step(0, 1)])
+    assert write_reward_curve(log, tmp_path / "curve.png") == {}
+    assert not (tmp_path / "curve.png").exists()
+    assert read_epoch_records(log) == []
+
+
+def test_series_of_plain_records():
+    records = [_epoch(0, 1.0, 0.5, 0.1, redness=(0.25, 0.125)), _epoch(1, True, "x", None)]
+    series = reward_series(records)
+    _same(series["reward"]["mean"], [1.0, math.nan])  # a bool or a string is not a number
+    _same(series["redness"]["mean"], [0.25, math.nan])
+    _same(series["clipfrac"]["value"], [0.1, math.nan])
