@@ -251,7 +251,7 @@ def test_dreamsim_embedder_with_a_stand_in_package(monkeypatch):
     assert torch.allclose(half, torch.tensor([[0.0, 0.0, 0.2]]))  # not renormalised
 
     monkeypatch.setitem(sys.modules, "dreamsim", None)  # what a missing package looks like to `import`
-    with pytest.raises(ValueError, match="pip install dreamsim"):
+    with pytest.raises(ValueError, match="requirements-eval.txt"):
         DreamSimEmbedder.load("/tmp/weights", "cpu")
 
 
@@ -331,7 +331,7 @@ def test_bad_input_is_one_clear_error(tmp_path, args, fragments):
 @pytest.mark.skipif(dreamsim_available(), reason="the dreamsim package is installed here")
 def test_missing_dreamsim_package_gives_the_install_hint(tmp_path):
     result = run_metrics("--metrics", "dreamsim_diversity", "--num-repeats", "2", cwd=tmp_path)
-    assert_user_error(result, "pip install dreamsim")
+    assert_user_error(result, "requirements-eval.txt")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
