@@ -14,8 +14,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -51,7 +51,7 @@ class RunLock:
             raise RunError(f"--run-dir {run_dir} is in use by another training run ({holder}). Wait for it to end "
                            f"or stop it; a second run on the same folder would corrupt its checkpoints and log. "
                            f"Pass another --run-dir to start a separate run.") from None
-        since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        since = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on host {socket.gethostname()} since {since}\n".encode(), 0)
 
@@ -73,7 +73,7 @@ class SignalGuard:
         self.pending: int | None = None
         self.previous = {}
 
-    def install(self) -> "SignalGuard":
+    def install(self) -> SignalGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in INTERRUPT_SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)
