@@ -70,6 +70,28 @@ def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"epoch-{epoch:07d}"
 
 
+def clean_stale_files(run_dir: Path) -> None:
+    """Undo what a killed process (kill -9, power cut) left half-done in a run folder; call with the run lock held.
+
+    Temporary files and checkpoint folders are deleted. A checkpoint caught between its two renames in
+    `save_checkpoint` (old copy moved aside, new one not yet in place) gets its old, complete copy back.
+    """
+    run_dir = Path(run_dir)
+    for path in run_dir.glob(".*.tmp-*"):
+        path.unlink(missing_ok=True)
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return
+    for path in folder.glob(".epoch-*.old-*"):
+        final = folder / path.name[1:].split(".old-")[0]
+        if final.exists():
+            shutil.rmtree(path)
+        else:
+            os.replace(path, final)
+    for path in folder.glob(".epoch-*.tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from fdfo import distributed as dist
-from fdfo.checkpoints import (adapter_settings, checkpoint_dir, latest_checkpoint, new_run_dir, read_checkpoint,
-                              save_checkpoint, write_json_atomic)
+from fdfo.checkpoints import (adapter_settings, checkpoint_dir, clean_stale_files, latest_checkpoint, new_run_dir,
+                              read_checkpoint, save_checkpoint, write_json_atomic)
 from fdfo.cli import Interrupted, check_device
 from fdfo.config import Config, Geometry, batch_geometry, check_config
 from fdfo.phases import EpochSamples, build_training_set, sample_phase, train_phase
@@ -54,7 +54,7 @@ def check_run_location(cfg: Config) -> None:
     flag, path = ("--run-dir", Path(cfg.run_dir)) if cfg.run_dir is not None else ("the runs root", Path(RUNS_ROOT))
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file, not a folder; pass a folder path (new or an earlier run's)")
-    existing = path
+    existing = path.absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
@@ -74,6 +74,7 @@ def prepare_run_dir(cfg: Config, locks: list) -> Path:
             path = new_run_dir(RUNS_ROOT, cfg.run_name)
         if not locks:
             locks.append(RunLock(path))
+        clean_stale_files(path)
     return Path(dist.broadcast_object(str(path) if path else None))
 
 
