@@ -328,6 +328,20 @@ def test_a_torn_last_line_and_redone_epochs_are_dropped_on_resume(tmp_path):
     assert (tmp_path / "log.jsonl").read_text() == "".join(lines[:3])
 
 
+def test_what_a_killed_run_left_half_done_is_cleaned_up(tmp_path):
+    folder = tmp_path / "checkpoints"
+    (folder / ".epoch-0000003.tmp-123").mkdir(parents=True)  # killed while writing epoch 3
+    (folder / ".epoch-0000002.old-77").mkdir()  # killed between the two renames of a re-save of epoch 2
+    (folder / ".epoch-0000002.old-77/state.json").write_text("{}")
+    (folder / "epoch-0000001").mkdir()
+    (folder / ".epoch-0000001.old-78").mkdir()  # killed after both renames, before the old copy was deleted
+    (tmp_path / ".config.json.tmp-5").write_text("{")
+    checkpoints.clean_stale_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "epoch-0000001", "epoch-0000002",
+                                                            "state.json"]
+    assert (folder / "epoch-0000002/state.json").read_text() == "{}"
+
+
 # -- 7. log after a resume ---------------------------------------------------------------------------------------------
 
 
@@ -467,30 +481,29 @@ def wait_for(path, process, timeout=120):
 
 
 def test_double_start_sigterm_and_ctrl_c(tmp_path):
-    run = tmp_path / "run"
-    first = start_train(run, "--num-epochs", "40")
-    wait_for(run / "checkpoints/epoch-0000001", first)
-    second = subprocess.run([sys.executable, "train.py", *SMOKE, "--run-dir", str(run), "--num-epochs", "40"],
-                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    """Two smoke runs side by side (SIGTERM for one, Ctrl-C for the other); a double start on the first."""
+    runs = {signal.SIGTERM: tmp_path / "term", signal.SIGINT: tmp_path / "int"}
+    processes = {sig: start_train(run, "--num-epochs", "40") for sig, run in runs.items()}
+    wait_for(runs[signal.SIGTERM] / "checkpoints/epoch-0000001", processes[signal.SIGTERM])
+    second = subprocess.run([sys.executable, "train.py", *SMOKE, "--run-dir", str(runs[signal.SIGTERM]),
+                             "--num-epochs", "40"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and "Traceback" not in second.stderr
-    assert f"is in use by another training run (pid {first.pid} on host" in second.stderr
+    assert f"is in use by another training run (pid {processes[signal.SIGTERM].pid} on host" in second.stderr
 
     for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
-        if sig == signal.SIGINT:
-            first = start_train(run, "--num-epochs", "40")
-            wait_for(run / f"checkpoints/epoch-{done + 1:07d}", first)
-        first.send_signal(sig)
+        run, process = runs[sig], processes[sig]
+        wait_for(run / "checkpoints/epoch-0000001", process)
+        process.send_signal(sig)
         start = time.time()
-        out, err = first.communicate(timeout=30)
+        out, err = process.communicate(timeout=30)
         assert time.time() - start < 10
+        assert process.returncode == code and "Traceback" not in err, err[-3000:]
         done = int(newest(run).split("-")[1])
-        assert first.returncode == code and "Traceback" not in err, err[-3000:]
         assert err.strip().splitlines()[-1] == (f"interrupted by {sig.name}; rerun the same command to resume from "
                                                 f"epoch {done} ({run / 'checkpoints' / newest(run)})")
         for folder in (run / "checkpoints").iterdir():  # finished or discarded: no temporary folder, none torn
             assert folder.name.startswith("epoch-") and checkpoints.read_checkpoint(folder)
-    epochs = [r["epoch"] for r in epoch_records(run)]
-    assert epochs == sorted(set(epochs)) and epochs[0] == 0
+        safety.RunLock(run).release()  # the lock went with the process
 
 
 # -- 10. kill -9 soak --------------------------------------------------------------------------------------------------
