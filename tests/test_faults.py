@@ -515,15 +515,22 @@ def test_kill_9_at_random_moments_then_rerun_matches_an_uninterrupted_run(tmp_pa
     straight = subprocess.run([sys.executable, "train.py", *SMOKE, "--run-dir", str(tmp_path / "straight"), *args],
                               cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    run, rng, kills = tmp_path / "run", random.Random(0), 0
-    while kills < 4:
+    run, rng, killed_at = tmp_path / "run", random.Random(0), []
+    log = run / "log.jsonl"
+    for round in range(5):
         process = start_train(run, *args)
-        time.sleep(rng.uniform(4, 12))  # startup takes a few seconds; kill anywhere from loading to saving
+        if round:  # the first kill lands during start-up; the others once this round has logged, at random moments
+            size = log.stat().st_size if log.exists() else 0
+            while process.poll() is None and (log.stat().st_size if log.exists() else 0) <= size:
+                time.sleep(0.02)
+        time.sleep(rng.uniform(0, 2))
         if process.poll() is not None:
             break
         process.kill()
         process.communicate()
-        kills += 1
+        found = checkpoints.latest_checkpoint(run)
+        killed_at.append(found.name if found else None)
+    assert len(killed_at) >= 3 and any(killed_at), killed_at  # killed several times, also after a checkpoint
     final = subprocess.run([sys.executable, "train.py", *SMOKE, "--run-dir", str(run), *args], cwd=ROOT, env=env(),
                            capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
