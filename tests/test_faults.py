@@ -506,6 +506,25 @@ def test_double_start_sigterm_and_ctrl_c(tmp_path):
         safety.RunLock(run).release()  # the lock went with the process
 
 
+def test_a_signal_during_a_checkpoint_write_waits_for_the_write():
+    from fdfo.cli import Interrupted
+
+    guard = safety.SignalGuard().install()
+    try:
+        finished = []
+        with pytest.raises(Interrupted) as info:
+            with guard.critical():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler has run by now (between bytecodes): it must not raise here
+                finished.append(True)
+        assert finished == [True] and info.value.signum == signal.SIGTERM and info.value.exit_code == 143
+        with pytest.raises(Interrupted):  # outside a critical block the signal interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        guard.uninstall()
+
+
 # -- 10. kill -9 soak --------------------------------------------------------------------------------------------------
 
 
