@@ -154,7 +154,8 @@ def check_weights(tensors: dict[str, torch.Tensor], epoch: int, step: int) -> No
     bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise Diverged(f"training diverged: {len(bad)} adapter tensor(s) hold NaN/inf after epoch {epoch}, optimizer "
-                       f"step {step} (e.g. {bad[0]}); the checkpoint was not written; {DIVERGED_FIX}, then rerun (it resumes from the last good checkpoint).")
+                       f"step {step} (e.g. {bad[0]}); the checkpoint was not written; {DIVERGED_FIX}, then rerun "
+                       f"(it resumes from the last good checkpoint).")
 
 
 # -- disk full and durable writes --------------------------------------------------------------------------------------

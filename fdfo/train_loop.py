@@ -50,7 +50,8 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def check_run_location(cfg: Config) -> None:
-    """--run-dir (or the runs/ root) must be a folder, or creatable in a writable one; checked before anything is made."""
+    """--run-dir (or the runs/ root) must be a folder, or creatable in a writable one; checked before anything is
+    made."""
     flag, path = ("--run-dir", Path(cfg.run_dir)) if cfg.run_dir is not None else ("the runs root", Path(RUNS_ROOT))
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file, not a folder; pass a folder path (new or an earlier run's)")
@@ -312,7 +313,9 @@ def resume_hint(cfg: Config, run_dir: Path | None) -> str:
     if run_dir is None:
         return "nothing was written; rerun the same command to start"
     newest = latest_checkpoint(run_dir)
-    start = f"epoch {int(newest.name.split('-')[1])} ({newest})" if newest is not None else "epoch 0 (no checkpoint yet)"
+    start = "epoch 0 (no checkpoint yet)"
+    if newest is not None:
+        start = f"epoch {int(newest.name.split('-')[1])} ({newest})"
     command = "the same command" if cfg.run_dir is not None else f"the same command with --run-dir {run_dir}"
     return f"rerun {command} to resume from {start}"
 

@@ -233,7 +233,8 @@ def test_check_device_counts_cuda_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     check_device("--device", "cuda:1")
     check_device("--device", "cuda")
-    with pytest.raises(ValueError, match=r"--eval-device 'cuda:2': this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+    with pytest.raises(ValueError, match=r"--eval-device 'cuda:2': this machine has 2 CUDA device\(s\), cuda:0 to "
+                                         r"cuda:1"):
         check_device("--eval-device", "cuda:2")
 
 
@@ -417,7 +418,8 @@ def test_wandb_run_id_is_random_and_kept_by_the_folder(tmp_path):
 
 # -- 5. one run per folder, and the launcher's death -------------------------------------------------------------------
 
-HOLD = "import sys, time; from fdfo.safety import RunLock; RunLock(sys.argv[1]); print('held', flush=True); time.sleep(60)"
+HOLD = ("import sys, time; from fdfo.safety import RunLock; RunLock(sys.argv[1]); print('held', flush=True); "
+        "time.sleep(60)")
 
 
 def test_the_lock_names_its_holder_and_frees_itself_under_kill_9(tmp_path):
@@ -495,7 +497,7 @@ def test_double_start_sigterm_and_ctrl_c(tmp_path):
         wait_for(run / "checkpoints/epoch-0000001", process)
         process.send_signal(sig)
         start = time.time()
-        out, err = process.communicate(timeout=30)
+        _, err = process.communicate(timeout=30)
         assert time.time() - start < 10
         assert process.returncode == code and "Traceback" not in err, err[-3000:]
         done = int(newest(run).split("-")[1])
