@@ -47,6 +47,15 @@ def test_impossible_batch_geometry_shows_the_numbers(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_out_of_range_flags_are_listed_before_anything_is_created(tmp_path):
+    result = run_train("--preset", "smoke", "--num-epochs", "0", "--train.clip-range", "0", "--train.betas", "0.9", "1",
+                       "--run-dir", str(tmp_path / "run"))
+    assert_user_error(result, "--num-epochs 0 is invalid: it must be >= 1",
+                      "--train.clip-range 0.0 is invalid: it must be > 0",
+                      "--train.betas 0.9 1.0 is invalid: it must be two numbers in [0, 1)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_help_documents_the_paper_flags():
     result = run_train("--help")
     assert result.returncode == 0
