@@ -2,12 +2,16 @@
 
 A checkpoint `runs/<id>-<name>/checkpoints/epoch-XXXXXXX/` holds the PEFT adapter (adapter_config.json +
 adapter_model.safetensors), `training_state.pt` (optimizer and grad-scaler state, read back with weights_only=True)
-and `state.json` (counters). It is written under a temporary name and renamed into place, so a crash never leaves a
-half checkpoint. No RNG state is needed: every random draw is reseeded from (seed, epoch, pair).
+and `state.json` (counters, and `adapter_sha256`, the SHA-256 of adapter_model.safetensors, verified on resume). It is
+written under a temporary name, its files and folder are fsynced, and it is renamed into place, so neither a crash nor
+a power cut leaves a half checkpoint under a final name. A failed write (e.g. a full disk) removes the temporary
+folder. No RNG state is needed: every random draw is reseeded from (seed, epoch, pair).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -15,6 +19,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from fdfo.safety import disk_full_error, fsync_path, is_disk_full
 
 CHECKPOINT_RE = re.compile(r"^epoch-(\d{7})$")
 RUN_RE = re.compile(r"^(\d{5})-")
@@ -37,10 +43,23 @@ def new_run_dir(root: str | Path, name: str) -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name and rename: readers never see a half-written file."""
+    """Write under a temporary name, fsync, rename, fsync the folder: readers never see a half-written file.
+
+    A full disk raises RunError naming the file; the temporary file is removed."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, or an interrupt: no stray temporary file
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and is_disk_full(e):
+            raise disk_full_error(path.parent, path.name) from None
+        raise
+    fsync_path(path.parent)
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
@@ -51,6 +70,28 @@ def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"epoch-{epoch:07d}"
 
 
+def clean_stale_files(run_dir: Path) -> None:
+    """Undo what a killed process (kill -9, power cut) left half-done in a run folder; call with the run lock held.
+
+    Temporary files and checkpoint folders are deleted. A checkpoint caught between its two renames in
+    `save_checkpoint` (old copy moved aside, new one not yet in place) gets its old, complete copy back.
+    """
+    run_dir = Path(run_dir)
+    for path in run_dir.glob(".*.tmp-*"):
+        path.unlink(missing_ok=True)
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return
+    for path in folder.glob(".epoch-*.old-*"):
+        final = folder / path.name[1:].split(".old-")[0]
+        if final.exists():
+            shutil.rmtree(path)
+        else:
+            os.replace(path, final)
+    for path in folder.glob(".epoch-*.tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
@@ -59,16 +100,31 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_checkpoint(folder: Path, save_adapter, training_state: dict, counters: dict) -> None:
-    """Write a complete checkpoint to `folder` atomically. `save_adapter(path)` writes the PEFT files."""
+    """Write a complete checkpoint to `folder` atomically. `save_adapter(path)` writes the PEFT files.
+
+    A failure while writing (a full disk, an interrupt) removes the temporary folder; a full disk becomes a RunError
+    that says so, instead of torch's or safetensors' low-level traceback."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_adapter(tmp)
-    torch.save(training_state, tmp / "training_state.pt")
-    (tmp / "state.json").write_text(json.dumps(counters, indent=2) + "\n")
+    try:
+        tmp.mkdir()
+        _write_checkpoint_files(tmp, save_adapter, training_state, counters)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full_error(folder.parent, f"checkpoint {folder.name}") from None
+        raise
     if folder.exists():  # re-saving an epoch (e.g. after a resume): swap, then drop the old copy
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
         os.replace(folder, old)
@@ -76,6 +132,23 @@ def save_checkpoint(folder: Path, save_adapter, training_state: dict, counters: 
         shutil.rmtree(old)
     else:
         os.replace(tmp, folder)
+    fsync_path(folder.parent)
+
+
+def _write_checkpoint_files(tmp: Path, save_adapter, training_state: dict, counters: dict) -> None:
+    save_adapter(tmp)
+    buffer = io.BytesIO()  # serialise in memory: torch's zip writer turns ENOSPC into an opaque RuntimeError
+    torch.save(training_state, buffer)
+    with open(tmp / "training_state.pt", "wb") as f:
+        f.write(buffer.getbuffer())
+    adapter = tmp / "adapter_model.safetensors"
+    counters = counters | {"adapter_sha256": sha256_file(adapter)}
+    (tmp / "state.json").write_text(json.dumps(counters, indent=2) + "\n")
+    # safetensors creates its file 0600; give it the umask's permissions like every other file of the run
+    os.chmod(adapter, (tmp / "state.json").stat().st_mode & 0o777)
+    for path in tmp.iterdir():
+        fsync_path(path)
+    fsync_path(tmp)
 
 
 def read_checkpoint(folder: str | Path) -> tuple[dict, dict]:
@@ -87,10 +160,36 @@ def read_checkpoint(folder: str | Path) -> tuple[dict, dict]:
     if missing:
         raise ValueError(f"checkpoint {folder} is incomplete or damaged: missing {', '.join(missing)}. Delete it to "
                          f"resume from the previous checkpoint, or pass --resume-from another one.")
+    damaged = (f"checkpoint {folder} is damaged ({{}}). Delete it to resume from the previous checkpoint, or pass "
+               f"--resume-from another one.")
     try:
         counters = json.loads((folder / "state.json").read_text())
         state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {folder} is damaged ({e.__class__.__name__}: {e}). Delete it to resume from "
-                         f"the previous checkpoint, or pass --resume-from another one.") from None
+        raise ValueError(damaged.format(f"{e.__class__.__name__}: {e}")) from None
+    if not isinstance(counters, dict):
+        raise ValueError(damaged.format(f"state.json holds a {type(counters).__name__}, not an object"))
+    for key in ("epoch", "global_step"):
+        value = counters.get(key)
+        if type(value) is not int or value < 0:
+            raise ValueError(damaged.format(f"state.json {key!r} is {value!r}, not a count >= 0"))
+    if not isinstance(state, dict) or not {"optimizer", "scaler"} <= set(state):
+        raise ValueError(damaged.format("training_state.pt lacks the optimizer or scaler state"))
+    expected = counters.get("adapter_sha256")
+    if expected is not None:  # checkpoints written before the hash was recorded are trusted as they are
+        actual = sha256_file(folder / "adapter_model.safetensors")
+        if actual != expected:
+            raise ValueError(damaged.format(f"adapter_model.safetensors has SHA-256 {actual[:12]}..., state.json "
+                                            f"recorded {str(expected)[:12]}...: the file was modified or truncated"))
     return counters, state
+
+
+def adapter_settings(folder: Path) -> dict:
+    """LoRA rank and alpha recorded in a checkpoint's adapter_config.json (a ValueError if unreadable)."""
+    path = Path(folder) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+        return {"lora_rank": config["r"], "lora_alpha": config["lora_alpha"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {folder} is damaged ({path.name}: {e.__class__.__name__}: {e}). Delete it to "
+                         f"resume from the previous checkpoint, or pass --resume-from another one.") from None

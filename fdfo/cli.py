@@ -17,6 +17,42 @@ class RunError(RuntimeError):
 USER_ERRORS = (ValueError, FileNotFoundError, RunError)
 
 
+class Interrupted(BaseException):
+    """Raised in the main thread by SIGINT / SIGTERM (see fdfo/safety.py). A BaseException, like KeyboardInterrupt,
+    so that no `except Exception` swallows it. `hint` says how to continue (set by the training loop)."""
+
+    def __init__(self, signum: int, hint: str = ""):
+        super().__init__(signum)
+        self.signum = signum
+        self.hint = hint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def check_device(flag: str, value: str | None) -> None:
+    """Raise ValueError unless `value` names a device this machine has (None: the automatic choice)."""
+    import torch
+
+    if value is None:
+        return
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {value!r} is not a device; use cpu, cuda or cuda:<index>") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise ValueError(f"{flag} {value!r}: device type {dev.type!r} is not supported; use cpu, cuda or "
+                         f"cuda:<index>") from None
+    if not torch.cuda.is_available():
+        raise ValueError(f"{flag} {value!r}: CUDA is not available on this machine; use {flag} cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"{flag} {value!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
 def parse_with_preset(config_type: type[T], presets: dict[str, Callable[[], T]], argv: list[str] | None,
                       description: str | None = None) -> T:
     """Pick the default instance named by --preset, then let tyro apply the remaining flags on top of it."""
@@ -37,11 +73,20 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def guarded(fn: Callable[[], object]) -> None:
-    """Run `fn`; a user error becomes `error: <message>` on stderr and exit status 2."""
+    """Run `fn`; a user error becomes `error: <message>` on stderr and exit status 2; Ctrl-C / SIGTERM one
+    `interrupted` line and 130 / 143."""
+    import signal
+
     try:
         fn()
     except USER_ERRORS as e:
         fail(str(e))
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        hint = getattr(e, "hint", "")
+        print(f"interrupted by {signal.Signals(signum).name}{'; ' + hint if hint else ''}", file=sys.stderr,
+              flush=True)
+        raise SystemExit(128 + signum) from None
 
 
 def run_main(fn: Callable[[T], object], cfg: T) -> None:

@@ -195,3 +195,49 @@ def _checked_batch(requested: int | None, n: int, max_batch: int, flag: str, wha
         divisors = [d for d in range(1, n + 1) if n % d == 0]
         raise ValueError(f"{flag} {requested} must divide the {n} {what}; valid values: {divisors}")
     return requested
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input checks: called before the run folder is created or a model is loaded.
+
+
+def check_config(cfg: Config) -> None:
+    """Raise one ValueError listing every flag outside its valid range (one clause per problem)."""
+    problems = []
+
+    def need(ok: bool, flag: str, value, allowed: str) -> None:
+        if not ok:
+            problems.append(f"{flag} {value} is invalid: it must be {allowed}")
+
+    s, t = cfg.sample, cfg.train
+    need(cfg.num_epochs >= 1, "--num-epochs", cfg.num_epochs, ">= 1")
+    need(cfg.save_freq >= 1, "--save-freq", cfg.save_freq, ">= 1")
+    need(cfg.total_pairs_per_epoch >= 1, "--total-pairs-per-epoch", cfg.total_pairs_per_epoch, ">= 1")
+    need(cfg.gradient_steps_per_epoch >= 1, "--gradient-steps-per-epoch", cfg.gradient_steps_per_epoch, ">= 1")
+    need(cfg.max_batch_size is None or cfg.max_batch_size >= 1, "--max-batch-size", cfg.max_batch_size, ">= 1")
+    need(s.batch_size is None or s.batch_size >= 1, "--sample.batch-size", s.batch_size, ">= 1")
+    need(t.batch_size is None or t.batch_size >= 1, "--train.batch-size", t.batch_size, ">= 1")
+    need(cfg.image_log_freq >= 0, "--image-log-freq", cfg.image_log_freq, ">= 0 (0 disables)")
+    need(cfg.image_log_pairs >= 0, "--image-log-pairs", cfg.image_log_pairs, ">= 0")
+    need(cfg.lora_rank >= 1, "--lora-rank", cfg.lora_rank, ">= 1")
+    need(_finite(cfg.lora_alpha) and cfg.lora_alpha > 0, "--lora-alpha", cfg.lora_alpha, "> 0")
+    need(s.num_solver_steps >= 1, "--sample.num-solver-steps", s.num_solver_steps, ">= 1")
+    need(s.resolution >= 1, "--sample.resolution", s.resolution, ">= 1 (a multiple of the model's patch size)")
+    need(_finite(s.guidance_scale), "--sample.guidance-scale", s.guidance_scale, "a finite number (1 disables CFG)")
+    need(s.churn_weight is None or (_finite(s.churn_weight) and s.churn_weight >= 0), "--sample.churn-weight",
+         s.churn_weight, ">= 0 (or left out for the schedule's default)")
+    need(_finite(t.learning_rate) and t.learning_rate > 0, "--train.learning-rate", t.learning_rate, "> 0")
+    need(len(t.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in t.betas), "--train.betas",
+         " ".join(map(str, t.betas)), "two numbers in [0, 1)")
+    need(_finite(t.eps) and t.eps > 0, "--train.eps", t.eps, "> 0")
+    need(_finite(t.weight_decay) and t.weight_decay >= 0, "--train.weight-decay", t.weight_decay, ">= 0")
+    need(_finite(t.clip_range) and t.clip_range > 0, "--train.clip-range", t.clip_range, "> 0")
+    need(_finite(t.kl_weight) and t.kl_weight >= 0, "--train.kl-weight", t.kl_weight, ">= 0")
+    need(_finite(t.max_grad_norm) and t.max_grad_norm >= 0, "--train.max-grad-norm", t.max_grad_norm,
+         ">= 0")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

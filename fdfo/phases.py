@@ -17,6 +17,7 @@ from fdfo.cli import RunError
 from fdfo.config import Config, Geometry
 from fdfo.objective import clip_fraction, pair_targets, spo_loss
 from fdfo.rng import generator, randn_per_sample
+from fdfo.safety import check_step
 from fdfo.sampling import CHURN_DRAWS, make_churn, sample_pairs
 
 NOISE_STREAM, SHUFFLE_STREAM = 1, 2
@@ -137,12 +138,14 @@ def train_phase(policy, module, optimizer, scaler, data: TrainingSet, cfg: Confi
                                      len(step_items))
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        dist.all_reduce_mean_(sums)
+        n = len(step_items)
+        # stop before a non-finite update (fdfo/safety.py); an fp16 overflow is a step the scaler skips
+        check_step(float(sums[0] / n), float(grad_norm), scaler.is_enabled(), epoch, global_step + 1)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
-        dist.all_reduce_mean_(sums)
-        n = len(step_items)
         record = dict(epoch=epoch, step=global_step, loss=sums[0] / n, policy_loss=sums[1] / n,
                       clipfrac=sums[2] / n, kl=sums[3] / n, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"])
         record = {k: float(v) for k, v in record.items()} | dict(epoch=epoch, step=global_step)

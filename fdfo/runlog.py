@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from fdfo.checkpoints import write_text_atomic
+from fdfo.safety import disk_full_error, is_disk_full
+
+LOG_FILE = "log.jsonl"
+WANDB_ID_FILE = "wandb_id.txt"
 
 
 class NullLogger:
@@ -18,16 +26,60 @@ class NullLogger:
     def log_pairs(self, epoch: int, images: torch.Tensor, prompts: list[str], rewards: torch.Tensor) -> None:
         pass
 
+    def draw_curve(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
-class RunLogger(NullLogger):
-    """Appends one JSON object per line to `run_dir/log.jsonl`; mirrors records and images to wandb if asked."""
+def repair_log(path: Path, first_redone_epoch: int) -> None:
+    """Make log.jsonl read like an uninterrupted run before a (resumed) run appends to it: drop a torn last line (a
+    crash or full disk mid-write) and every record of an epoch >= `first_redone_epoch`, which the run is about to
+    redo. Rewritten atomically, and only when something changes."""
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept = []
+    for line in text.splitlines(keepends=True):
+        try:
+            record = json.loads(line) if line.endswith("\n") else None
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            continue  # torn or garbled
+        epoch = record.get("epoch")
+        if isinstance(epoch, int) and epoch >= first_redone_epoch:
+            continue
+        kept.append(line)
+    if "".join(kept) != text:
+        write_text_atomic(path, "".join(kept))
 
-    def __init__(self, run_dir: Path, config: dict, use_wandb: bool = False, name: str | None = None):
+
+def wandb_run_id(run_dir: Path) -> str:
+    """A random wandb run id, made once per run folder and reused on resume (folder names repeat across machines)."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.exists():
+        run_id = path.read_text().strip()
+        if run_id:
+            return run_id
+    run_id = secrets.token_hex(8)
+    write_text_atomic(path, run_id + "\n")
+    return run_id
+
+
+class RunLogger(NullLogger):
+    """Appends one JSON object per line to `run_dir/log.jsonl`; mirrors records and images to wandb if asked.
+
+    first_redone_epoch: on resume, the epoch the run continues from; the log's records from it on are dropped (see
+    `repair_log`). Each record is written whole with one append; a failed write (full disk) is cut back off."""
+
+    def __init__(self, run_dir: Path, config: dict, use_wandb: bool = False, name: str | None = None,
+                 first_redone_epoch: int = 0):
         self.run_dir = Path(run_dir)
-        self.file = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
+        self.path = self.run_dir / LOG_FILE
+        repair_log(self.path, first_redone_epoch)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         self.wandb = None
         if use_wandb:
             try:
@@ -35,12 +87,11 @@ class RunLogger(NullLogger):
             except ImportError:
                 raise ValueError("--log-wandb needs the wandb package: pip install wandb") from None
             self.wandb = wandb.init(project="fdfo", name=name or self.run_dir.name, config=config,
-                                    dir=str(self.run_dir), resume="allow", id=self.run_dir.name)
+                                    dir=str(self.run_dir), resume="allow", id=wandb_run_id(self.run_dir))
 
     def log(self, record: dict) -> None:
         clean = {k: _jsonable(v) for k, v in record.items()}
-        self.file.write(json.dumps(clean) + "\n")
-        self.file.flush()
+        self._append((json.dumps(clean) + "\n").encode("utf-8"))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))})
 
@@ -59,8 +110,31 @@ class RunLogger(NullLogger):
 
             self.wandb.log({"epoch": epoch, "pairs": [wandb.Image(p, caption=t) for p, t in zip(pictures, prompts)]})
 
+    def _append(self, data: bytes) -> None:
+        size = os.fstat(self.fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, size)  # never leave a torn line behind
+            except OSError:
+                pass  # repair_log drops it on the next start
+            if is_disk_full(e):
+                raise disk_full_error(self.run_dir, LOG_FILE) from None
+            raise
+
+    def draw_curve(self) -> None:
+        """Redraw `reward_curve.png` from the log: the run's progress without wandb."""
+        from fdfo.plots import write_reward_curve
+
+        write_reward_curve(self.run_dir / LOG_FILE, self.run_dir / "reward_curve.png")
+
     def close(self) -> None:
-        self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.wandb is not None:
             self.wandb.finish()
 

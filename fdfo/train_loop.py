@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,20 +12,43 @@ from pathlib import Path
 import torch
 
 from fdfo import distributed as dist
-from fdfo.checkpoints import (checkpoint_dir, latest_checkpoint, new_run_dir, read_checkpoint, save_checkpoint,
-                              write_json_atomic)
-from fdfo.config import Config, Geometry, batch_geometry
+from fdfo.checkpoints import (
+    adapter_settings,
+    checkpoint_dir,
+    clean_stale_files,
+    latest_checkpoint,
+    new_run_dir,
+    read_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
+from fdfo.cli import Interrupted, check_device
+from fdfo.config import Config, Geometry, batch_geometry, check_config
 from fdfo.phases import EpochSamples, build_training_set, sample_phase, train_phase
 from fdfo.prompts import load_prompts, prompt_indices
 from fdfo.rng import derive_seed
 from fdfo.runlog import NullLogger, RunLogger
+from fdfo.safety import RunLock, SignalGuard, check_weights, watch_parent
 from fdfo.sd3 import SD3Policy
 
 INIT_STREAM = 3
 CHECKPOINT_FORMAT = 1
-# config fields that may differ when a run is resumed without that being worth a note
-RESUME_MAY_CHANGE = {"num_epochs", "resume_from", "run_dir", "log_wandb", "device", "geometry", "save_freq",
-                     "image_log_freq"}
+RUNS_ROOT = "runs"
+
+# What a resumed run does with a setting that differs from the run's config.json (dotted config paths).
+# Free: bookkeeping, batching and logging; they change neither shapes nor what is optimised (batch sizes only change
+# floating-point summation order).
+RESUME_FREE = {"preset", "num_epochs", "save_freq", "resume_from", "run_dir", "run_name", "max_batch_size",
+               "offload_text_encoders", "image_log_freq", "image_log_pairs", "log_wandb", "device",
+               "sample.batch_size", "train.batch_size", "reward.chunk_size", "reward.vlm_fsdp", "reward.offload"}
+# Applied from the first resumed step and printed: optimizer hyperparameters (written into the restored optimizer's
+# param_groups, which otherwise keep the saved values) and the step-wise clipping / KL settings read every step.
+RESUME_APPLIED = {"train.learning_rate", "train.betas", "train.weight_decay", "train.eps", "train.max_grad_norm",
+                  "train.clip_range", "train.kl_weight"}
+# Everything else is refused: seed, pretrained_model, prompt_file, lora_rank, lora_alpha, total_pairs_per_epoch,
+# gradient_steps_per_epoch, reward_preset, reward.specs / models, sample.num_solver_steps, resolution,
+# guidance_scale, churn_schedule, churn_weight, train.precision, and any setting added later (safe default): each
+# changes tensor shapes, the data or the reward, so the resumed run would no longer be the run its log describes.
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -33,16 +57,95 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision]
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Rank 0 creates (or reuses, for --run-dir) the run folder and tells the other ranks where it is."""
+def check_run_location(cfg: Config) -> None:
+    """--run-dir (or the runs/ root) must be a folder, or creatable in a writable one; checked before anything is
+    made."""
+    flag, path = ("--run-dir", Path(cfg.run_dir)) if cfg.run_dir is not None else ("the runs root", Path(RUNS_ROOT))
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder; pass a folder path (new or an earlier run's)")
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable; pass a --run-dir in a folder you can write to")
+
+
+def prepare_run_dir(cfg: Config, locks: list) -> Path:
+    """Rank 0 creates (or reuses, for --run-dir) the run folder, locks it, and tells the other ranks where it is."""
     path = None
     if dist.get_rank() == 0:
         if cfg.run_dir is not None:
             path = Path(cfg.run_dir)
             path.mkdir(parents=True, exist_ok=True)
         else:
-            path = new_run_dir("runs", cfg.run_name)
+            path = new_run_dir(RUNS_ROOT, cfg.run_name)
+        if not locks:
+            locks.append(RunLock(path))
+        clean_stale_files(path)
     return Path(dist.broadcast_object(str(path) if path else None))
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def resolved_config(cfg: Config, geom: Geometry, run_dir: Path | None) -> dict:
+    """The config as config.json records it (as it reads back from the file: tuples become lists)."""
+    config = dataclasses.asdict(cfg) | {"geometry": dataclasses.asdict(geom), "run_dir": str(run_dir or cfg.run_dir)}
+    return json.loads(json.dumps(config))
+
+
+def check_resume_settings(cfg: Config, geom: Geometry, resume: Path) -> list[str]:
+    """Compare with the config.json of the run being resumed; refuse changes of shape or meaning (ValueError naming
+    each, old -> new), return the lines describing the applied ones. See RESUME_FREE / RESUME_APPLIED above."""
+    own = Path(cfg.run_dir) / "config.json" if cfg.run_dir is not None else None
+    source = resume.parent.parent / "config.json"
+    path = source if source.is_file() else own
+    if path is None or not path.is_file():
+        return []
+    try:
+        saved = _flat(json.loads(path.read_text()))
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path} is damaged ({e.__class__.__name__}: {e}); it records the settings of the run being "
+                         f"resumed. Restore it, or pass a new --run-dir to start a new run.") from None
+    current = _flat(resolved_config(cfg, geom, None))
+    changed = [k for k in current if k in saved and saved[k] != current[k] and not k.startswith("geometry.")
+               and k not in RESUME_FREE]
+    refused = [f"{_flag(k)} {saved[k]!r} -> {current[k]!r}" for k in changed if k not in RESUME_APPLIED]
+    if refused:
+        raise ValueError(f"cannot resume {resume}: {len(refused)} setting(s) differ from {path} and would change the "
+                         f"run's shapes or meaning: {'; '.join(refused)}. Rerun with the recorded values to continue "
+                         f"that run, or pass a new --run-dir (and no --resume-from) to start a new one.")
+    return [f"{_flag(k)} {saved[k]!r} -> {current[k]!r}" for k in changed]
+
+
+def check_adapter_fits(cfg: Config, resume: Path) -> None:
+    """A checkpoint of another LoRA rank / alpha cannot be loaded into this model: say so before loading anything."""
+    found = adapter_settings(resume)
+    wanted = {"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}
+    bad = [f"{_flag(k)} {wanted[k]} (the checkpoint has {found[k]})" for k in wanted if found[k] != wanted[k]]
+    if bad:
+        raise ValueError(f"checkpoint {resume} does not fit: {', '.join(bad)}. Pass the checkpoint's values, or a new "
+                         f"--run-dir without --resume-from to start a new run.")
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, cfg: Config) -> None:
+    """A restored optimizer keeps the saved hyperparameters; the run uses the ones it was given (and records)."""
+    for group in optimizer.param_groups:
+        group.update(lr=cfg.train.learning_rate, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
+                     eps=cfg.train.eps)
 
 
 def find_resume_point(cfg: Config) -> Path | None:
@@ -102,16 +205,29 @@ class Run:
     logger: NullLogger
     epoch: int  # epochs done
     global_step: int
+    guard: SignalGuard | None = None
 
 
-def setup(cfg: Config) -> Run:
-    """Check the user's input, load the models, restore a checkpoint if there is one, open the run folder and log."""
+def setup(cfg: Config, locks: list) -> Run:
+    """Check the user's input, load the models, restore a checkpoint if there is one, open the run folder and log.
+
+    Every check that can fail on user input (flags, device, run folder, lock, resume settings, checkpoint) runs before
+    a model loads and before anything is written; `locks` receives the run-folder lock held by rank 0."""
+    check_config(cfg)
+    check_device("--device", cfg.device)
+    check_run_location(cfg)
     device = dist.init(cfg.device)
     geom = batch_geometry(cfg, dist.get_world_size())  # user errors surface before any model loads
     prompts = load_prompts(cfg.prompt_file)
     dist.print0(geom.describe(cfg.total_pairs_per_epoch, cfg.sample.num_solver_steps))
+    if dist.get_rank() == 0 and cfg.run_dir is not None and Path(cfg.run_dir).is_dir():
+        locks.append(RunLock(Path(cfg.run_dir)))  # a double start is refused before minutes of model loading
     resume = find_resume_point(cfg)
     counters, state = read_checkpoint(resume) if resume is not None else ({"epoch": 0, "global_step": 0}, None)
+    applied = []
+    if resume is not None:
+        check_adapter_fits(cfg, resume)
+        applied = check_resume_settings(cfg, geom, resume)
     policy = build_policy(cfg, device)
     reward = build_reward_model(cfg, device)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate, betas=cfg.train.betas,
@@ -121,33 +237,29 @@ def setup(cfg: Config) -> Run:
         policy.load_adapter(resume)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        apply_optimizer_settings(optimizer, cfg)
         dist.print0(f"resumed from {resume} (epoch {counters['epoch']}, step {counters['global_step']})")
+        for line in applied:
+            dist.print0(f"resume: {line} (applied from the next step)")
     module = policy.transformer
     if dist.is_distributed():
         # Every LoRA parameter is in the graph: the last block's add_q_proj LoRA gets an exact zero gradient (that
         # block drops its context output), not None (tests/test_numerics.py), so DDP needs no unused-parameter search.
         module = torch.nn.parallel.DistributedDataParallel(
             policy.transformer, device_ids=[device] if device.type == "cuda" else None)
-    run_dir = prepare_run_dir(cfg)  # only now: a model that fails to load leaves no empty run folder behind
-    return Run(cfg, geom, prompts, policy, reward, optimizer, scaler, module, run_dir, open_logger(cfg, geom, run_dir),
-               counters["epoch"], counters["global_step"])
+    run_dir = prepare_run_dir(cfg, locks)  # only now: a model that fails to load leaves no empty run folder behind
+    return Run(cfg, geom, prompts, policy, reward, optimizer, scaler, module, run_dir,
+               open_logger(cfg, geom, run_dir, counters["epoch"]), counters["epoch"], counters["global_step"])
 
 
-def open_logger(cfg: Config, geom: Geometry, run_dir: Path):
-    """Rank 0 writes config.json (once: a resumed run keeps the original) and opens the log; others get a null one."""
+def open_logger(cfg: Config, geom: Geometry, run_dir: Path, first_epoch: int):
+    """Rank 0 writes config.json (what this run uses: all checks have passed) and opens the log, dropping records of
+    epochs it will redo; the other ranks get a null logger."""
     if dist.get_rank() != 0:
         return NullLogger()
-    config = dataclasses.asdict(cfg) | {"geometry": dataclasses.asdict(geom), "run_dir": str(run_dir)}
-    config = json.loads(json.dumps(config))  # as it reads back from the file (tuples become lists)
-    path = run_dir / "config.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = sorted(k for k in config if k not in RESUME_MAY_CHANGE and saved.get(k) != config[k])
-        if changed:
-            print(f"note: resuming with settings that differ from {path}: {', '.join(changed)}", flush=True)
-    else:
-        write_json_atomic(path, config)
-    return RunLogger(run_dir, config, cfg.log_wandb)
+    config = resolved_config(cfg, geom, run_dir)
+    write_json_atomic(run_dir / "config.json", config)
+    return RunLogger(run_dir, config, cfg.log_wandb, first_redone_epoch=first_epoch)
 
 
 def run_epoch(run: Run) -> None:
@@ -170,6 +282,7 @@ def run_epoch(run: Run) -> None:
     t2 = time.perf_counter()
     record = log_epoch(run.logger, samples, data, epoch, dict(sample=t1 - t0, train=t2 - t1, total=t2 - t0), records,
                        cfg, geom)
+    run.logger.draw_curve()
     dist.print0(f"epoch {epoch}: reward {record['reward_mean']:.4f} +- {record['reward_std']:.4f}, "
                 f"loss {record['loss']:.4g}, clipfrac {record['clipfrac']:.3f}, {t2 - t0:.1f}s")
     run.epoch += 1
@@ -178,23 +291,53 @@ def run_epoch(run: Run) -> None:
 
 
 def train(cfg: Config) -> Path:
-    """Run (or resume) training; returns the run folder."""
-    run = setup(cfg)
+    """Run (or resume) training; returns the run folder.
+
+    SIGINT / SIGTERM end the run with `Interrupted` (a checkpoint being written is finished first), whose hint says how
+    to resume; the run-folder lock is released on every way out (and by the kernel if the process dies)."""
+    guard = SignalGuard().install()
+    watch_parent()
+    locks: list[RunLock] = []
+    run = None
     try:
+        run = setup(cfg, locks)
+        run.guard = guard
         while run.epoch < cfg.num_epochs:
             run_epoch(run)
+        return run.run_dir
+    except Interrupted as e:
+        e.hint = resume_hint(cfg, run.run_dir if run is not None else None)
+        raise
     finally:
-        run.logger.close()
-    return run.run_dir
+        try:
+            if run is not None:
+                run.logger.close()
+        finally:
+            for lock in locks:
+                lock.release()
+            guard.uninstall()
+
+
+def resume_hint(cfg: Config, run_dir: Path | None) -> str:
+    if run_dir is None:
+        return "nothing was written; rerun the same command to start"
+    newest = latest_checkpoint(run_dir)
+    start = "epoch 0 (no checkpoint yet)"
+    if newest is not None:
+        start = f"epoch {int(newest.name.split('-')[1])} ({newest})"
+    command = "the same command" if cfg.run_dir is not None else f"the same command with --run-dir {run_dir}"
+    return f"rerun {command} to resume from {start}"
 
 
 def save(run: Run) -> None:
-    """Rank 0 writes the checkpoint of the epochs done so far; the other ranks wait for it."""
+    """Rank 0 writes the checkpoint of the epochs done so far (never a non-finite adapter); the other ranks wait."""
+    check_weights(run.policy.adapter_state(), run.epoch - 1, run.global_step)  # every rank: all raise together
     if dist.get_rank() == 0:
         cfg, epochs_done = run.cfg, run.epoch
         counters = dict(format=CHECKPOINT_FORMAT, epoch=epochs_done, global_step=run.global_step, seed=cfg.seed,
                         prompt_position=epochs_done * run.geom.total_pairs, world_size=run.geom.world_size,
                         guidance_scale=cfg.sample.guidance_scale, pretrained_model=cfg.pretrained_model)
-        save_checkpoint(checkpoint_dir(run.run_dir, epochs_done), run.policy.save_adapter,
-                        {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}, counters)
+        with run.guard.critical():  # a signal now waits until the checkpoint is complete
+            save_checkpoint(checkpoint_dir(run.run_dir, epochs_done), run.policy.save_adapter,
+                            {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}, counters)
     dist.barrier()

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,15 @@ def test_impossible_batch_geometry_shows_the_numbers(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_out_of_range_flags_are_listed_before_anything_is_created(tmp_path):
+    result = run_train("--preset", "smoke", "--num-epochs", "0", "--train.clip-range", "0", "--train.betas", "0.9", "1",
+                       "--run-dir", str(tmp_path / "run"))
+    assert_user_error(result, "--num-epochs 0 is invalid: it must be >= 1",
+                      "--train.clip-range 0.0 is invalid: it must be > 0",
+                      "--train.betas 0.9 1.0 is invalid: it must be two numbers in [0, 1)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_help_documents_the_paper_flags():
     result = run_train("--help")
     assert result.returncode == 0
@@ -75,3 +85,6 @@ def test_smoke_preset_improves_the_reward(tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors", "training_state.pt", "state.json"} <= {
         p.name for p in (run / "checkpoints" / checkpoints[-1]).iterdir()}
     assert sorted((run / "images").glob("epoch-0000000-pair-*.png"))
+    # The progress picture is redrawn every epoch from the log (its content is checked in tests/test_plots.py).
+    with Image.open(run / "reward_curve.png") as picture:
+        assert picture.format == "PNG" and picture.width > 100

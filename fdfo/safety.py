@@ -1,0 +1,199 @@
+"""Run-folder safety in one place: the one-run-per-folder lock, Ctrl-C / SIGTERM handling, the divergence (NaN)
+guard, disk-full reporting, durable renames and the torchrun parent-death watch. The training loop calls these; the
+entry point (fdfo/cli.py) turns `Interrupted` and `RunError` into one line and an exit status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from fdfo.cli import Interrupted, RunError
+
+LOCK_FILE = ".lock"
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+# -- one run per folder ------------------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """An exclusive `fcntl.flock` on `run_dir/.lock`, held for the whole run by rank 0.
+
+    The kernel drops a flock when its holder exits in any way, kill -9 included, so a stale lock never needs cleaning
+    up by hand; the file's text (pid, host, start time) only serves the error message. NFS caveat: flock on NFS is
+    emulated with POSIX byte-range locks (Linux >= 2.6.12) and is only as reliable as the server's lock manager; two
+    hosts sharing a run folder on a filesystem without working locks (some NFSv3 setups, nolock mounts) are not
+    protected.
+    """
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(self.fd)
+            raise RunError(f"--run-dir {run_dir} is in use by another training run ({holder}). Wait for it to end "
+                           f"or stop it; a second run on the same folder would corrupt its checkpoints and log. "
+                           f"Pass another --run-dir to start a separate run.") from None
+        since = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on host {socket.gethostname()} since {since}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the flock; the file stays (harmless, reused)
+            self.fd = None
+
+
+# -- signals -----------------------------------------------------------------------------------------------------------
+
+
+class SignalGuard:
+    """SIGINT / SIGTERM raise `Interrupted` in the main thread, except inside `critical()` (a checkpoint or config
+    being written), where the signal is held back until the block ends: a checkpoint is finished, never torn."""
+
+    def __init__(self):
+        self.deferring = 0
+        self.pending: int | None = None
+        self.previous = {}
+
+    def install(self) -> SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for sig in INTERRUPT_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.deferring:
+            self.pending = signum
+        else:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        self.deferring += 1
+        try:
+            yield
+        finally:
+            self.deferring -= 1
+            if not self.deferring and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise Interrupted(signum)
+
+
+def watch_parent(grace_s: float = 15.0, poll_s: float = 1.0) -> None:
+    """Under torchrun, end this worker when the launcher dies (e.g. kill -9 of torchrun) instead of training on as an
+    orphan: a daemon thread polls getppid() (portable, unlike prctl(PR_SET_PDEATHSIG), which also fires when the
+    launcher's spawning *thread* ends). On parent death it sends ourselves SIGTERM (the normal interrupted exit) and,
+    if the main thread is stuck in a collective that never returns, exits hard after `grace_s`."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"error: the torchrun launcher (pid {parent}) is gone; stopping this worker", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="fdfo-parent-watch", daemon=True).start()
+
+
+# -- divergence --------------------------------------------------------------------------------------------------------
+
+DIVERGED_FIX = "lower --train.learning-rate (or --train.max-grad-norm) and check that the reward is finite and bounded"
+
+
+class Diverged(RunError):
+    """Training produced a non-finite loss, gradient or adapter weight; the last good checkpoint stays the newest."""
+
+
+def check_step(loss: float, grad_norm: float, scaler_enabled: bool, epoch: int, step: int) -> bool:
+    """Called every optimizer step before the update. Returns False for a step the fp16 grad scaler will skip.
+
+    A non-finite loss is divergence. A non-finite gradient norm is divergence too, except with the fp16 grad scaler:
+    there an overflowing scaled gradient is routine (the scaler skips the step and lowers its scale).
+    """
+    if not math.isfinite(loss):
+        raise Diverged(f"training diverged: the loss is {loss} at epoch {epoch}, optimizer step {step}. Nothing was "
+                       f"saved from this epoch; {DIVERGED_FIX}, then rerun (it resumes from the last good checkpoint).")
+    if not math.isfinite(grad_norm):
+        if scaler_enabled:
+            return False
+        raise Diverged(f"training diverged: the gradient norm is {grad_norm} at epoch {epoch}, optimizer step {step}. "
+                       f"Nothing was saved from this epoch; {DIVERGED_FIX}, then rerun (it resumes from the last good "
+                       f"checkpoint).")
+    return True
+
+
+def check_weights(tensors: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+    """Before every save: refuse to write an adapter with a NaN / inf entry."""
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise Diverged(f"training diverged: {len(bad)} adapter tensor(s) hold NaN/inf after epoch {epoch}, optimizer "
+                       f"step {step} (e.g. {bad[0]}); the checkpoint was not written; {DIVERGED_FIX}, then rerun "
+                       f"(it resumes from the last good checkpoint).")
+
+
+# -- disk full and durable writes --------------------------------------------------------------------------------------
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when wrapped by a library that reports it as text (safetensors, torch's zip writer)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+
+
+def disk_full_error(where: Path, what: str) -> RunError:
+    try:
+        free = f"; {shutil_free(where)} free there now"
+    except OSError:
+        free = ""
+    return RunError(f"the disk is full: could not write {what} in {where}{free}. Free space (or move the run folder "
+                    f"to a larger disk) and rerun the same command: it resumes from the newest complete checkpoint.")
+
+
+def shutil_free(path: Path) -> str:
+    import shutil
+
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return f"{shutil.disk_usage(path).free / 2**20:.0f} MiB"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk (so a rename after it survives a power cut)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems refuse fsync on folders (EINVAL); the data fsync is what matters most
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
