@@ -28,6 +28,7 @@ import torch
 
 from fdfo import distributed, stats
 from fdfo.checkpoints import write_json_atomic
+from fdfo.cli import check_device
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
 from fdfo.images import to_uint8, uint8_to_pil
 from fdfo.prompts import load_prompt_set
@@ -122,6 +123,7 @@ def unshard(gathered: torch.Tensor, num_prompts: int, world: int) -> torch.Tenso
 
 def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
     """User errors before anything loads. Returns the reward-model metrics and whether diversity is asked for."""
+    check_device("--device", cfg.device)
     metrics = list(cfg.metrics)
     unknown = [name for name in metrics if name not in METRICS]
     if unknown or not metrics:

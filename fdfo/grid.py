@@ -184,6 +184,7 @@ def generate_grid(cfg) -> Path:
     """Run generate.py's configuration (see generate.py): load, sample, draw, save; returns the output path."""
     from tqdm import tqdm
 
+    from fdfo.cli import check_device
     from fdfo.generation import choose_base_model, describe, load_generator
     from fdfo.hub import resolve_checkpoint
     from fdfo.prompts import load_prompts
@@ -192,6 +193,7 @@ def generate_grid(cfg) -> Path:
     if out.suffix.lower() not in (".jpg", ".jpeg", ".png"):
         raise ValueError(f"--out {cfg.out}: the grid is written as JPEG or PNG; end the name in .jpg, .jpeg or .png")
     check_output_path(out)
+    check_device("--device", cfg.device)
     for name in ("grid_rows", "grid_cols", "batch_size", "num_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")

@@ -436,3 +436,19 @@ def test_unwritable_out_is_refused_before_loading(tmp_path, monkeypatch, capsys)
     finally:
         read_only.chmod(0o755)
     assert not (tmp_path / "file" / "sub").exists() and not (read_only / "new").exists()
+
+
+def test_a_device_this_machine_lacks_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    import generate
+    from fdfo import generation
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(generation, "BaseModel", no_loading)
+    monkeypatch.setattr(generation, "resolve_checkpoint", no_loading)
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--out", str(tmp_path / "g.png"), "--device", "tpu"])
+    assert e.value.code == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert "--device 'tpu'" in line, line

@@ -323,6 +323,7 @@ def assert_user_error(result, *fragments):
     (["--prompt-set", "hpdv2", "--metrics", "pickscore"], ["prompt_sets/hpdv2.json not found",
                                                            "`python -m fdfo.prompts download hpdv2`"]),
     (["--out", ".", "--metrics", "pickscore"], ["--out '.' is a folder; give a file path"]),
+    (["--device", "tpu", "--metrics", "pickscore"], ["--device 'tpu'", "use cpu, cuda or cuda:<index>"]),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, args, fragments):
     assert_user_error(run_metrics(*args, cwd=tmp_path), *fragments)  # cwd: a folder without prompt_sets/
