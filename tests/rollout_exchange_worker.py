@@ -22,7 +22,8 @@ def epoch_samples(rank: int, world: int) -> EpochSamples:
     """Rank `rank`'s slice of one fixed epoch of all PAIRS pairs (distinct values in every row)."""
     g = torch.Generator().manual_seed(0)
     n = 2 * PAIRS
-    full = dict(states=torch.randn(n, STEPS, 2, 2, 2, generator=g), velocities=torch.randn(n, STEPS, 2, 2, 2, generator=g),
+    full = dict(states=torch.randn(n, STEPS, 2, 2, 2, generator=g),
+                velocities=torch.randn(n, STEPS, 2, 2, 2, generator=g),
                 final=torch.randn(n, 2, 2, 2, generator=g), reward=torch.randn(n, generator=g),
                 embeds=torch.randn(PAIRS, 3, generator=g))
     s = slice(rank * n // world, (rank + 1) * n // world)
