@@ -48,6 +48,10 @@ class TrainConfig:
     """Gradient clipping norm."""
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     """Autocast precision. auto: fp16 with a grad scaler on CUDA (the reference), fp32 on CPU."""
+    compile: bool = False
+    """Speed option: torch.compile each transformer block (regional compilation); same math, off by default."""
+    gradient_checkpointing: bool = False
+    """Memory option: recompute each transformer block's activations in the backward pass; same math."""
 
 
 @dataclass

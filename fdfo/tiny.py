@@ -305,25 +305,44 @@ def _amplify_conditioning(transformer) -> None:
                     module.weight.mul_(gain)
 
 
+# The tiny transformer and VAE configs (also used by fdfo.bench --tiny).
+TRANSFORMER_CONFIG = dict(
+    sample_size=8,  # latent side, so the pipeline's default resolution is 8 * 8 = 64 px
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=_HEAD_DIM,
+    num_attention_heads=_HEADS,
+    joint_attention_dim=_T5_WIDTH,
+    caption_projection_dim=_HEADS * _HEAD_DIM,
+    pooled_projection_dim=sum(_CLIP_WIDTHS),
+    pos_embed_max_size=32,  # up to 32 x 32 patches, i.e. 512 px
+    dual_attention_layers=(0,),
+    qk_norm="rms_norm",
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=64,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
+
 def _transformer():
     """MMDiT-X like SD3.5 Medium (QK RMS-norm, dual attention in the first block), 2 blocks of 2 x 16-dim heads."""
     from diffusers import SD3Transformer2DModel
 
-    transformer = SD3Transformer2DModel(
-        sample_size=8,  # latent side, so the pipeline's default resolution is 8 * 8 = 64 px
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=_HEAD_DIM,
-        num_attention_heads=_HEADS,
-        joint_attention_dim=_T5_WIDTH,
-        caption_projection_dim=_HEADS * _HEAD_DIM,
-        pooled_projection_dim=sum(_CLIP_WIDTHS),
-        pos_embed_max_size=32,  # up to 32 x 32 patches, i.e. 512 px
-        dual_attention_layers=(0,),
-        qk_norm="rms_norm",
-    )
+    transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
     _amplify_conditioning(transformer)
     return transformer
 
@@ -332,21 +351,7 @@ def _vae():
     """16-channel KL autoencoder with 4 resolution levels (scale factor 8) and SD3's latent scale and shift."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = AutoencoderKL(**VAE_CONFIG)
     with torch.no_grad():
         vae.decoder.conv_out.weight.mul_(_DECODER_GAIN)
         for name, module in vae.decoder.named_modules():

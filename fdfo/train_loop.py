@@ -113,6 +113,7 @@ def setup(cfg: Config) -> Run:
     resume = find_resume_point(cfg)
     counters, state = read_checkpoint(resume) if resume is not None else ({"epoch": 0, "global_step": 0}, None)
     policy = build_policy(cfg, device)
+    policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
     reward = build_reward_model(cfg, device)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
