@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -94,7 +93,6 @@ def model_configs(tiny: bool) -> tuple[dict, dict]:
 def build_models(tiny: bool, device: torch.device):
     """Random-init transformer and VAE, created directly on `device` (no CPU copy of the full model)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # random-init models: no warnings about casting pretrained weights
@@ -142,10 +140,11 @@ def count_flops(tiny: bool, resolution: int, lora_rank: int = 32) -> dict[str, f
     with torch.device("meta"):
         transformer = SD3Transformer2DModel(**tcfg).requires_grad_(False)
         vae = AutoencoderKL(**vcfg).requires_grad_(False)
-        model = add_lora_for_test(transformer, lora_rank)
+        model = with_lora(transformer, lora_rank)
         x = torch.randn(1, tcfg["in_channels"], side, side)
-        inputs = dict(hidden_states=x, timestep=torch.ones(1), encoder_hidden_states=torch.randn(
-            1, TEXT_TOKENS, tcfg["joint_attention_dim"]), pooled_projections=torch.randn(1, tcfg["pooled_projection_dim"]))
+        inputs = dict(hidden_states=x, timestep=torch.ones(1),
+                      encoder_hidden_states=torch.randn(1, TEXT_TOKENS, tcfg["joint_attention_dim"]),
+                      pooled_projections=torch.randn(1, tcfg["pooled_projection_dim"]))
         with FlopCounterMode(display=False) as forward:
             with torch.no_grad():
                 model(**inputs, return_dict=False)
@@ -158,7 +157,7 @@ def count_flops(tiny: bool, resolution: int, lora_rank: int = 32) -> dict[str, f
             "decode_per_image": float(decode.get_total_flops())}
 
 
-def add_lora_for_test(transformer: torch.nn.Module, lora_rank: int) -> torch.nn.Module:
+def with_lora(transformer: torch.nn.Module, lora_rank: int) -> torch.nn.Module:
     """The LoRA exactly as count_flops adds it (alpha = 2 r, the paper's ratio; alpha does not change FLOPs)."""
     from fdfo.sd3 import add_lora
 

@@ -47,7 +47,7 @@ def test_meta_flop_count_equals_a_real_forward_of_the_tiny_model():
     from fdfo import tiny
 
     counted = bench.count_flops(tiny=True, resolution=64, lora_rank=8)
-    model = bench.add_lora_for_test(SD3Transformer2DModel(**tiny.TRANSFORMER_CONFIG).requires_grad_(False), 8)
+    model = bench.with_lora(SD3Transformer2DModel(**tiny.TRANSFORMER_CONFIG).requires_grad_(False), 8)
     cfg = tiny.TRANSFORMER_CONFIG
     inputs = dict(hidden_states=torch.randn(1, 16, 8, 8), timestep=torch.ones(1),
                   encoder_hidden_states=torch.randn(1, bench.TEXT_TOKENS, cfg["joint_attention_dim"]),
