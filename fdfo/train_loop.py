@@ -14,7 +14,8 @@ from fdfo import distributed as dist
 from fdfo.checkpoints import (checkpoint_dir, latest_checkpoint, new_run_dir, read_checkpoint, save_checkpoint,
                               write_json_atomic)
 from fdfo.config import Config, Geometry, batch_geometry
-from fdfo.phases import EpochSamples, build_training_set, sample_phase, train_phase
+from fdfo.phases import (EpochSamples, build_training_set, rollout_dtypes, rollout_gb_per_rank, sample_phase,
+                         train_phase)
 from fdfo.prompts import load_prompts, prompt_indices
 from fdfo.rng import derive_seed
 from fdfo.runlog import NullLogger, RunLogger
@@ -58,6 +59,18 @@ def build_policy(cfg: Config, device: torch.device) -> SD3Policy:
     with dist.rank0_first():  # rank 0 builds or downloads into the shared cache first
         return SD3Policy(cfg.pretrained_model, device, cfg.lora_rank, cfg.lora_alpha, cfg.sample.guidance_scale,
                          amp_dtype(cfg.train.precision, device))
+
+
+def rollout_memory_note(policy, cfg: Config, geom: Geometry) -> str:
+    """One line: the rollout memory each rank holds for training (states and velocities of its own items)."""
+    state_dtype, velocity_dtypes = rollout_dtypes(policy)
+    state_bytes = torch.finfo(state_dtype).bits // 8
+    # velocities are kept in 16 bits only when that is lossless, which CFG (a float32 combination) rules out
+    velocity_bytes = 2 if velocity_dtypes and cfg.sample.guidance_scale == 1.0 else 4
+    latent = policy.latent_shape(cfg.sample.resolution)
+    gb = rollout_gb_per_rank(geom, cfg.sample.num_solver_steps, latent, state_bytes, velocity_bytes)
+    return (f"rollout memory per rank: {gb:.2f} GB ({2 * geom.pairs_per_gpu} samples x {cfg.sample.num_solver_steps} "
+            f"timesteps x {'x'.join(map(str, latent))} latents x ({state_bytes} + {velocity_bytes}) bytes)")
 
 
 def build_reward_model(cfg: Config, device: torch.device):
@@ -114,6 +127,7 @@ def setup(cfg: Config) -> Run:
     counters, state = read_checkpoint(resume) if resume is not None else ({"epoch": 0, "global_step": 0}, None)
     policy = build_policy(cfg, device)
     policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
+    dist.print0(rollout_memory_note(policy, cfg, geom))
     reward = build_reward_model(cfg, device)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
