@@ -24,7 +24,8 @@ import torch
 
 from fdfo import distributed as dist
 from fdfo.config import Config, batch_geometry
-from fdfo.phases import build_training_set, rollout_dtypes, rollout_gb_per_rank, sample_phase, train_phase
+from fdfo.phases import (build_training_set, rollout_dtypes, rollout_gb_per_rank, sample_phase, timesteps_per_sample,
+                         train_phase)
 
 # SD3.5-Medium (stabilityai/stable-diffusion-3.5-medium, transformer/config.json and vae/config.json).
 SD35M_TRANSFORMER = dict(
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (default 1: no CFG)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (--train.compile)")
     p.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing per transformer block")
+    p.add_argument("--timesteps-per-sample", type=int, default=None,
+                   help="train K of the T timesteps per trajectory (default all T; --train.timesteps-per-sample)")
     p.add_argument("--repeats", type=int, default=None, help="epochs run; the last one is measured (default 2; tiny 1)")
     p.add_argument("--flops-only", action="store_true", help="only count FLOPs on the meta device at the full shape")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
@@ -164,12 +167,15 @@ def with_lora(transformer: torch.nn.Module, lora_rank: int) -> torch.nn.Module:
     return add_lora(transformer, lora_rank, 2.0 * lora_rank)
 
 
-def flops_per_pair(flops: dict[str, float], steps: int, guidance_scale: float, kl_weight: float = 0.0) -> dict:
-    """Per pair: sampling 2 T forwards (x2 with CFG), decode 2 images, training 2 T items (+ a forward with KL)."""
+def flops_per_pair(flops: dict[str, float], steps: int, guidance_scale: float, kl_weight: float = 0.0,
+                   trained_steps: int | None = None) -> dict:
+    """Per pair: sampling 2 T forwards (x2 with CFG), decode 2 images, training 2 K items (K = T unless
+    --timesteps-per-sample; + a forward with KL)."""
+    trained_steps = steps if trained_steps is None else trained_steps
     cfg_factor = 2 if guidance_scale != 1.0 else 1
     train_item = flops["train_item"] * cfg_factor + (flops["fwd_per_image"] * cfg_factor if kl_weight > 0 else 0.0)
     return {"sample": 2 * steps * cfg_factor * flops["fwd_per_image"], "decode": 2 * flops["decode_per_image"],
-            "reward": None, "exchange": 0.0, "train": 2 * steps * train_item}
+            "reward": None, "exchange": 0.0, "train": 2 * trained_steps * train_item}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -249,6 +255,8 @@ def bench_config(args: argparse.Namespace) -> Config:
     cfg.sample.guidance_scale = args.guidance_scale
     cfg.train.precision = args.precision
     cfg.train.compile, cfg.train.gradient_checkpointing = args.compile, args.grad_checkpoint
+    cfg.train.timesteps_per_sample = args.timesteps_per_sample
+    timesteps_per_sample(cfg)  # ValueError for an impossible K
     return cfg
 
 
@@ -265,7 +273,8 @@ def run(args: argparse.Namespace) -> dict:
     cfg = bench_config(args)
     geom = batch_geometry(cfg, dist.get_world_size())
     flops = count_flops(args.tiny, args.resolution, cfg.lora_rank)
-    per_pair = flops_per_pair(flops, args.steps, args.guidance_scale, cfg.train.kl_weight)
+    per_pair = flops_per_pair(flops, args.steps, args.guidance_scale, cfg.train.kl_weight,
+                              timesteps_per_sample(cfg))
 
     torch.manual_seed(0)
     transformer, vae, scheduler = build_models(args.tiny, device)
@@ -329,7 +338,8 @@ def run(args: argparse.Namespace) -> dict:
                    peak_mem_gb=max(peaks) if peaks else None,
                    epoch_s_projected=total_s * PAPER_PAIRS_PER_EPOCH / world,
                    epoch_note=f"{PAPER_PAIRS_PER_EPOCH} pairs per epoch over {world} GPU(s) at the measured rate"),
-        rollout_gb_per_rank=rollout_gb_per_rank(geom, args.steps, latent, torch.finfo(state_dtype).bits // 8,
+        rollout_gb_per_rank=rollout_gb_per_rank(geom, timesteps_per_sample(cfg), latent,
+                                                torch.finfo(state_dtype).bits // 8,
                                                 velocity_bytes),
     )
 

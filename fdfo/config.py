@@ -52,6 +52,9 @@ class TrainConfig:
     """Speed option: torch.compile each transformer block (regional compilation); same math, off by default."""
     gradient_checkpointing: bool = False
     """Memory option: recompute each transformer block's activations in the backward pass; same math."""
+    timesteps_per_sample: int | None = None
+    """Train K of the T timesteps of each trajectory (drawn per pair before sampling; only those are stored).
+    Default: all T, as in the paper. K < T changes the estimator: each pair's gradient sums K instead of T terms."""
 
 
 @dataclass

@@ -21,20 +21,43 @@ from fdfo.rng import generator, randn_per_sample
 from fdfo.sampling import make_churn, sample_pairs
 
 NOISE_STREAM, SHUFFLE_STREAM = 1, 2
+TIMESTEP_STREAM = 0x4B54  # --train.timesteps-per-sample draws; far from the small stream numbers used elsewhere
 
 
 @dataclass
 class EpochSamples:
     """One rank's rollouts, interleaved a0, b0, ...: B = 2 * pairs_per_gpu samples, P = pairs_per_gpu prompts."""
 
-    states: torch.Tensor | None  # [B, T, C, h, w] in the model's dtype; None once handed to build_training_set
-    velocities: torch.Tensor | None  # [B, T, C, h, w] (see rollout_dtypes)
+    states: torch.Tensor | None  # [B, K, C, h, w] in the model's dtype; None once handed to build_training_set
+    velocities: torch.Tensor | None  # [B, K, C, h, w] (see rollout_dtypes)
     sigmas: torch.Tensor  # [T]
     final: torch.Tensor  # [B, C, h, w]
     rewards: dict[str, torch.Tensor]  # name -> [B]; "reward" is the weighted total
     cond: dict[str, torch.Tensor]  # name -> [P, ...]
     prompts: list[str]  # [P]
     preview: torch.Tensor  # [2 * n, 3, H, W] images of the first n pairs, on CPU
+    timesteps: torch.Tensor | None = None  # [B, K] indices into sigmas of the kept states; None: all T (K = T)
+
+
+def timesteps_per_sample(cfg: Config) -> int:
+    """K of --train.timesteps-per-sample (default all T timesteps, as in the paper); ValueError if out of range."""
+    num_steps, k = cfg.sample.num_solver_steps, cfg.train.timesteps_per_sample
+    if k is None:
+        return num_steps
+    if not 1 <= k <= num_steps:
+        raise ValueError(f"--train.timesteps-per-sample {k} must be between 1 and --sample.num-solver-steps "
+                         f"{num_steps}")
+    return k
+
+
+def kept_timesteps(cfg: Config, epoch: int, pair: int) -> torch.Tensor:
+    """`[2, K]` sorted timestep indices trained for the two samples of global pair `pair`, drawn from
+    (seed, epoch, pair) before sampling, so they do not depend on ranks or batches; all T when K = T."""
+    num_steps, k = cfg.sample.num_solver_steps, timesteps_per_sample(cfg)
+    if k == num_steps:
+        return torch.arange(num_steps).expand(2, -1)
+    g = generator("cpu", cfg.seed, TIMESTEP_STREAM, epoch, pair)
+    return torch.stack([torch.randperm(num_steps, generator=g)[:k].sort().values for _ in (0, 1)])
 
 
 def rollout_dtypes(policy) -> tuple[torch.dtype, tuple[torch.dtype, ...]]:
@@ -91,7 +114,13 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
         images = policy.decode(traj.final)
         scores = reward.components([p for p in batch_prompts for _ in (0, 1)], images)
         kept = 2 * cfg.image_log_pairs - 2 * start  # keep only the preview images; the rest are done with
-        batches.append(dict(states=traj.states.to(state_dtype), velocities=_lossless(traj.velocities, vel_dtypes),
+        timesteps = torch.cat([kept_timesteps(cfg, epoch, i) for i in pairs])  # [2 P, K]
+        states, velocities = traj.states, traj.velocities
+        if timesteps.shape[1] < states.shape[1]:  # --train.timesteps-per-sample K < T: store only those K
+            rows, cols = torch.arange(len(timesteps), device=device)[:, None], timesteps.to(device)
+            states, velocities = states[rows, cols], velocities[rows, cols]
+        batches.append(dict(states=states.to(state_dtype), velocities=_lossless(velocities, vel_dtypes),
+                            timesteps=timesteps,
                             final=traj.final, cond=cond,
                             rewards={k: v.float().to(device) for k, v in scores.items()},
                             images=images[:max(kept, 0)].cpu()))
@@ -104,6 +133,7 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
         cond=_cat([b["cond"] for b in batches]),
         prompts=prompts,
         preview=torch.cat([b["images"] for b in batches]),
+        timesteps=torch.cat([b["timesteps"] for b in batches]),
     )
 
 
@@ -158,7 +188,11 @@ def build_training_set(samples: EpochSamples, cfg: Config, geom: Geometry, epoch
     if num_valid == 0:
         raise RunError(f"epoch {epoch}: all {num_pairs} pairs got a non-finite reward; check the reward model "
                            f"(--reward-preset {cfg.reward_preset}) and the sampled images")
-    num_timesteps = len(samples.sigmas)
+    # K states per sample (all T by default); item = sample * K + j trains timestep timesteps[sample, j]
+    num_timesteps = samples.states.shape[1]
+    timesteps = samples.timesteps
+    if timesteps is None:
+        timesteps = torch.arange(num_timesteps).expand(len(dR), -1)
     num_items = 2 * num_pairs * num_timesteps
     rank, device = dist.get_rank(), dR.device
     per_rank = [torch.cat(item_steps(num_items, cfg, geom, epoch, r)) for r in range(geom.world_size)]
@@ -175,7 +209,9 @@ def build_training_set(samples: EpochSamples, cfg: Config, geom: Geometry, epoch
     count = len(items) // geom.gradient_steps
     return TrainingSet(
         items=items, states=states, velocities=velocities, sigmas=samples.sigmas,
-        timestep=(items % num_timesteps).to(device), sample=sample.to(device), prompt=prompt.to(device),
+        timestep=dist.exchange_rows(timesteps.to(device), per_rank_samples)[sample.to(device),
+                                                                             (items % num_timesteps).to(device)],
+        sample=sample.to(device), prompt=prompt.to(device),
         dx=dist.exchange_rows(dx, per_rank_samples), dR=dist.exchange_rows(dR, per_rank_samples),
         cond={k: dist.exchange_rows(v, per_rank_prompts) for k, v in samples.cond.items()},
         steps=[torch.arange(j * count, (j + 1) * count, device=device) for j in range(geom.gradient_steps)],

@@ -15,7 +15,7 @@ from fdfo.checkpoints import (checkpoint_dir, latest_checkpoint, new_run_dir, re
                               write_json_atomic)
 from fdfo.config import Config, Geometry, batch_geometry
 from fdfo.phases import (EpochSamples, build_training_set, rollout_dtypes, rollout_gb_per_rank, sample_phase,
-                         train_phase)
+                         timesteps_per_sample, train_phase)
 from fdfo.prompts import load_prompts, prompt_indices
 from fdfo.rng import derive_seed
 from fdfo.runlog import NullLogger, RunLogger
@@ -68,9 +68,10 @@ def rollout_memory_note(policy, cfg: Config, geom: Geometry) -> str:
     # velocities are kept in 16 bits only when that is lossless, which CFG (a float32 combination) rules out
     velocity_bytes = 2 if velocity_dtypes and cfg.sample.guidance_scale == 1.0 else 4
     latent = policy.latent_shape(cfg.sample.resolution)
-    gb = rollout_gb_per_rank(geom, cfg.sample.num_solver_steps, latent, state_bytes, velocity_bytes)
-    return (f"rollout memory per rank: {gb:.2f} GB ({2 * geom.pairs_per_gpu} samples x {cfg.sample.num_solver_steps} "
-            f"timesteps x {'x'.join(map(str, latent))} latents x ({state_bytes} + {velocity_bytes}) bytes)")
+    k = timesteps_per_sample(cfg)
+    gb = rollout_gb_per_rank(geom, k, latent, state_bytes, velocity_bytes)
+    return (f"rollout memory per rank: {gb:.2f} GB ({2 * geom.pairs_per_gpu} samples x {k} timesteps x "
+            f"{'x'.join(map(str, latent))} latents x ({state_bytes} + {velocity_bytes}) bytes)")
 
 
 def build_reward_model(cfg: Config, device: torch.device):
@@ -121,6 +122,7 @@ def setup(cfg: Config) -> Run:
     """Check the user's input, load the models, restore a checkpoint if there is one, open the run folder and log."""
     device = dist.init(cfg.device)
     geom = batch_geometry(cfg, dist.get_world_size())  # user errors surface before any model loads
+    timesteps_per_sample(cfg)
     prompts = load_prompts(cfg.prompt_file)
     dist.print0(geom.describe(cfg.total_pairs_per_epoch, cfg.sample.num_solver_steps))
     resume = find_resume_point(cfg)
