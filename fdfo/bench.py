@@ -2,7 +2,7 @@
 
 Runs the real phases that train.py runs (sample_phase with its decode and reward, build_training_set, train_phase)
 on random-init models of the real SD3.5-Medium shapes, so nothing is downloaded: the MMDiT-X transformer and the
-16-channel VAE at their published configs, fake text embeddings of the real shapes (77 CLIP + 128 T5 tokens x 4096,
+16-channel VAE at their published configs (fdfo/tiny.py SD35M_*_CONFIG), fake text embeddings of the real shapes (77 CLIP + 128 T5 tokens x 4096,
 pooled 2048) and a stub reward. Timing is the same work as a real epoch except the text encoders and the reward
 model. --flops-only counts the FLOPs on the meta device (no weights, no GPU) with torch's FlopCounterMode.
 
@@ -27,18 +27,6 @@ from fdfo.config import Config, batch_geometry
 from fdfo.phases import (build_training_set, rollout_dtypes, rollout_gb_per_rank, sample_phase, timesteps_per_sample,
                          train_phase)
 
-# SD3.5-Medium (stabilityai/stable-diffusion-3.5-medium, transformer/config.json and vae/config.json).
-SD35M_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)
-SD35M_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-    use_post_quant_conv=False,
-)
 TEXT_TOKENS = 77 + 128  # CLIP (both encoders, concatenated along the width) + T5
 # Dense bf16 / fp16 tensor-core peak per GPU in TFLOP/s, from NVIDIA's spec sheets (SXM parts, without sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -86,10 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def model_configs(tiny: bool) -> tuple[dict, dict]:
     """(transformer kwargs, VAE kwargs): SD3.5-Medium, or the tiny offline pipeline's (fdfo/tiny.py)."""
-    if not tiny:
-        return SD35M_TRANSFORMER, SD35M_VAE
     from fdfo import tiny as t
 
+    if not tiny:
+        return t.SD35M_TRANSFORMER_CONFIG, t.SD35M_VAE_CONFIG
     return t.TRANSFORMER_CONFIG, t.VAE_CONFIG
 
 

@@ -29,20 +29,26 @@ def load_pipeline(name: str, device: torch.device, dtype: torch.dtype):
 
     diffusers_logging.disable_progress_bar()
 
-    source = tiny.resolve_builtin(name)
+    if name == tiny.RANDOM_SD35M:  # the real shapes at random init, built on the device (benchmarks, GPU checks)
+        pipe = tiny.random_sd35m_pipeline(device).to(dtype=dtype)
+    else:
+        pipe = _from_pretrained(StableDiffusion3Pipeline, name, tiny.resolve_builtin(name), dtype)
+    pipe.set_progress_bar_config(disable=True)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False).eval()
+    return pipe.to(device)
+
+
+def _from_pretrained(pipeline_class, name: str, source: str, dtype: torch.dtype):
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype)
+        return pipeline_class.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as e:  # hub errors (offline, missing repo, gated) are OSError subclasses
         raise FileNotFoundError(
             f"could not load the SD3 pipeline {name!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
             f"Fix: pass --pretrained-model with a local folder, or log in and download it first "
             f"(`hf download {name}`; SD3.5 is gated: accept its licence on the model page)."
         ) from None
-    pipe.set_progress_bar_config(disable=True)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.requires_grad_(False).eval()
-    return pipe.to(device)
 
 
 def add_lora(transformer: torch.nn.Module, rank: int, alpha: float):

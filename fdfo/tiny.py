@@ -246,7 +246,7 @@ _DECODER_GAIN = 1.5  # random decoder output std 0.4 -> 0.6 in [-1, 1]: latents 
 _DECODER_RESIDUAL_GAIN = 0.05
 
 
-def _clip_text_encoder(tokenizer, width: int, hidden_act: str):
+def _clip_text_encoder(tokenizer, width: int, hidden_act: str, projection_dim: int | None = None):
     """CLIP text tower with projection; 2 layers because SD3 reads the penultimate hidden state."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -254,7 +254,7 @@ def _clip_text_encoder(tokenizer, width: int, hidden_act: str):
         vocab_size=len(tokenizer),
         hidden_size=width,
         intermediate_size=2 * width,
-        projection_dim=width,
+        projection_dim=projection_dim or width,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=_CLIP_MAX_LENGTH,
@@ -266,13 +266,13 @@ def _clip_text_encoder(tokenizer, width: int, hidden_act: str):
     return CLIPTextModelWithProjection(config).eval()
 
 
-def _t5_encoder(tokenizer):
+def _t5_encoder(tokenizer, d_model: int = _T5_WIDTH):
     """T5 v1.1-style encoder (gated GELU) as used by SD3, only narrow and two layers deep."""
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
         vocab_size=len(tokenizer),
-        d_model=_T5_WIDTH,
+        d_model=d_model,
         d_kv=16,
         d_ff=2 * _T5_WIDTH,
         num_layers=2,
@@ -377,6 +377,49 @@ def _pipeline():
         text_encoder_3=_t5_encoder(tokenizer_3),
         tokenizer_3=tokenizer_3,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SD3.5-Medium's own transformer and VAE at random init (benchmarks and GPU checks: real shapes, no download).
+
+RANDOM_SD35M = "builtin:random-sd35m"
+# stabilityai/stable-diffusion-3.5-medium: transformer/config.json and vae/config.json
+SD35M_TRANSFORMER_CONFIG = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+SD35M_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+SD35M_CLIP_PROJECTIONS = (768, 1280)  # pooled width 2048, as CLIP-L/14 + CLIP-bigG/14
+
+
+def random_sd35m_pipeline(device: torch.device, seed: int = 0):
+    """`builtin:random-sd35m`: SD3.5-Medium's transformer and VAE configs at random init, created directly on
+    `device`, with small random text encoders of the real output widths (CLIP projections 768 + 1280, T5 width 4096)
+    and the tiny tokenizers. fp32; the caller casts. Same weights for the same seed; the caller's RNG is untouched."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+
+    device = torch.device(device)
+    tokenizer, tokenizer_2, tokenizer_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!"), tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(seed)
+        return StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**SD35M_TRANSFORMER_CONFIG),
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            vae=AutoencoderKL(**SD35M_VAE_CONFIG),
+            text_encoder=_clip_text_encoder(tokenizer, _CLIP_WIDTHS[0], "quick_gelu", SD35M_CLIP_PROJECTIONS[0]),
+            tokenizer=tokenizer,
+            text_encoder_2=_clip_text_encoder(tokenizer_2, _CLIP_WIDTHS[1], "gelu", SD35M_CLIP_PROJECTIONS[1]),
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=_t5_encoder(tokenizer_3, d_model=SD35M_TRANSFORMER_CONFIG["joint_attention_dim"]),
+            tokenizer_3=tokenizer_3,
+        )
 
 
 def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
