@@ -52,9 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timesteps-per-sample", type=int, default=None,
                    help="train K of the T timesteps per trajectory (default all T; --train.timesteps-per-sample)")
     p.add_argument("--repeats", type=int, default=None, help="epochs run; the last one is measured (default 2; tiny 1)")
+    p.add_argument("--memory-fraction", type=float, default=None,
+                   help="cap this process's CUDA memory to this fraction of the GPU (e.g. 24/141: a 24 GB card)")
     p.add_argument("--flops-only", action="store_true", help="only count FLOPs on the meta device at the full shape")
-    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p.add_argument("--out", default=None, help="write the results as JSON to this file (with --report: the markdown)")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="no run: summarise the bench JSON files in DIR (and DIR/status.txt) as markdown into --out")
     args = p.parse_args(argv)
+    if args.report is not None:
+        if not Path(args.report).is_dir():
+            raise FileNotFoundError(f"--report {args.report}: no such folder of bench JSON files")
+        return args
     defaults = dict(pairs=2, steps=4, resolution=64, repeats=1) if args.tiny else dict(pairs=4, steps=40,
                                                                                        resolution=512, repeats=2)
     for key, value in defaults.items():
@@ -63,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("pairs", "steps", "repeats", "gradient_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
+        raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
     if args.resolution % 16:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of 16")
     return args
@@ -256,6 +266,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.tiny and args.device is None:
         args.device = "cpu"
     device = dist.init(args.device)
+    if args.memory_fraction is not None and device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, device)
     if device.type == "cpu" and args.precision != "fp32":
         args.precision = "fp32"  # CPU autocast in fp16 is not the reference path; fp32 is what train.py runs
     cfg = bench_config(args)
@@ -339,8 +351,58 @@ def flops_record(args: argparse.Namespace) -> dict:
                                                     total_per_pair=sum(v for v in per_pair.values() if v)))
 
 
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def report_markdown(folder: Path) -> str:
+    """docs/benchmarks.md from a folder of bench JSON files (one table row each) and the check's status.txt."""
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "total" in record:
+            records.append((path.name, record))
+    lines = ["# Benchmarks", "",
+             "Measured by `scripts/gpu_check.sh` (`python -m fdfo.bench`: the real phases of one epoch on random-init",
+             "SD3.5-Medium shapes, fake text embeddings, a stub reward; see README \"Performance\"). Seconds per pair",
+             "per GPU; MFU against the dense bf16/fp16 peak of the GPU's spec sheet (H100/H200: 989 TFLOP/s).", ""]
+    if not records:
+        lines += ["Not yet measured on a GPU.", ""]
+    else:
+        env = records[0][1]["env"]
+        lines += [f"- date: {env.get('date')}", f"- GPU: {env.get('gpu') or 'none (CPU)'} x {env.get('world_size')}",
+                  f"- torch {env.get('torch')}, diffusers {env.get('diffusers')}, peft {env.get('peft')}, "
+                  f"CUDA {env.get('cuda')}", f"- raw JSON: {folder}", "",
+                  "| run | precision | compile | ckpt | pairs x T | sample | decode | reward | exchange | train "
+                  "| total s/pair | MFU | peak GB | rollouts GB/rank |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in records:
+            c, ph, t = r["config"], r["phases"], r["total"]
+            cells = [name.removesuffix(".json"), c.get("precision"), "yes" if c.get("compile") else "no",
+                     "yes" if c.get("grad_checkpoint") else "no", f"{c.get('pairs_per_gpu')} x {c.get('steps')}"]
+            cells += [_fmt(ph[k]["s_per_pair"], ".3f") for k in ("sample", "decode", "reward", "exchange", "train")]
+            cells += [_fmt(t["s_per_pair"], ".3f"), _fmt(t["mfu"], ".1f", 100.0) + ("%" if t["mfu"] else ""),
+                      _fmt(t["peak_mem_gb"], ".1f"), _fmt(r.get("rollout_gb_per_rank"), ".3f")]
+            lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+        lines.append("")
+    status = folder / "status.txt"
+    if status.exists():
+        lines += ["## Check status", "", "```", status.read_text().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.report is not None:
+        text = report_markdown(Path(args.report))
+        out = Path(args.out or "docs/benchmarks.md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+        return {"report": text}
     record = flops_record(args) if args.flops_only else run(args)
     if dist.get_rank() == 0:
         f = record["flops"]
