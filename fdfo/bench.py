@@ -2,8 +2,8 @@
 
 Runs the real phases that train.py runs (sample_phase with its decode and reward, build_training_set, train_phase)
 on random-init models of the real SD3.5-Medium shapes, so nothing is downloaded: the MMDiT-X transformer and the
-16-channel VAE at their published configs (fdfo/tiny.py SD35M_*_CONFIG), fake text embeddings of the real shapes (77 CLIP + 128 T5 tokens x 4096,
-pooled 2048) and a stub reward. Timing is the same work as a real epoch except the text encoders and the reward
+16-channel VAE at their published configs (fdfo/tiny.py SD35M_*_CONFIG), fake text embeddings of the real shapes
+(77 CLIP + 128 T5 tokens x 4096, pooled 2048) and a stub reward. Timing is the same work as a real epoch except the text encoders and the reward
 model. --flops-only counts the FLOPs on the meta device (no weights, no GPU) with torch's FlopCounterMode.
 
     python -m fdfo.bench --tiny                     # CPU, tiny shapes, a few seconds
@@ -385,7 +385,7 @@ def report_markdown(folder: Path) -> str:
                      "yes" if c.get("grad_checkpoint") else "no", f"{c.get('pairs_per_gpu')} x {c.get('steps')}"]
             cells += [_fmt(ph[k]["s_per_pair"], ".3f") for k in ("sample", "decode", "reward", "exchange", "train")]
             cells += [_fmt(t["s_per_pair"], ".3f"), _fmt(t["mfu"], ".1f", 100.0) + ("%" if t["mfu"] else ""),
-                      _fmt(t["peak_mem_gb"], ".1f"), _fmt(r.get("rollout_gb_per_rank"), ".3f")]
+                      _fmt(t["peak_mem_gb"], ".1f"), _fmt(r.get("rollout_gb_per_rank"), ".3g")]
             lines.append("| " + " | ".join(str(x) for x in cells) + " |")
         lines.append("")
     status = folder / "status.txt"
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
             t = record["total"]
             mfu = f", MFU {t['mfu']:.1%}" if t["mfu"] is not None else ""
             print(f"   total: {t['s_per_pair']:.3f} s/pair ({t['gpu_s_per_pair']:.3f} GPU-s/pair){mfu}; "
-                  f"rollouts {record['rollout_gb_per_rank']:.3f} GB per rank")
+                  f"rollouts {record['rollout_gb_per_rank']:.3g} GB per rank")
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(record, indent=1, default=str) + "\n")

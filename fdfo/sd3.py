@@ -123,6 +123,12 @@ class SD3Policy:
         if gradient_checkpointing:
             base.enable_gradient_checkpointing()
         if compile_blocks:
+            import torch._dynamo
+
+            # the blocks share one code object: allow a graph per block kind x batch size x grad mode, not the default 8
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
             for block in base.transformer_blocks:
                 block.compile()
 

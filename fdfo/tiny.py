@@ -407,7 +407,8 @@ def random_sd35m_pipeline(device: torch.device, seed: int = 0):
 
     device = torch.device(device)
     tokenizer, tokenizer_2, tokenizer_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!"), tiny_t5_tokenizer()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.device(device):
         torch.manual_seed(seed)
         return StableDiffusion3Pipeline(
             transformer=SD3Transformer2DModel(**SD35M_TRANSFORMER_CONFIG),

@@ -70,7 +70,7 @@ def rollout_memory_note(policy, cfg: Config, geom: Geometry) -> str:
     latent = policy.latent_shape(cfg.sample.resolution)
     k = timesteps_per_sample(cfg)
     gb = rollout_gb_per_rank(geom, k, latent, state_bytes, velocity_bytes)
-    return (f"rollout memory per rank: {gb:.2f} GB ({2 * geom.pairs_per_gpu} samples x {k} timesteps x "
+    return (f"rollout memory per rank: {gb:.3g} GB ({2 * geom.pairs_per_gpu} samples x {k} timesteps x "
             f"{'x'.join(map(str, latent))} latents x ({state_bytes} + {velocity_bytes}) bytes)")
 
 
