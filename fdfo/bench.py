@@ -4,7 +4,8 @@ Runs the real phases that train.py runs (sample_phase with its decode and reward
 on random-init models of the real SD3.5-Medium shapes, so nothing is downloaded: the MMDiT-X transformer and the
 16-channel VAE at their published configs (fdfo/tiny.py SD35M_*_CONFIG), fake text embeddings of the real shapes
 (77 CLIP + 128 T5 tokens x 4096, pooled 2048) and a stub reward. Timing is the same work as a real epoch except
-the text encoders and the reward model. --flops-only counts the FLOPs on the meta device (no weights, no GPU) with torch's FlopCounterMode.
+the text encoders and the reward model. --flops-only counts the FLOPs on the meta device (no weights, no GPU)
+with torch's FlopCounterMode.
 
     python -m fdfo.bench --tiny                     # CPU, tiny shapes, a few seconds
     python -m fdfo.bench --pairs 4 --out b.json     # on a GPU, full shape, 512 px, 40 steps
