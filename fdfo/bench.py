@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timesteps-per-sample", type=int, default=None,
                    help="train K of the T timesteps per trajectory (default all T; --train.timesteps-per-sample)")
     p.add_argument("--repeats", type=int, default=None, help="epochs run; the last one is measured (default 2; tiny 1)")
+    p.add_argument("--rollout-device", choices=["auto", "cpu"], default="auto",
+                   help="keep the rollouts on the training device (auto) or in host memory (--train.rollout-device)")
     p.add_argument("--memory-fraction", type=float, default=None,
                    help="cap this process's CUDA memory to this fraction of the GPU (e.g. 24/141: a 24 GB card)")
     p.add_argument("--flops-only", action="store_true", help="only count FLOPs on the meta device at the full shape")
@@ -255,6 +257,7 @@ def bench_config(args: argparse.Namespace) -> Config:
     cfg.train.precision = args.precision
     cfg.train.compile, cfg.train.gradient_checkpointing = args.compile, args.grad_checkpoint
     cfg.train.timesteps_per_sample = args.timesteps_per_sample
+    cfg.train.rollout_device = args.rollout_device
     timesteps_per_sample(cfg)  # ValueError for an impossible K
     return cfg
 

@@ -133,10 +133,14 @@ def exchange_rows(x: torch.Tensor, wanted: list[torch.Tensor]) -> torch.Tensor:
     recv_counts = torch.bincount(src, minlength=world).tolist()
     send = [w[torch.div(w, n, rounding_mode="floor") == rank] - rank * n for w in wanted]
     send_counts = [len(s) for s in send]
-    send_rows = x[torch.cat(send).to(x.device)].contiguous()
-    received = torch.empty((len(mine), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    # NCCL moves CUDA tensors only: rows kept in host memory travel through the GPU, one rank's share at a time
+    comm = x.device
+    if comm.type == "cpu" and dist.get_backend() == "nccl":
+        comm = torch.device("cuda", torch.cuda.current_device())
+    send_rows = x[torch.cat(send).to(x.device)].to(comm).contiguous()
+    received = torch.empty((len(mine), *x.shape[1:]), dtype=x.dtype, device=comm)
     dist.all_to_all_single(received, send_rows, recv_counts, send_counts)
     del send_rows
     out = torch.empty_like(received)
-    out[order.to(x.device)] = received
-    return out
+    out[order.to(comm)] = received
+    return out.to(x.device)

@@ -100,6 +100,7 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
     shape = policy.latent_shape(cfg.sample.resolution)
     churn = make_churn(cfg.sample.churn_schedule, cfg.sample.churn_weight)
     state_dtype, vel_dtypes = rollout_dtypes(policy)
+    rollout_device = torch.device("cpu") if cfg.train.rollout_device == "cpu" else device
     batches = []
     for start in tqdm.trange(0, len(prompts), geom.sample_batch, desc=f"epoch {epoch} sample", leave=False,
                              disable=dist.get_rank() != 0):
@@ -119,7 +120,8 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
         if timesteps.shape[1] < states.shape[1]:  # --train.timesteps-per-sample K < T: store only those K
             rows, cols = torch.arange(len(timesteps), device=device)[:, None], timesteps.to(device)
             states, velocities = states[rows, cols], velocities[rows, cols]
-        batches.append(dict(states=states.to(state_dtype), velocities=_lossless(velocities, vel_dtypes),
+        batches.append(dict(states=states.to(rollout_device, state_dtype),
+                            velocities=_lossless(velocities, vel_dtypes).to(rollout_device),
                             timesteps=timesteps,
                             final=traj.final, cond=cond,
                             rewards={k: v.float().to(device) for k, v in scores.items()},
@@ -252,7 +254,10 @@ def _micro_batch(policy, module, scaler, data: TrainingSet, ids: torch.Tensor, c
     host); the loss is scaled so a step's gradient is the mean over its items."""
     sample = data.sample[ids]
     cond = {key: value[data.prompt[ids]] for key, value in data.cond.items()}
-    x, v_ref, sigma = data.states[ids], data.velocities[ids].float(), data.sigmas[data.timestep[ids]]
+    rows = ids.to(data.states.device)  # a no-op unless the rollouts live in host memory (--train.rollout-device cpu)
+    x = data.states[rows].to(policy.device, non_blocking=True)
+    v_ref = data.velocities[rows].to(policy.device, non_blocking=True).float()
+    sigma = data.sigmas[data.timestep[ids]]
     v = policy.velocity(x, sigma, cond, module=module)
     policy_loss, ratio = spo_loss(v, v_ref, data.dx[sample], data.dR[sample], cfg.train.clip_range)
     kl = torch.zeros_like(policy_loss)

@@ -51,3 +51,18 @@ def test_gradient_checkpointing_gives_the_default_velocity_and_gradients():
 @pytest.mark.slow
 def test_compiled_blocks_give_the_default_velocity_and_gradients():
     _assert_same(_velocity_and_grads(_policy()), _velocity_and_grads(_policy(compile_blocks=True)), 1e-4)
+
+
+def test_lowmem24_preset_is_the_paper_run_with_memory_options_only():
+    from dataclasses import asdict
+
+    from fdfo.config import PRESETS, Config
+
+    paper, low = asdict(Config()), asdict(PRESETS["lowmem24"]())
+    changed = {k for k in paper if paper[k] != low[k]}
+    assert changed == {"preset", "max_batch_size", "reward_preset", "train", "reward"}
+    assert (low["max_batch_size"], low["reward_preset"]) == (2, "pickscore")
+    assert {k for k in paper["train"] if paper["train"][k] != low["train"][k]} == {"gradient_checkpointing",
+                                                                                 "rollout_device"}
+    assert {k for k in paper["reward"] if paper["reward"][k] != low["reward"][k]} == {"offload"}
+    assert low["offload_text_encoders"] and not paper["train"]["gradient_checkpointing"]
