@@ -143,13 +143,14 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
 class TrainingSet:
     """This rank's training items only (about 1/W of the epoch), in the order it trains them.
 
-    Item id = global sample * T + timestep, samples in the rank-ordered interleaved order of all ranks. Row i of
+    Item id = global sample * K + j (timestep `EpochSamples.timesteps[sample, j]`; K = T and j = the timestep by
+    default), samples in the rank-ordered interleaved order of all ranks. Row i of
     `states` / `velocities` is item `items[i]`; `sample` / `prompt` index the per-sample / per-prompt tensors, which
     hold only the samples and prompts this rank trains on. `steps[j]` holds the rows of optimizer step j, on the device.
     """
 
     items: torch.Tensor  # [N] global item ids (CPU), for inspection and tests
-    states: torch.Tensor  # [N, C, h, w] in the model's dtype
+    states: torch.Tensor  # [N, C, h, w] in the model's dtype, on the device (host memory: --train.rollout-device)
     velocities: torch.Tensor  # [N, C, h, w]
     sigmas: torch.Tensor  # [T]
     timestep: torch.Tensor  # [N] index into sigmas
