@@ -51,12 +51,23 @@ class TrainConfig:
     """Gradient clipping norm."""
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     """Autocast precision. auto: fp16 with a grad scaler on CUDA (the reference), fp32 on CPU."""
+    compile: bool = False
+    """Speed option: torch.compile each transformer block (regional compilation); same math, off by default."""
+    gradient_checkpointing: bool = False
+    """Memory option: recompute each transformer block's activations in the backward pass; same math."""
+    rollout_device: Literal["auto", "cpu"] = "auto"
+    """Where the epoch's rollouts are kept: auto = the training device; cpu = host memory (each micro-batch is copied
+    to the GPU; for small GPUs, see --preset lowmem24)."""
+    timesteps_per_sample: int | None = None
+    """Train K of the T timesteps of each trajectory (drawn per pair before sampling; only those are stored).
+    Default: all T, as in the paper. K < T changes the estimator: each pair's gradient sums K instead of T terms."""
 
 
 @dataclass
 class Config:
-    preset: Literal["paper", "smoke"] = "paper"
-    """Named starting point that the other flags override: 'paper' (ALGORITHM.md §6) or 'smoke' (tiny CPU run)."""
+    preset: Literal["paper", "smoke", "lowmem24"] = "paper"
+    """Named starting point that the other flags override: 'paper' (ALGORITHM.md §6), 'smoke' (tiny CPU run) or
+    'lowmem24' (the paper's run on one 24 GB GPU, with the PickScore reward)."""
     seed: int = 6
     """Base seed; the noise of pair i in epoch e is seeded from (seed, e, i), independent of rank and world size."""
     num_epochs: int = 1000
@@ -127,7 +138,19 @@ def smoke_config() -> Config:
     )
 
 
-PRESETS = {"paper": Config, "smoke": smoke_config}
+def lowmem24_config() -> Config:
+    """The paper's settings fitted to ONE 24 GB GPU (designed from the memory model in README "Performance", not
+    measured on such a card): gradient checkpointing, micro-batches of at most 2, rollouts in host memory, text
+    encoders (default) and the reward model parked on CPU while training. The reward is PickScore alone: the combined
+    preset's VLM does not fit next to SD3.5-M on 24 GB. Same math as 'paper' otherwise (batching only)."""
+    cfg = Config(preset="lowmem24", max_batch_size=2, reward_preset="pickscore")
+    cfg.train.gradient_checkpointing = True
+    cfg.train.rollout_device = "cpu"
+    cfg.reward.offload = True
+    return cfg
+
+
+PRESETS = {"paper": Config, "smoke": smoke_config, "lowmem24": lowmem24_config}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -114,3 +114,33 @@ def rank0_first() -> Iterator[None]:
     finally:
         if get_rank() == 0:
             barrier()
+
+
+def exchange_rows(x: torch.Tensor, wanted: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of the rank-ordered concatenation of every rank's `x` that this rank asks for, without gathering it all.
+
+    x: this rank's rows `[n, ...]` (global rows rank * n ..); all ranks pass equal shapes.
+    wanted: for every rank d, the global row ids d receives, in the order d wants them (the same list on all ranks).
+    Returns `x_all[wanted[rank]]`. One all_to_all: each rank sends only the rows others want and holds only its own.
+    """
+    n, rank, world = x.shape[0], get_rank(), len(wanted)
+    if not is_distributed():
+        assert world == 1, "without a process group there is one rank"
+        return x[wanted[0].to(x.device)]
+    mine = wanted[rank]
+    src = torch.div(mine, n, rounding_mode="floor")
+    order = torch.argsort(src, stable=True)  # receive buffer: grouped by source rank, each group in `mine` order
+    recv_counts = torch.bincount(src, minlength=world).tolist()
+    send = [w[torch.div(w, n, rounding_mode="floor") == rank] - rank * n for w in wanted]
+    send_counts = [len(s) for s in send]
+    # NCCL moves CUDA tensors only: rows kept in host memory travel through the GPU, one rank's share at a time
+    comm = x.device
+    if comm.type == "cpu" and dist.get_backend() == "nccl":
+        comm = torch.device("cuda", torch.cuda.current_device())
+    send_rows = x[torch.cat(send).to(x.device)].to(comm).contiguous()
+    received = torch.empty((len(mine), *x.shape[1:]), dtype=x.dtype, device=comm)
+    dist.all_to_all_single(received, send_rows, recv_counts, send_counts)
+    del send_rows
+    out = torch.empty_like(received)
+    out[order.to(comm)] = received
+    return out.to(x.device)

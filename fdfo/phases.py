@@ -7,6 +7,7 @@ is global, so the result does not depend on how many ranks share the work.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,20 +22,72 @@ from fdfo.safety import check_step
 from fdfo.sampling import CHURN_DRAWS, make_churn, sample_pairs
 
 NOISE_STREAM, SHUFFLE_STREAM = 1, 2
+TIMESTEP_STREAM = 0x4B54  # --train.timesteps-per-sample draws; far from the small stream numbers used elsewhere
 
 
 @dataclass
 class EpochSamples:
     """One rank's rollouts, interleaved a0, b0, ...: B = 2 * pairs_per_gpu samples, P = pairs_per_gpu prompts."""
 
-    states: torch.Tensor  # [B, T, C, h, w]
-    velocities: torch.Tensor  # [B, T, C, h, w]
+    states: torch.Tensor | None  # [B, K, C, h, w] in the model's dtype; None once handed to build_training_set
+    velocities: torch.Tensor | None  # [B, K, C, h, w] (see rollout_dtypes)
     sigmas: torch.Tensor  # [T]
     final: torch.Tensor  # [B, C, h, w]
     rewards: dict[str, torch.Tensor]  # name -> [B]; "reward" is the weighted total
     cond: dict[str, torch.Tensor]  # name -> [P, ...]
     prompts: list[str]  # [P]
     preview: torch.Tensor  # [2 * n, 3, H, W] images of the first n pairs, on CPU
+    timesteps: torch.Tensor | None = None  # [B, K] indices into sigmas of the kept states; None: all T (K = T)
+
+
+def timesteps_per_sample(cfg: Config) -> int:
+    """K of --train.timesteps-per-sample (default all T timesteps, as in the paper); ValueError if out of range."""
+    num_steps, k = cfg.sample.num_solver_steps, cfg.train.timesteps_per_sample
+    if k is None:
+        return num_steps
+    if not 1 <= k <= num_steps:
+        raise ValueError(f"--train.timesteps-per-sample {k} must be between 1 and --sample.num-solver-steps "
+                         f"{num_steps}")
+    return k
+
+
+def kept_timesteps(cfg: Config, epoch: int, pair: int) -> torch.Tensor:
+    """`[2, K]` sorted timestep indices trained for the two samples of global pair `pair`, drawn from
+    (seed, epoch, pair) before sampling, so they do not depend on ranks or batches; all T when K = T."""
+    num_steps, k = cfg.sample.num_solver_steps, timesteps_per_sample(cfg)
+    if k == num_steps:
+        return torch.arange(num_steps).expand(2, -1)
+    g = generator("cpu", cfg.seed, TIMESTEP_STREAM, epoch, pair)
+    return torch.stack([torch.randperm(num_steps, generator=g)[:k].sort().values for _ in (0, 1)])
+
+
+def rollout_dtypes(policy) -> tuple[torch.dtype, tuple[torch.dtype, ...]]:
+    """How rollouts are stored: states in the model's dtype, velocities in the first lossless 16-bit candidate.
+
+    The network only ever sees a state as `x.to(policy.dtype)`, so storing that cast changes nothing in training.
+    A velocity is the network output cast to float32 (or, with CFG, a float32 combination of two outputs): it is kept
+    in 16 bits only when that round-trips exactly (`_lossless`), so training sees bit-identical values either way.
+    """
+    model_dtype = getattr(policy, "dtype", torch.float32)
+    candidates = tuple(dt for dt in (getattr(policy, "amp_dtype", None), model_dtype)
+                       if dt is not None and dt.itemsize < 4)
+    return model_dtype, candidates
+
+
+def _lossless(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """`x` in the first of `dtypes` that holds every value exactly, else unchanged."""
+    for dtype in dtypes:
+        y = x.to(dtype)
+        if torch.equal(y.float(), x.float()):
+            return y
+    return x
+
+
+def rollout_gb_per_rank(geom: Geometry, num_timesteps: int, latent_shape: tuple[int, ...], state_bytes: int,
+                        velocity_bytes: int) -> float:
+    """Rollout memory each rank holds for training (its own items: states + velocities), in GB (1e9 bytes)."""
+    items = 2 * geom.pairs_per_gpu * num_timesteps
+    return items * math.prod(latent_shape) * (state_bytes + velocity_bytes) / 1e9
 
 
 def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -47,6 +100,8 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
     device, sigmas = policy.device, policy.sigmas(cfg.sample.num_solver_steps)
     shape = policy.latent_shape(cfg.sample.resolution)
     churn = make_churn(cfg.sample.churn_schedule, cfg.sample.churn_weight)
+    state_dtype, vel_dtypes = rollout_dtypes(policy)
+    rollout_device = torch.device("cpu") if cfg.train.rollout_device == "cpu" else device
     batches = []
     for start in tqdm.trange(0, len(prompts), geom.sample_batch, desc=f"epoch {epoch} sample", leave=False,
                              disable=dist.get_rank() != 0):
@@ -62,7 +117,15 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
         images = policy.decode(traj.final)
         scores = reward.components([p for p in batch_prompts for _ in (0, 1)], images)
         kept = 2 * cfg.image_log_pairs - 2 * start  # keep only the preview images; the rest are done with
-        batches.append(dict(states=traj.states, velocities=traj.velocities, final=traj.final, cond=cond,
+        timesteps = torch.cat([kept_timesteps(cfg, epoch, i) for i in pairs])  # [2 P, K]
+        states, velocities = traj.states, traj.velocities
+        if timesteps.shape[1] < states.shape[1]:  # --train.timesteps-per-sample K < T: store only those K
+            rows, cols = torch.arange(len(timesteps), device=device)[:, None], timesteps.to(device)
+            states, velocities = states[rows, cols], velocities[rows, cols]
+        batches.append(dict(states=states.to(rollout_device, state_dtype),
+                            velocities=_lossless(velocities, vel_dtypes).to(rollout_device),
+                            timesteps=timesteps,
+                            final=traj.final, cond=cond,
                             rewards={k: v.float().to(device) for k, v in scores.items()},
                             images=images[:max(kept, 0)].cpu()))
     return EpochSamples(
@@ -74,58 +137,95 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
         cond=_cat([b["cond"] for b in batches]),
         prompts=prompts,
         preview=torch.cat([b["images"] for b in batches]),
+        timesteps=torch.cat([b["timesteps"] for b in batches]),
     )
 
 
 @dataclass
 class TrainingSet:
-    """All ranks' items, gathered; `steps[j]` holds this rank's item ids for optimizer step j.
+    """This rank's training items only (about 1/W of the epoch), in the order it trains them.
 
-    Item id = sample * T + timestep, sample in the gathered interleaved order. Per-sample data stays compact.
+    Item id = global sample * K + j (timestep `EpochSamples.timesteps[sample, j]`; K = T and j = the timestep by
+    default), samples in the rank-ordered interleaved order of all ranks. Row i of
+    `states` / `velocities` is item `items[i]`; `sample` / `prompt` index the per-sample / per-prompt tensors, which
+    hold only the samples and prompts this rank trains on. `steps[j]` holds the rows of optimizer step j, on the device.
     """
 
-    states: torch.Tensor  # [B_all, T, ...]
-    velocities: torch.Tensor  # [B_all, T, ...]
+    items: torch.Tensor  # [N] global item ids (CPU), for inspection and tests
+    states: torch.Tensor  # [N, C, h, w] in the model's dtype, on the device (host memory: --train.rollout-device)
+    velocities: torch.Tensor  # [N, C, h, w]
     sigmas: torch.Tensor  # [T]
-    dx: torch.Tensor  # [B_all, ...]
-    dR: torch.Tensor  # [B_all]
-    cond: dict[str, torch.Tensor]  # [P_all, ...]
+    timestep: torch.Tensor  # [N] index into sigmas
+    sample: torch.Tensor  # [N] row of dx / dR
+    prompt: torch.Tensor  # [N] row of every cond tensor
+    dx: torch.Tensor  # [S, C, h, w]
+    dR: torch.Tensor  # [S]
+    cond: dict[str, torch.Tensor]  # [Q, ...]
     steps: list[torch.Tensor]
     invalid_pairs: int
 
 
+def item_steps(num_items: int, cfg: Config, geom: Geometry, epoch: int, rank: int) -> list[torch.Tensor]:
+    """Global item ids of optimizer step j for `rank`: one permutation seeded by (seed, epoch) (§5.2), each step's
+    slice split evenly over the ranks, so step j trains the same items whatever the world size."""
+    perm = torch.randperm(num_items, generator=generator("cpu", cfg.seed, SHUFFLE_STREAM, epoch))
+    per_step = num_items // geom.gradient_steps
+    per_rank = per_step // geom.world_size
+    return [perm[j * per_step + rank * per_rank: j * per_step + (rank + 1) * per_rank]
+            for j in range(geom.gradient_steps)]
+
+
 def build_training_set(samples: EpochSamples, cfg: Config, geom: Geometry, epoch: int) -> TrainingSet:
-    """FD targets per sample (§3), gather over ranks, one global permutation seeded by (seed, epoch) (§5.2)."""
+    """FD targets per sample (§3), then each rank receives only the items it trains on (one all_to_all per tensor).
+
+    Frees the sampling-time states and velocities of `samples` (set to None): after this call each rank holds its
+    own items only, about 1/W of the epoch.
+    """
     rewards = samples.rewards["reward"]
     valid = torch.isfinite(rewards).reshape(-1, 2).all(dim=1).repeat_interleave(2)
     dR, dx = pair_targets(torch.where(valid, rewards, 0.0), samples.final)
     # A pair with a non-finite reward is dropped: zero dR and dx make its loss and gradient exactly zero.
     dR = torch.where(valid, dR, 0.0)
     dx = dx * valid.reshape(-1, *([1] * (dx.ndim - 1)))
-    gathered = {k: dist.all_gather_cat(v) for k, v in
-                dict(states=samples.states, velocities=samples.velocities, dx=dx, dR=dR,
-                     valid=valid.float()).items()}
-    cond = {k: dist.all_gather_cat(v) for k, v in samples.cond.items()}
-    num_valid = int(gathered.pop("valid").sum().item()) // 2
-    num_pairs = len(gathered["dR"]) // 2
+    valid_all = dist.all_gather_cat(valid.float())
+    num_valid = int(valid_all.sum().item()) // 2
+    num_pairs = len(valid_all) // 2
     if num_valid == 0:
         raise RunError(f"epoch {epoch}: all {num_pairs} pairs got a non-finite reward; check the reward model "
                            f"(--reward-preset {cfg.reward_preset}) and the sampled images")
-    num_steps = len(samples.sigmas)
-    num_items = len(gathered["dR"]) * num_steps
-    perm = torch.randperm(num_items, generator=generator("cpu", cfg.seed, SHUFFLE_STREAM, epoch))
-    per_step = num_items // geom.gradient_steps
-    per_rank = per_step // geom.world_size
-    rank = dist.get_rank()
-    steps = [perm[j * per_step + rank * per_rank: j * per_step + (rank + 1) * per_rank]
-             for j in range(geom.gradient_steps)]
-    return TrainingSet(sigmas=samples.sigmas, cond=cond, steps=steps, invalid_pairs=num_pairs - num_valid, **gathered)
+    # K states per sample (all T by default); item = sample * K + j trains timestep timesteps[sample, j]
+    num_timesteps = samples.states.shape[1]
+    timesteps = samples.timesteps
+    if timesteps is None:
+        timesteps = torch.arange(num_timesteps).expand(len(dR), -1)
+    num_items = 2 * num_pairs * num_timesteps
+    rank, device = dist.get_rank(), dR.device
+    per_rank = [torch.cat(item_steps(num_items, cfg, geom, epoch, r)) for r in range(geom.world_size)]
+    per_rank_samples = [torch.unique(w // num_timesteps) for w in per_rank]  # sorted
+    per_rank_prompts = [torch.unique(s // 2) for s in per_rank_samples]
+    items = per_rank[rank]
+    states = dist.exchange_rows(samples.states.flatten(0, 1), per_rank)
+    samples.states = None  # free the sampling-time copy before the next exchange and training
+    velocities = dist.exchange_rows(samples.velocities.flatten(0, 1), per_rank)
+    samples.velocities = None
+    own_samples, own_prompts = per_rank_samples[rank], per_rank_prompts[rank]
+    sample = torch.searchsorted(own_samples, items // num_timesteps)
+    prompt = torch.searchsorted(own_prompts, own_samples // 2)[sample]
+    count = len(items) // geom.gradient_steps
+    return TrainingSet(
+        items=items, states=states, velocities=velocities, sigmas=samples.sigmas,
+        timestep=dist.exchange_rows(timesteps.to(device), per_rank_samples)[sample.to(device),
+                                                                             (items % num_timesteps).to(device)],
+        sample=sample.to(device), prompt=prompt.to(device),
+        dx=dist.exchange_rows(dx, per_rank_samples), dR=dist.exchange_rows(dR, per_rank_samples),
+        cond={k: dist.exchange_rows(v, per_rank_prompts) for k, v in samples.cond.items()},
+        steps=[torch.arange(j * count, (j + 1) * count, device=device) for j in range(geom.gradient_steps)],
+        invalid_pairs=num_pairs - num_valid)
 
 
 def train_phase(policy, module, optimizer, scaler, data: TrainingSet, cfg: Config, geom: Geometry,
                 epoch: int, logger, global_step: int) -> tuple[int, list[dict]]:
     """Optimizer steps over the prepared items; gradients sync across ranks only on the last micro-batch."""
-    num_timesteps = len(data.sigmas)
     params = policy.trainable_parameters()
     records = []
     for step_items in tqdm.tqdm(data.steps, desc=f"epoch {epoch} train", leave=False, disable=dist.get_rank() != 0):
@@ -134,8 +234,7 @@ def train_phase(policy, module, optimizer, scaler, data: TrainingSet, cfg: Confi
         for m, ids in enumerate(micro):
             sync = m == len(micro) - 1 or not hasattr(module, "no_sync")
             with contextlib.nullcontext() if sync else module.no_sync():
-                sums += _micro_batch(policy, module, scaler, data, ids.to(data.dR.device), num_timesteps, cfg,
-                                     len(step_items))
+                sums += _micro_batch(policy, module, scaler, data, ids, cfg, len(step_items))
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         dist.all_reduce_mean_(sums)
@@ -154,12 +253,16 @@ def train_phase(policy, module, optimizer, scaler, data: TrainingSet, cfg: Confi
     return global_step, records
 
 
-def _micro_batch(policy, module, scaler, data: TrainingSet, ids: torch.Tensor, num_timesteps: int, cfg: Config,
+def _micro_batch(policy, module, scaler, data: TrainingSet, ids: torch.Tensor, cfg: Config,
                  step_size: int) -> torch.Tensor:
-    """Forward + backward of one micro-batch; the loss is scaled so a step's gradient is the mean over its items."""
-    sample, k = ids // num_timesteps, ids % num_timesteps
-    cond = {key: value[sample // 2] for key, value in data.cond.items()}
-    x, v_ref, sigma = data.states[sample, k], data.velocities[sample, k], data.sigmas[k]
+    """Forward + backward of one micro-batch (`ids`: rows of `data`, on the device, so indexing never syncs with the
+    host); the loss is scaled so a step's gradient is the mean over its items."""
+    sample = data.sample[ids]
+    cond = {key: value[data.prompt[ids]] for key, value in data.cond.items()}
+    rows = ids.to(data.states.device)  # a no-op unless the rollouts live in host memory (--train.rollout-device cpu)
+    x = data.states[rows].to(policy.device, non_blocking=True)
+    v_ref = data.velocities[rows].to(policy.device, non_blocking=True).float()
+    sigma = data.sigmas[data.timestep[ids]]
     v = policy.velocity(x, sigma, cond, module=module)
     policy_loss, ratio = spo_loss(v, v_ref, data.dx[sample], data.dR[sample], cfg.train.clip_range)
     kl = torch.zeros_like(policy_loss)

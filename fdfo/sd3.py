@@ -30,20 +30,26 @@ def load_pipeline(name: str, device: torch.device, dtype: torch.dtype):
 
     diffusers_logging.disable_progress_bar()
 
-    source = tiny.resolve_builtin(name)
+    if name == tiny.RANDOM_SD35M:  # the real shapes at random init, built on the device (benchmarks, GPU checks)
+        pipe = tiny.random_sd35m_pipeline(device).to(dtype=dtype)
+    else:
+        pipe = _from_pretrained(StableDiffusion3Pipeline, name, tiny.resolve_builtin(name), dtype)
+    pipe.set_progress_bar_config(disable=True)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False).eval()
+    return pipe.to(device)
+
+
+def _from_pretrained(pipeline_class, name: str, source: str, dtype: torch.dtype):
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype)
+        return pipeline_class.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as e:  # hub errors (offline, missing repo, gated) are OSError subclasses
         raise FileNotFoundError(
             f"could not load the SD3 pipeline {name!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
             f"Fix: pass --pretrained-model with a local folder, or log in and download it first "
             f"(`hf download {name}`; SD3.5 is gated: accept its licence on the model page)."
         ) from None
-    pipe.set_progress_bar_config(disable=True)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.requires_grad_(False).eval()
-    return pipe.to(device)
 
 
 def add_lora(transformer: torch.nn.Module, rank: int, alpha: float):
@@ -78,11 +84,61 @@ class SD3Policy:
                             else add_lora(self.pipe.transformer, lora_rank, lora_alpha))
         self.latent_channels = self.pipe.transformer.config.in_channels
         self._negative = None
+        self._encode_fn = None
+
+    @classmethod
+    def from_components(cls, transformer: torch.nn.Module, vae: torch.nn.Module, scheduler, device: torch.device,
+                        lora_rank: int | None, lora_alpha: float = 0.0, guidance_scale: float = 1.0,
+                        amp_dtype: torch.dtype | None = None, encode_fn=None) -> SD3Policy:
+        """A policy from in-memory modules, no pipeline folder (benchmarks: random-init models of the real shapes).
+
+        encode_fn(prompts) -> {"embeds": [B, S, D], "pooled": [B, D_pooled]} stands in for the text encoders.
+        The modules are frozen and moved to `device` in the policy dtype (bf16 on GPU, fp32 on CPU).
+        """
+        import types
+
+        self = cls.__new__(cls)
+        self.device = device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.amp_dtype = amp_dtype
+        self.guidance_scale = guidance_scale
+        for module in (transformer, vae):
+            module.requires_grad_(False).eval().to(device=device, dtype=self.dtype)
+        self.pipe = types.SimpleNamespace(transformer=transformer, vae=vae, scheduler=scheduler,
+                                          vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+        self.transformer = transformer if lora_rank is None else add_lora(transformer, lora_rank, lora_alpha)
+        self.latent_channels = transformer.config.in_channels
+        self._negative = None
+        self._encode_fn = encode_fn
+        return self
+
+    def speed_options(self, compile_blocks: bool = False, gradient_checkpointing: bool = False) -> None:
+        """Opt-in speed / memory options (both off by default; the math is unchanged).
+
+        compile_blocks: torch.compile each transformer block in place (regional compilation: one small graph reused
+        by all blocks of a kind, so compiling is quick and the LoRA wrapper, CFG and DDP stay eager).
+        gradient_checkpointing: recompute each block's activations in the backward pass (non-reentrant, so the
+        LoRA parameters inside get their gradients although the block inputs do not require grad).
+        """
+        base = self.pipe.transformer
+        if gradient_checkpointing:
+            base.enable_gradient_checkpointing()
+        if compile_blocks:
+            import torch._dynamo
+
+            # the blocks share one code object: allow a graph per block kind x batch size x grad mode, not the default 8
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+            for block in base.transformer_blocks:
+                block.compile()
 
     # -- prompts and decoding ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self._encode_fn is not None:
+            return self._encode_fn(prompts)
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
             do_classifier_free_guidance=False, max_sequence_length=T5_MAX_LENGTH)

@@ -246,7 +246,7 @@ _DECODER_GAIN = 1.5  # random decoder output std 0.4 -> 0.6 in [-1, 1]: latents 
 _DECODER_RESIDUAL_GAIN = 0.05
 
 
-def _clip_text_encoder(tokenizer, width: int, hidden_act: str):
+def _clip_text_encoder(tokenizer, width: int, hidden_act: str, projection_dim: int | None = None):
     """CLIP text tower with projection; 2 layers because SD3 reads the penultimate hidden state."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -254,7 +254,7 @@ def _clip_text_encoder(tokenizer, width: int, hidden_act: str):
         vocab_size=len(tokenizer),
         hidden_size=width,
         intermediate_size=2 * width,
-        projection_dim=width,
+        projection_dim=projection_dim or width,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=_CLIP_MAX_LENGTH,
@@ -266,13 +266,13 @@ def _clip_text_encoder(tokenizer, width: int, hidden_act: str):
     return CLIPTextModelWithProjection(config).eval()
 
 
-def _t5_encoder(tokenizer):
+def _t5_encoder(tokenizer, d_model: int = _T5_WIDTH):
     """T5 v1.1-style encoder (gated GELU) as used by SD3, only narrow and two layers deep."""
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
         vocab_size=len(tokenizer),
-        d_model=_T5_WIDTH,
+        d_model=d_model,
         d_kv=16,
         d_ff=2 * _T5_WIDTH,
         num_layers=2,
@@ -305,25 +305,44 @@ def _amplify_conditioning(transformer) -> None:
                     module.weight.mul_(gain)
 
 
+# The tiny transformer and VAE configs (also used by fdfo.bench --tiny).
+TRANSFORMER_CONFIG = dict(
+    sample_size=8,  # latent side, so the pipeline's default resolution is 8 * 8 = 64 px
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=_HEAD_DIM,
+    num_attention_heads=_HEADS,
+    joint_attention_dim=_T5_WIDTH,
+    caption_projection_dim=_HEADS * _HEAD_DIM,
+    pooled_projection_dim=sum(_CLIP_WIDTHS),
+    pos_embed_max_size=32,  # up to 32 x 32 patches, i.e. 512 px
+    dual_attention_layers=(0,),
+    qk_norm="rms_norm",
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=64,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
+
 def _transformer():
     """MMDiT-X like SD3.5 Medium (QK RMS-norm, dual attention in the first block), 2 blocks of 2 x 16-dim heads."""
     from diffusers import SD3Transformer2DModel
 
-    transformer = SD3Transformer2DModel(
-        sample_size=8,  # latent side, so the pipeline's default resolution is 8 * 8 = 64 px
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=_HEAD_DIM,
-        num_attention_heads=_HEADS,
-        joint_attention_dim=_T5_WIDTH,
-        caption_projection_dim=_HEADS * _HEAD_DIM,
-        pooled_projection_dim=sum(_CLIP_WIDTHS),
-        pos_embed_max_size=32,  # up to 32 x 32 patches, i.e. 512 px
-        dual_attention_layers=(0,),
-        qk_norm="rms_norm",
-    )
+    transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
     _amplify_conditioning(transformer)
     return transformer
 
@@ -332,21 +351,7 @@ def _vae():
     """16-channel KL autoencoder with 4 resolution levels (scale factor 8) and SD3's latent scale and shift."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = AutoencoderKL(**VAE_CONFIG)
     with torch.no_grad():
         vae.decoder.conv_out.weight.mul_(_DECODER_GAIN)
         for name, module in vae.decoder.named_modules():
@@ -372,6 +377,50 @@ def _pipeline():
         text_encoder_3=_t5_encoder(tokenizer_3),
         tokenizer_3=tokenizer_3,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SD3.5-Medium's own transformer and VAE at random init (benchmarks and GPU checks: real shapes, no download).
+
+RANDOM_SD35M = "builtin:random-sd35m"
+# stabilityai/stable-diffusion-3.5-medium: transformer/config.json and vae/config.json
+SD35M_TRANSFORMER_CONFIG = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+SD35M_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+SD35M_CLIP_PROJECTIONS = (768, 1280)  # pooled width 2048, as CLIP-L/14 + CLIP-bigG/14
+
+
+def random_sd35m_pipeline(device: torch.device, seed: int = 0):
+    """`builtin:random-sd35m`: SD3.5-Medium's transformer and VAE configs at random init, created directly on
+    `device`, with small random text encoders of the real output widths (CLIP projections 768 + 1280, T5 width 4096)
+    and the tiny tokenizers. fp32; the caller casts. Same weights for the same seed; the caller's RNG is untouched."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+
+    device = torch.device(device)
+    tokenizer, tokenizer_2, tokenizer_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!"), tiny_t5_tokenizer()
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.device(device):
+        torch.manual_seed(seed)
+        return StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**SD35M_TRANSFORMER_CONFIG),
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            vae=AutoencoderKL(**SD35M_VAE_CONFIG),
+            text_encoder=_clip_text_encoder(tokenizer, _CLIP_WIDTHS[0], "quick_gelu", SD35M_CLIP_PROJECTIONS[0]),
+            tokenizer=tokenizer,
+            text_encoder_2=_clip_text_encoder(tokenizer_2, _CLIP_WIDTHS[1], "gelu", SD35M_CLIP_PROJECTIONS[1]),
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=_t5_encoder(tokenizer_3, d_model=SD35M_TRANSFORMER_CONFIG["joint_attention_dim"]),
+            tokenizer_3=tokenizer_3,
+        )
 
 
 def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:

@@ -24,7 +24,8 @@ from fdfo.checkpoints import (
 )
 from fdfo.cli import Interrupted, check_device
 from fdfo.config import Config, Geometry, batch_geometry, check_config
-from fdfo.phases import EpochSamples, build_training_set, sample_phase, train_phase
+from fdfo.phases import (EpochSamples, build_training_set, rollout_dtypes, rollout_gb_per_rank, sample_phase,
+                         timesteps_per_sample, train_phase)
 from fdfo.prompts import load_prompts, prompt_indices
 from fdfo.rng import derive_seed
 from fdfo.runlog import NullLogger, RunLogger
@@ -36,18 +37,20 @@ CHECKPOINT_FORMAT = 1
 RUNS_ROOT = "runs"
 
 # What a resumed run does with a setting that differs from the run's config.json (dotted config paths).
-# Free: bookkeeping, batching and logging; they change neither shapes nor what is optimised (batch sizes only change
-# floating-point summation order).
+# Free: bookkeeping, batching, memory/speed options and logging; they change neither shapes nor what is optimised
+# (batch sizes, compilation and checkpointing only change floating-point summation order).
 RESUME_FREE = {"preset", "num_epochs", "save_freq", "resume_from", "run_dir", "run_name", "max_batch_size",
                "offload_text_encoders", "image_log_freq", "image_log_pairs", "log_wandb", "device",
-               "sample.batch_size", "train.batch_size", "reward.chunk_size", "reward.vlm_fsdp", "reward.offload"}
+               "sample.batch_size", "train.batch_size", "train.compile", "train.gradient_checkpointing",
+               "train.rollout_device", "reward.chunk_size", "reward.vlm_fsdp", "reward.offload"}
 # Applied from the first resumed step and printed: optimizer hyperparameters (written into the restored optimizer's
 # param_groups, which otherwise keep the saved values) and the step-wise clipping / KL settings read every step.
 RESUME_APPLIED = {"train.learning_rate", "train.betas", "train.weight_decay", "train.eps", "train.max_grad_norm",
                   "train.clip_range", "train.kl_weight"}
 # Everything else is refused: seed, pretrained_model, prompt_file, lora_rank, lora_alpha, total_pairs_per_epoch,
 # gradient_steps_per_epoch, reward_preset, reward.specs / models, sample.num_solver_steps, resolution,
-# guidance_scale, churn_schedule, churn_weight, train.precision, and any setting added later (safe default): each
+# guidance_scale, churn_schedule, churn_weight, train.precision, train.timesteps_per_sample (another estimator), and
+# any setting added later (safe default): each
 # changes tensor shapes, the data or the reward, so the resumed run would no longer be the run its log describes.
 
 
@@ -163,6 +166,19 @@ def build_policy(cfg: Config, device: torch.device) -> SD3Policy:
                          amp_dtype(cfg.train.precision, device))
 
 
+def rollout_memory_note(policy, cfg: Config, geom: Geometry) -> str:
+    """One line: the rollout memory each rank holds for training (states and velocities of its own items)."""
+    state_dtype, velocity_dtypes = rollout_dtypes(policy)
+    state_bytes = torch.finfo(state_dtype).bits // 8
+    # velocities are kept in 16 bits only when that is lossless, which CFG (a float32 combination) rules out
+    velocity_bytes = 2 if velocity_dtypes and cfg.sample.guidance_scale == 1.0 else 4
+    latent = policy.latent_shape(cfg.sample.resolution)
+    k = timesteps_per_sample(cfg)
+    gb = rollout_gb_per_rank(geom, k, latent, state_bytes, velocity_bytes)
+    return (f"rollout memory per rank: {gb:.3g} GB ({2 * geom.pairs_per_gpu} samples x {k} timesteps x "
+            f"{'x'.join(map(str, latent))} latents x ({state_bytes} + {velocity_bytes}) bytes)")
+
+
 def build_reward_model(cfg: Config, device: torch.device):
     from rewards import build_reward
 
@@ -218,6 +234,7 @@ def setup(cfg: Config, locks: list) -> Run:
     check_run_location(cfg)
     device = dist.init(cfg.device)
     geom = batch_geometry(cfg, dist.get_world_size())  # user errors surface before any model loads
+    timesteps_per_sample(cfg)
     prompts = load_prompts(cfg.prompt_file)
     dist.print0(geom.describe(cfg.total_pairs_per_epoch, cfg.sample.num_solver_steps))
     if dist.get_rank() == 0 and cfg.run_dir is not None and Path(cfg.run_dir).is_dir():
@@ -229,6 +246,8 @@ def setup(cfg: Config, locks: list) -> Run:
         check_adapter_fits(cfg, resume)
         applied = check_resume_settings(cfg, geom, resume)
     policy = build_policy(cfg, device)
+    policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
+    dist.print0(rollout_memory_note(policy, cfg, geom))
     reward = build_reward_model(cfg, device)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)

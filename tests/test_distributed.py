@@ -13,9 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fdfo import distributed
 from fdfo.config import batch_geometry, smoke_config
-from fdfo.phases import EpochSamples, build_training_set
+from fdfo.phases import item_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 # Sample batch and train batch are pinned so that 1 and 2 processes batch the same samples and items together:
@@ -78,36 +77,21 @@ def test_result_does_not_depend_on_the_number_of_processes(runs):
             assert (a[key] - b[key]).norm() <= 1e-4 * a[key].norm(), key
 
 
-def _fake_samples(pairs, steps, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = 2 * pairs
-    return EpochSamples(
-        states=torch.randn(n, steps, 2, 2, 2, generator=g), velocities=torch.randn(n, steps, 2, 2, 2, generator=g),
-        sigmas=torch.linspace(1, 0, steps + 1)[:-1], final=torch.randn(n, 2, 2, 2, generator=g),
-        rewards={"reward": torch.randn(n, generator=g)}, cond={"embeds": torch.randn(pairs, 3, generator=g)},
-        prompts=[f"p{i}" for i in range(pairs)], preview=torch.zeros(0))
-
-
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_global_shuffle_is_one_permutation_split_over_ranks(world, monkeypatch):
+def test_global_shuffle_is_one_permutation_split_over_ranks(world):
     cfg = smoke_config()
     cfg.total_pairs_per_epoch, cfg.gradient_steps_per_epoch = 8, 4
     geom = batch_geometry(cfg, world)
-    samples = _fake_samples(8, 3)  # stands for the gathered data of all ranks
-    shares = []
-    for rank in range(world):
-        monkeypatch.setattr(distributed, "get_rank", lambda rank=rank: rank)
-        data = build_training_set(samples, cfg, geom, epoch=5)
-        assert len(data.steps) == 4 and all(len(s) == 48 // 4 // world for s in data.steps)
-        shares.append(data.steps)
+    num_items = 48  # 8 pairs x 2 samples x 3 timesteps, over all ranks
+    shares = [item_steps(num_items, cfg, geom, 5, rank) for rank in range(world)]
+    assert all(len(share) == 4 and all(len(s) == 48 // 4 // world for s in share) for share in shares)
     # step j of the run is the same item set whatever the world size: the j-th quarter of one global permutation
     perm = torch.cat([torch.cat([shares[r][j] for r in range(world)]) for j in range(4)])
     assert sorted(perm.tolist()) == list(range(48))  # every (sample, timestep) item exactly once
-    monkeypatch.setattr(distributed, "get_rank", lambda: 0)
     geom1 = batch_geometry(cfg, 1)
-    reference = torch.cat(build_training_set(samples, cfg, geom1, epoch=5).steps)
+    reference = torch.cat(item_steps(num_items, cfg, geom1, 5, 0))
     assert torch.equal(perm, reference)
-    other_epoch = torch.cat(build_training_set(samples, cfg, geom1, epoch=6).steps)
+    other_epoch = torch.cat(item_steps(num_items, cfg, geom1, 6, 0))
     assert not torch.equal(reference, other_epoch)
 
 

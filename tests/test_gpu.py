@@ -44,3 +44,39 @@ def test_nccl_torchrun_one_process(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "process group: nccl, world size 1" in result.stdout
     assert (tmp_path / "run/checkpoints/epoch-0000001/adapter_model.safetensors").exists()
+
+
+def test_rollouts_in_host_memory_train_like_rollouts_on_the_gpu(tmp_path):
+    """--train.rollout-device cpu (the lowmem24 preset) stores exactly the same values, so training agrees to
+    rounding."""
+    def cfg(run, where):
+        c = tiny_config(tmp_path / run, device="cuda")
+        c.train.rollout_device = where
+        return c
+
+    train_loop.train(cfg("gpu", "auto"))
+    train_loop.train(cfg("host", "cpu"))
+    a = load_file(tmp_path / "gpu/checkpoints/epoch-0000001/adapter_model.safetensors")
+    b = load_file(tmp_path / "host/checkpoints/epoch-0000001/adapter_model.safetensors")
+    for key in a:
+        assert (a[key] - b[key]).norm() <= 1e-3 * a[key].norm().clamp_min(1e-12), key
+
+
+def test_nccl_exchange_of_rows_kept_in_host_memory(tmp_path):
+    """The rollout exchange under NCCL (one process) for CUDA and for host-memory rows returns the wanted rows."""
+    script = (
+        "import torch\n"
+        "from fdfo import distributed as d\n"
+        "d.init()\n"
+        "for dev in ('cuda', 'cpu'):\n"
+        "    x = torch.arange(24.0, device=dev).reshape(12, 2)\n"
+        "    want = torch.tensor([5, 0, 11, 3])\n"
+        "    out = d.exchange_rows(x, [want])\n"
+        "    assert out.device.type == dev and torch.equal(out.cpu(), x.cpu()[want]), (dev, out)\n"
+        "d.shutdown()\n"
+        "print('exchange ok')\n"
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--no-python",
+               sys.executable, "-c", script]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "exchange ok" in result.stdout, result.stderr[-3000:]

@@ -226,3 +226,19 @@ def test_lora_target_modules_exist(pipe):
     lora = get_peft_model(copy.deepcopy(pipe.transformer), config)
     wrapped = [name for name, module in lora.named_modules() if isinstance(module, LoraLayer)]
     assert len(wrapped) == 8 * blocks - 1
+
+
+def test_random_sd35m_has_the_real_shapes_end_to_end():
+    """builtin:random-sd35m, built on the meta device (no weights): prompts encode to 77 + 128 tokens x 4096 and a
+    2048-wide pooled vector, and the SD3.5-M transformer maps a 512 px latent to a velocity of the same shape."""
+    pipe = tiny.random_sd35m_pipeline(torch.device("meta"))
+    assert pipe.transformer.config.num_layers == 24 and pipe.vae.config.block_out_channels == (128, 256, 512, 512)
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=["a red apple"], prompt_2=None, prompt_3=None,
+                                              device=torch.device("meta"), do_classifier_free_guidance=False,
+                                              max_sequence_length=128)
+    assert embeds.shape == (1, 77 + 128, 4096) and pooled.shape == (1, 2048)
+    x = torch.empty(1, 16, 64, 64, device="meta")
+    v = pipe.transformer(hidden_states=x, timestep=torch.ones(1, device="meta"), encoder_hidden_states=embeds,
+                         pooled_projections=pooled, return_dict=False)[0]
+    assert v.shape == x.shape
+    assert sum(p.numel() for p in pipe.transformer.parameters()) > 2.2e9  # SD3.5-M's MMDiT-X: ~2.5 B parameters

@@ -1,0 +1,434 @@
+"""Throughput benchmark of one FDFO epoch: `python -m fdfo.bench` (docs/benchmarks.md, README "Performance").
+
+Runs the real phases that train.py runs (sample_phase with its decode and reward, build_training_set, train_phase)
+on random-init models of the real SD3.5-Medium shapes, so nothing is downloaded: the MMDiT-X transformer and the
+16-channel VAE at their published configs (fdfo/tiny.py SD35M_*_CONFIG), fake text embeddings of the real shapes
+(77 CLIP + 128 T5 tokens x 4096, pooled 2048) and a stub reward. Timing is the same work as a real epoch except
+the text encoders and the reward model. --flops-only counts the FLOPs on the meta device (no weights, no GPU)
+with torch's FlopCounterMode.
+
+    python -m fdfo.bench --tiny                     # CPU, tiny shapes, a few seconds
+    python -m fdfo.bench --pairs 4 --out b.json     # on a GPU, full shape, 512 px, 40 steps
+    python -m fdfo.bench --flops-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from fdfo import distributed as dist
+from fdfo.config import Config, batch_geometry
+from fdfo.phases import (build_training_set, rollout_dtypes, rollout_gb_per_rank, sample_phase, timesteps_per_sample,
+                         train_phase)
+
+TEXT_TOKENS = 77 + 128  # CLIP (both encoders, concatenated along the width) + T5
+# Dense bf16 / fp16 tensor-core peak per GPU in TFLOP/s, from NVIDIA's spec sheets (SXM parts, without sparsity).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+PEAK_SOURCE = "NVIDIA spec sheet, dense bf16/fp16 tensor-core peak (no sparsity); MFU = achieved / peak"
+PAPER_PAIRS_PER_EPOCH = 432
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fdfo.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny model shapes on CPU (a few seconds; for tests)")
+    p.add_argument("--device", default=None, help="torch device; default cuda:<local rank> if available, else cpu")
+    p.add_argument("--pairs", type=int, default=None, help="pairs per GPU sampled and trained (default 4; tiny 2)")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps T (default 40; tiny 4)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default 512; tiny 64)")
+    p.add_argument("--sample-batch", type=int, default=None, help="pairs per sampling batch (default: as train.py)")
+    p.add_argument("--train-batch", type=int, default=None, help="items per micro-batch (default: as train.py)")
+    p.add_argument("--gradient-steps", type=int, default=4, help="optimizer steps per epoch (default 4)")
+    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="training autocast precision (default fp16, the reference; fp32 on CPU)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (default 1: no CFG)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (--train.compile)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing per transformer block")
+    p.add_argument("--timesteps-per-sample", type=int, default=None,
+                   help="train K of the T timesteps per trajectory (default all T; --train.timesteps-per-sample)")
+    p.add_argument("--repeats", type=int, default=None, help="epochs run; the last one is measured (default 2; tiny 1)")
+    p.add_argument("--rollout-device", choices=["auto", "cpu"], default="auto",
+                   help="keep the rollouts on the training device (auto) or in host memory (--train.rollout-device)")
+    p.add_argument("--memory-fraction", type=float, default=None,
+                   help="cap this process's CUDA memory to this fraction of the GPU (e.g. 24/141: a 24 GB card)")
+    p.add_argument("--flops-only", action="store_true", help="only count FLOPs on the meta device at the full shape")
+    p.add_argument("--out", default=None, help="write the results as JSON to this file (with --report: the markdown)")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="no run: summarise the bench JSON files in DIR (and DIR/status.txt) as markdown into --out")
+    args = p.parse_args(argv)
+    if args.report is not None:
+        if not Path(args.report).is_dir():
+            raise FileNotFoundError(f"--report {args.report}: no such folder of bench JSON files")
+        return args
+    defaults = dict(pairs=2, steps=4, resolution=64, repeats=1) if args.tiny else dict(pairs=4, steps=40,
+                                                                                       resolution=512, repeats=2)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for flag in ("pairs", "steps", "repeats", "gradient_steps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
+        raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    if args.resolution % 16:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of 16")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models of the real shapes.
+
+
+def model_configs(tiny: bool) -> tuple[dict, dict]:
+    """(transformer kwargs, VAE kwargs): SD3.5-Medium, or the tiny offline pipeline's (fdfo/tiny.py)."""
+    from fdfo import tiny as t
+
+    if not tiny:
+        return t.SD35M_TRANSFORMER_CONFIG, t.SD35M_VAE_CONFIG
+    return t.TRANSFORMER_CONFIG, t.VAE_CONFIG
+
+
+def build_models(tiny: bool, device: torch.device):
+    """Random-init transformer and VAE, created directly on `device` (no CPU copy of the full model)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # random-init models: no warnings about casting pretrained weights
+    tcfg, vcfg = model_configs(tiny)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**tcfg)
+        vae = AutoencoderKL(**vcfg)
+    return transformer, vae, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+
+def fake_encoder(tcfg: dict, device: torch.device, dtype: torch.dtype):
+    """Prompt -> fixed random embeddings of the real shapes (the text encoders are not part of the benchmark)."""
+    def encode(prompts: list[str]) -> dict[str, torch.Tensor]:
+        g = torch.Generator(device).manual_seed(len(prompts))
+        n = len(prompts)
+        return {"embeds": torch.randn(n, TEXT_TOKENS, tcfg["joint_attention_dim"], generator=g, device=device,
+                                      dtype=dtype),
+                "pooled": torch.randn(n, tcfg["pooled_projection_dim"], generator=g, device=device, dtype=dtype)}
+    return encode
+
+
+class StubReward:
+    """Mean image brightness plus a small per-sample offset: finite, cheap, distinct within each pair."""
+
+    def components(self, prompts: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+        score = torch.nan_to_num(images.float().mean(dim=(1, 2, 3)), nan=0.0)
+        return {"reward": score + 1e-3 * torch.arange(len(images), device=images.device)}
+
+    def offload(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FLOPs on the meta device.
+
+
+def count_flops(tiny: bool, resolution: int, lora_rank: int = 32) -> dict[str, float]:
+    """FLOPs of one transformer forward per image, of one training item (forward + backward with the frozen base and
+    the LoRA), and of one VAE decode per image, at the given resolution; counted without weights (meta device)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tcfg, vcfg = model_configs(tiny)
+    side = resolution // 8
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**tcfg).requires_grad_(False)
+        vae = AutoencoderKL(**vcfg).requires_grad_(False)
+        model = with_lora(transformer, lora_rank)
+        x = torch.randn(1, tcfg["in_channels"], side, side)
+        inputs = dict(hidden_states=x, timestep=torch.ones(1),
+                      encoder_hidden_states=torch.randn(1, TEXT_TOKENS, tcfg["joint_attention_dim"]),
+                      pooled_projections=torch.randn(1, tcfg["pooled_projection_dim"]))
+        with FlopCounterMode(display=False) as forward:
+            with torch.no_grad():
+                model(**inputs, return_dict=False)
+        with FlopCounterMode(display=False) as train:
+            model(**inputs, return_dict=False)[0].float().square().mean().backward()
+        with FlopCounterMode(display=False) as decode:
+            with torch.no_grad():
+                vae.decode(x, return_dict=False)
+    return {"fwd_per_image": float(forward.get_total_flops()), "train_item": float(train.get_total_flops()),
+            "decode_per_image": float(decode.get_total_flops())}
+
+
+def with_lora(transformer: torch.nn.Module, lora_rank: int) -> torch.nn.Module:
+    """The LoRA exactly as count_flops adds it (alpha = 2 r, the paper's ratio; alpha does not change FLOPs)."""
+    from fdfo.sd3 import add_lora
+
+    return add_lora(transformer, lora_rank, 2.0 * lora_rank)
+
+
+def flops_per_pair(flops: dict[str, float], steps: int, guidance_scale: float, kl_weight: float = 0.0,
+                   trained_steps: int | None = None) -> dict:
+    """Per pair: sampling 2 T forwards (x2 with CFG), decode 2 images, training 2 K items (K = T unless
+    --timesteps-per-sample; + a forward with KL)."""
+    trained_steps = steps if trained_steps is None else trained_steps
+    cfg_factor = 2 if guidance_scale != 1.0 else 1
+    train_item = flops["train_item"] * cfg_factor + (flops["fwd_per_image"] * cfg_factor if kl_weight > 0 else 0.0)
+    return {"sample": 2 * steps * cfg_factor * flops["fwd_per_image"], "decode": 2 * flops["decode_per_image"],
+            "reward": None, "exchange": 0.0, "train": 2 * trained_steps * train_item}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measuring the phases.
+
+
+class PhaseMeter:
+    """Wall time and peak device memory per named phase; phases may nest (the inner one is subtracted)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.peak: dict[str, float] = {}
+        self._stack: list[list] = []  # [name, start, inner seconds]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _close_peak(self, name: str) -> None:
+        if self.device.type == "cuda":
+            self.peak[name] = max(self.peak.get(name, 0.0), torch.cuda.max_memory_allocated(self.device) / 1e9)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self._sync()
+        if self._stack:
+            self._close_peak(self._stack[-1][0])
+        elif self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._stack.append([name, time.perf_counter(), 0.0])
+        try:
+            yield
+        finally:
+            self._sync()
+            _, start, inner = self._stack.pop()
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - inner
+            if self._stack:
+                self._stack[-1][2] += elapsed
+            self._close_peak(name)
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            with self.phase(name):
+                return fn(*args, **kwargs)
+        return timed
+
+
+class _Logger:
+    def log(self, record: dict) -> None:
+        pass
+
+
+def env_info(device: torch.device) -> dict:
+    import diffusers
+    import peft
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return dict(gpu=gpu, cpu=platform.processor() or platform.machine(), torch=torch.__version__,
+                diffusers=diffusers.__version__, peft=peft.__version__, world_size=dist.get_world_size(),
+                cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+
+
+def peak_tflops(gpu: str | None, precision: str) -> float | None:
+    if gpu is None or precision == "fp32":
+        return None
+    return next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+
+
+def bench_config(args: argparse.Namespace) -> Config:
+    cfg = Config(total_pairs_per_epoch=args.pairs * dist.get_world_size(), gradient_steps_per_epoch=args.gradient_steps,
+                 image_log_pairs=0, lora_rank=8 if args.tiny else 32, lora_alpha=16.0 if args.tiny else 64.0)
+    cfg.sample.num_solver_steps, cfg.sample.resolution = args.steps, args.resolution
+    cfg.sample.batch_size, cfg.train.batch_size = args.sample_batch, args.train_batch
+    cfg.sample.guidance_scale = args.guidance_scale
+    cfg.train.precision = args.precision
+    cfg.train.compile, cfg.train.gradient_checkpointing = args.compile, args.grad_checkpoint
+    cfg.train.timesteps_per_sample = args.timesteps_per_sample
+    cfg.train.rollout_device = args.rollout_device
+    timesteps_per_sample(cfg)  # ValueError for an impossible K
+    return cfg
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure one epoch (after `repeats - 1` warm-up epochs); returns the JSON record."""
+    from fdfo.sd3 import SD3Policy
+    from fdfo.train_loop import amp_dtype
+
+    if args.tiny and args.device is None:
+        args.device = "cpu"
+    device = dist.init(args.device)
+    if args.memory_fraction is not None and device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, device)
+    if device.type == "cpu" and args.precision != "fp32":
+        args.precision = "fp32"  # CPU autocast in fp16 is not the reference path; fp32 is what train.py runs
+    cfg = bench_config(args)
+    geom = batch_geometry(cfg, dist.get_world_size())
+    flops = count_flops(args.tiny, args.resolution, cfg.lora_rank)
+    per_pair = flops_per_pair(flops, args.steps, args.guidance_scale, cfg.train.kl_weight,
+                              timesteps_per_sample(cfg))
+
+    torch.manual_seed(0)
+    transformer, vae, scheduler = build_models(args.tiny, device)
+    tcfg, _ = model_configs(args.tiny)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    policy = SD3Policy.from_components(transformer, vae, scheduler, device, cfg.lora_rank, cfg.lora_alpha,
+                                       cfg.sample.guidance_scale, amp_dtype(cfg.train.precision, device),
+                                       fake_encoder(tcfg, device, dtype))
+    policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=policy.amp_dtype == torch.float16)
+    module = policy.transformer
+    if dist.is_distributed():
+        module = torch.nn.parallel.DistributedDataParallel(
+            policy.transformer, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
+    reward = StubReward()
+    prompts = [f"prompt {i}" for i in range(geom.pairs_per_gpu)]
+    first_pair = dist.get_rank() * geom.pairs_per_gpu
+    state_dtype = rollout_dtypes(policy)[0]
+    velocity_bytes = None
+    for epoch in range(args.repeats):
+        meter = PhaseMeter(device)
+        policy.decode = meter.wrap("decode", SD3Policy.decode.__get__(policy))
+        reward.components = meter.wrap("reward", StubReward.components.__get__(reward))
+        policy.transformer.eval()
+        with meter.phase("sample"):
+            samples = sample_phase(policy, reward, cfg, geom, epoch, prompts, first_pair)
+        velocity_bytes = samples.velocities.element_size()
+        with meter.phase("exchange"):
+            data = build_training_set(samples, cfg, geom, epoch)
+        policy.transformer.train()
+        with meter.phase("train"):
+            train_phase(policy, module, optimizer, scaler, data, cfg, geom, epoch, _Logger(), 0)
+        del samples, data
+
+    env = env_info(device)
+    peak = peak_tflops(env["gpu"], args.precision)
+    pairs = geom.pairs_per_gpu
+    phases = {}
+    for name in ("sample", "decode", "reward", "exchange", "train"):
+        s = meter.seconds.get(name, 0.0) / pairs
+        achieved = per_pair[name] / s / 1e12 if per_pair[name] and s > 0 else None
+        phases[name] = dict(s_per_pair=s, peak_mem_gb=meter.peak.get(name), flops_per_pair=per_pair[name],
+                            achieved_tflops=achieved,
+                            mfu=achieved / peak if achieved is not None and peak else None)
+    total_s = sum(p["s_per_pair"] for p in phases.values())
+    total_flops = sum(v for v in per_pair.values() if v)
+    peaks = [p["peak_mem_gb"] for p in phases.values() if p["peak_mem_gb"] is not None]
+    latent = policy.latent_shape(args.resolution)
+    world = dist.get_world_size()
+    return dict(
+        env=env,
+        config=dict(vars(args)) | dict(world_size=world, pairs_per_gpu=pairs, sample_batch=geom.sample_batch,
+                                       train_batch=geom.train_batch, lora_rank=cfg.lora_rank),
+        flops=dict(flops, per_pair=per_pair, total_per_pair=total_flops),
+        peak=dict(tflops=peak, source=PEAK_SOURCE, precision=args.precision),
+        phases=phases,
+        total=dict(s_per_pair=total_s, gpu_s_per_pair=total_s * world,
+                   achieved_tflops=total_flops / total_s / 1e12 if total_s > 0 else None,
+                   mfu=total_flops / total_s / 1e12 / peak if peak and total_s > 0 else None,
+                   peak_mem_gb=max(peaks) if peaks else None,
+                   epoch_s_projected=total_s * PAPER_PAIRS_PER_EPOCH / world,
+                   epoch_note=f"{PAPER_PAIRS_PER_EPOCH} pairs per epoch over {world} GPU(s) at the measured rate"),
+        rollout_gb_per_rank=rollout_gb_per_rank(geom, timesteps_per_sample(cfg), latent,
+                                                torch.finfo(state_dtype).bits // 8,
+                                                velocity_bytes),
+    )
+
+
+def flops_record(args: argparse.Namespace) -> dict:
+    flops = count_flops(args.tiny, args.resolution)
+    per_pair = flops_per_pair(flops, args.steps, args.guidance_scale)
+    return dict(config=dict(vars(args)), flops=dict(flops, per_pair=per_pair,
+                                                    total_per_pair=sum(v for v in per_pair.values() if v)))
+
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def report_markdown(folder: Path) -> str:
+    """docs/benchmarks.md from a folder of bench JSON files (one table row each) and the check's status.txt."""
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "total" in record:
+            records.append((path.name, record))
+    lines = ["# Benchmarks", "",
+             "Measured by `scripts/gpu_check.sh` (`python -m fdfo.bench`: the real phases of one epoch on random-init",
+             "SD3.5-Medium shapes, fake text embeddings, a stub reward; see README \"Performance\"). Seconds per pair",
+             "per GPU; MFU against the dense bf16/fp16 peak of the GPU's spec sheet (H100/H200: 989 TFLOP/s).", ""]
+    if not records:
+        lines += ["Not yet measured on a GPU.", ""]
+    else:
+        env = records[0][1]["env"]
+        lines += [f"- date: {env.get('date')}", f"- GPU: {env.get('gpu') or 'none (CPU)'} x {env.get('world_size')}",
+                  f"- torch {env.get('torch')}, diffusers {env.get('diffusers')}, peft {env.get('peft')}, "
+                  f"CUDA {env.get('cuda')}", f"- raw JSON: {folder}", "",
+                  "| run | precision | compile | ckpt | pairs x T | sample | decode | reward | exchange | train "
+                  "| total s/pair | MFU | peak GB | rollouts GB/rank |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in records:
+            c, ph, t = r["config"], r["phases"], r["total"]
+            cells = [name.removesuffix(".json"), c.get("precision"), "yes" if c.get("compile") else "no",
+                     "yes" if c.get("grad_checkpoint") else "no", f"{c.get('pairs_per_gpu')} x {c.get('steps')}"]
+            cells += [_fmt(ph[k]["s_per_pair"], ".3f") for k in ("sample", "decode", "reward", "exchange", "train")]
+            cells += [_fmt(t["s_per_pair"], ".3f"), _fmt(t["mfu"], ".1f", 100.0) + ("%" if t["mfu"] else ""),
+                      _fmt(t["peak_mem_gb"], ".1f"), _fmt(r.get("rollout_gb_per_rank"), ".3g")]
+            lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+        lines.append("")
+    status = folder / "status.txt"
+    if status.exists():
+        lines += ["## Check status", "", "```", status.read_text().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.report is not None:
+        text = report_markdown(Path(args.report))
+        out = Path(args.out or "docs/benchmarks.md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+        return {"report": text}
+    record = flops_record(args) if args.flops_only else run(args)
+    if dist.get_rank() == 0:
+        f = record["flops"]
+        print(f"FLOPs: forward {f['fwd_per_image'] / 1e12:.3f} TFLOP per image, training item "
+              f"{f['train_item'] / 1e12:.3f} TFLOP, decode {f['decode_per_image'] / 1e12:.3f} TFLOP per image; "
+              f"{f['total_per_pair'] / 1e12:.1f} TFLOP per pair")
+        if "total" in record:
+            for name, p in record["phases"].items():
+                mem = f", peak {p['peak_mem_gb']:.1f} GB" if p["peak_mem_gb"] is not None else ""
+                mfu = f", MFU {p['mfu']:.1%}" if p["mfu"] is not None else ""
+                print(f"{name:>8}: {p['s_per_pair']:.3f} s/pair{mfu}{mem}")
+            t = record["total"]
+            mfu = f", MFU {t['mfu']:.1%}" if t["mfu"] is not None else ""
+            print(f"   total: {t['s_per_pair']:.3f} s/pair ({t['gpu_s_per_pair']:.3f} GPU-s/pair){mfu}; "
+                  f"rollouts {record['rollout_gb_per_rank']:.3g} GB per rank")
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    from fdfo.cli import run_main
+
+    run_main(main, None)

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks in one go (~7 minutes on one H200); see docs/benchmarks.md and README "Performance".
+#
+#   bash scripts/gpu_check.sh                 # on a CUDA machine: writes $OUT (or ./bench-results) and docs/benchmarks.md
+#   bash scripts/gpu_check.sh --cpu-dry-run   # on CPU: the same steps at tiny shapes (checks the script itself)
+#
+# Every part is time-boxed with `timeout`; a failed or timed-out part is recorded in status.txt and the script goes
+# on. Results are written as they come: <results>/*.json (one per bench run), <results>/*.log, status.txt and
+# benchmarks.md. Parts are skipped once the total budget (GPU_CHECK_BUDGET_S, default 420 s) is spent.
+# Needs only the requirements installed: `python` from PATH (or $PYTHON), no downloads (random-init models).
+
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+RES=${OUT:-./bench-results}
+BUDGET=${GPU_CHECK_BUDGET_S:-420}
+DRY=0
+[ "${1:-}" = "--cpu-dry-run" ] && DRY=1
+mkdir -p "$RES"
+STATUS="$RES/status.txt"
+: > "$STATUS"
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+
+# part NAME LIMIT_S COMMAND...: run with a timeout (capped by the budget left), log to NAME.log, record the outcome
+part() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  if [ "$left" -lt 20 ]; then
+    echo "$name: skipped (budget of ${BUDGET}s spent)" | tee -a "$STATUS"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$RES/$name.log" 2>&1
+  local rc=$?
+  local dt=$(($(date +%s) - t0))
+  if [ $rc -eq 0 ]; then
+    echo "$name: ok (${dt}s)" | tee -a "$STATUS"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "$name: TIMED OUT after ${limit}s" | tee -a "$STATUS"
+  else
+    echo "$name: FAILED rc=$rc (${dt}s); last lines of $name.log:" | tee -a "$STATUS"
+    tail -n 5 "$RES/$name.log" | sed 's/^/    /' | tee -a "$STATUS"
+  fi
+}
+
+{ echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"; echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+} > "$RES/env.txt"
+
+if [ $DRY -eq 1 ]; then
+  BENCH=("$PY" -m fdfo.bench --tiny --device cpu)
+  part bench-tiny-fp32 120 "${BENCH[@]}" --out "$RES/bench-tiny-fp32.json"
+  part bench-tiny-ckpt 120 "${BENCH[@]}" --grad-checkpoint --out "$RES/bench-tiny-ckpt.json"
+  part train-torchrun 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py --preset smoke \
+    --num-epochs 1 --total-pairs-per-epoch 4 --sample.num-solver-steps 3 --image-log-freq 0 \
+    --run-dir "$RES/tmp-train-run"
+  part report 60 "$PY" -m fdfo.bench --report "$RES" --out "$RES/benchmarks.md"
+  rm -rf "$RES/tmp-train-run"
+  echo "dry run done: $RES"
+  exit 0
+fi
+
+# 1. the GPU-only tests (tiny pipeline: fp16 / bf16 training and exact resume, NCCL under torchrun)
+part pytest-gpu 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider
+
+# 2. the bench at full SD3.5-M shape, 512 px, 40 steps, 4 pairs (2 epochs, the second measured)
+BENCH=("$PY" -m fdfo.bench --pairs 4 --steps 40 --resolution 512)
+part bench-bf16 120 "${BENCH[@]}" --precision bf16 --out "$RES/bench-bf16.json"
+part bench-fp16 120 "${BENCH[@]}" --precision fp16 --out "$RES/bench-fp16.json"
+part bench-fp16-compile 200 "${BENCH[@]}" --precision fp16 --compile --out "$RES/bench-fp16-compile.json"
+
+# 3. a short real training run (train.py, NCCL through torchrun) on random-init SD3.5-M shapes, no download
+RUN=$(mktemp -d)
+part train-random-sd35m 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py \
+  --pretrained-model builtin:random-sd35m --prompt-file prompt_sets/smoke.txt --reward-preset brightness \
+  --num-epochs 2 --save-freq 2 --total-pairs-per-epoch 4 --gradient-steps-per-epoch 2 --image-log-freq 0 \
+  --run-dir "$RUN/run"
+cp "$RUN/run/log.jsonl" "$RES/train-random-sd35m.log.jsonl" 2>/dev/null
+rm -rf "$RUN"
+
+# 4. the lowmem24 preset's settings under a 24 GB cap (24/141 of an H200): micro-batches of 2, gradient
+#    checkpointing, rollouts in host memory (the bench has no text encoders or reward model: those are offloaded
+#    while training and are not part of this check)
+part bench-lowmem24 120 "${BENCH[@]}" --precision fp16 --grad-checkpoint --sample-batch 2 --train-batch 2 \
+  --rollout-device cpu --repeats 1 --memory-fraction 0.17 --out "$RES/bench-lowmem24.json"
+
+part report 60 "$PY" -m fdfo.bench --report "$RES" --out "$RES/benchmarks.md"
+cp "$RES/benchmarks.md" docs/benchmarks.md 2>/dev/null && echo "wrote docs/benchmarks.md (commit it with the results)"
+echo "done in $(($(date +%s) - START))s: $RES"
+cat "$STATUS"
