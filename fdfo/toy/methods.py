@@ -9,8 +9,8 @@ fdfo.algorithms. Items are dicts of tensors whose first dimension indexes the tr
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

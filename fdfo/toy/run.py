@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from fdfo.toy import methods
-from fdfo.toy.flows import REWARDS, ResidualNet, ToyProblem, bump_reward, make_problem, model_velocity
+from fdfo.toy.flows import REWARDS, ResidualNet, bump_reward, make_problem, model_velocity
 
 Algorithm = Literal["fdfo", "flow_grpo", "diffusion_nft", "backprop"]
 
