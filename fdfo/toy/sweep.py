@@ -42,6 +42,8 @@ class SweepConfig:
     """Which settings to run."""
     cosine_batches: int = 32
     """Batches for the direction analysis on the fresh seeds."""
+    report_only: bool = False
+    """Recompute the tables and plots from the JSON files already in --out instead of running."""
 
 
 def _final(result: dict) -> float:
@@ -65,23 +67,35 @@ def sweep_setting(name: str, base: ToyConfig, cosine_batches: int) -> dict:
         knobs = {k: v for k, v in best.items() if k not in ("tune_finals", "mean")}
         fresh[algorithm] = [run(dataclasses.replace(base, algorithm=algorithm, seed=s, cosine_batches=cosine_batches,
                                                     **knobs)) for s in FRESH_SEEDS]
-    start = sum(r["curve"][0]["reward"] for r in fresh["fdfo"]) / len(FRESH_SEEDS)
-    best_final = max(sum(_final(r) for r in runs) / len(runs) for runs in fresh.values())
-    levels = {f: start + f * (best_final - start) for f in LEVELS}
+    summary = {"base": dataclasses.asdict(base), "tuning": tuned,
+               "curves": {a: [r["curve"] for r in runs] for a, runs in fresh.items()},
+               "cosine": {a: [r["cosine"] for r in runs] for a, runs in fresh.items()},
+               "settings": {a: {k: v for k, v in t["best"].items() if k not in ("tune_finals", "mean")}
+                            for a, t in tuned.items()}}
+    summary["table"] = tabulate(summary)
+    return summary
+
+
+def tabulate(summary: dict) -> dict:
+    """Per method on the fresh seeds: final reward (mean, std, per seed), evaluations to close a fraction f of each
+    seed's own gap between its starting reward and the best reward possible (0 for smooth, 1 for bump), diversity
+    and direction cosines."""
+    best_possible = 0.0 if summary["base"]["reward"] == "smooth" else 1.0
     table = {}
-    for algorithm, runs in fresh.items():
-        finals = torch.tensor([_final(r) for r in runs])
+    for algorithm, curves in summary["curves"].items():
+        finals = torch.tensor([c[-1]["reward"] for c in curves])
+        reach = {}
+        for f in LEVELS:
+            reach[str(f)] = [evals_to_reach(c, c[0]["reward"] + f * (best_possible - c[0]["reward"])) for c in curves]
         table[algorithm] = {
-            "settings": {k: v for k, v in tuned[algorithm]["best"].items() if k not in ("tune_finals", "mean")},
+            "settings": summary["settings"][algorithm],
+            "start_reward_per_seed": [c[0]["reward"] for c in curves],
             "final_reward_mean": finals.mean().item(), "final_reward_std": finals.std().item(),
-            "final_reward_per_seed": finals.tolist(),
-            "evals_to_reach": {str(f): [evals_to_reach(r["curve"], lv) for r in runs] for f, lv in levels.items()},
-            "modes": [r["final"]["modes"] for r in runs], "spread": [r["final"]["spread"] for r in runs],
-            "pairwise": [r["final"]["pairwise"] for r in runs],
-            "cosine": [r["cosine"] for r in runs],
+            "final_reward_per_seed": finals.tolist(), "evals_to_reach": reach,
+            **{key: [c[-1][key] for c in curves] for key in ("modes", "spread", "pairwise")},
+            "cosine": summary["cosine"][algorithm],
         }
-    return {"base": dataclasses.asdict(base), "start_reward": start, "levels": {str(k): v for k, v in levels.items()},
-            "table": table, "tuning": tuned, "curves": {a: [r["curve"] for r in runs] for a, runs in fresh.items()}}
+    return table
 
 
 def plot(name: str, summary: dict, path: Path) -> None:
@@ -114,6 +128,12 @@ def main() -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in cfg.settings:
+        if cfg.report_only:
+            summary = json.loads((out / f"{name}.json").read_text())
+            summary["table"] = tabulate(summary)
+            (out / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+            plot(name, summary, out / f"{name}.png")
+            continue
         t0 = time.process_time()
         summary = sweep_setting(name, SETTINGS[name], cfg.cosine_batches)
         summary["cpu_seconds"] = time.process_time() - t0
