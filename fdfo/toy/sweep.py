@@ -1,5 +1,5 @@
 """The comparison of docs/toy.md: tune each method's learning rate and trust-region constant on held-out seeds,
-then run the chosen settings on fresh seeds, in 2-D with one prompt and in d = 256 with 64 prompts.
+then run the chosen settings on fresh seeds, in 2-D with one prompt (smooth and black-box quantised reward) and in d = 256 with 64 prompts.
 
 `OMP_NUM_THREADS=1 python -m fdfo.toy.sweep --out runs/toy_sweep` (about 10 CPU-minutes); writes summary.json and
 one PNG per setting. Selection: the highest mean final reward over the tuning seeds.
@@ -19,6 +19,8 @@ from fdfo.toy.run import ToyConfig, run
 
 SETTINGS = {
     "2d": ToyConfig(dim=2, prompts=1, samples_per_epoch=32, evaluations=2048, eval_per_prompt=64, eval_every=4),
+    "2d_quantised": ToyConfig(dim=2, prompts=1, reward="quantised", samples_per_epoch=32, evaluations=2048,
+                              eval_per_prompt=64, eval_every=4),
     "d256": ToyConfig(dim=256, prompts=64, samples_per_epoch=128, evaluations=4096, eval_per_prompt=8, eval_every=2),
 }
 # Each method's grid of learning rate and trust-region constant(s), the published trust region included. FDFO's grid
@@ -38,7 +40,7 @@ LEVELS = (0.25, 0.5, 0.75)
 class SweepConfig:
     out: str = "runs/toy_sweep"
     """Output folder."""
-    settings: tuple[str, ...] = ("2d", "d256")
+    settings: tuple[str, ...] = ("2d", "2d_quantised", "d256")
     """Which settings to run."""
     cosine_batches: int = 32
     """Batches for the direction analysis on the fresh seeds."""
