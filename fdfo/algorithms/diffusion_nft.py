@@ -38,7 +38,8 @@ def implicit_policies(v_theta: torch.Tensor, v_old: torch.Tensor, beta: float) -
     return beta * v_theta + (1 - beta) * v_old, (1 + beta) * v_old - beta * v_theta
 
 
-# docs/algorithm.md §11: x0^+- = x_t - t v^+-, w^+- = max(sg(mean|x0^+- - x0|), 1e-5), L^+- = mean((x0^+- - x0)^2)/w^+-,
+# docs/algorithm.md §11: x0^+- = x_t - t v^+-, w^+- = max(sg(mean|x0^+- - x0|), 1e-5),
+# L^+- = mean((x0^+- - x0)^2) / w^+-,
 # loss = mean(5 [r L+ + (1 - r) L-] / beta) + 1e-4 mean((v_theta - v_ref)^2).
 def nft_loss(
     v_theta: torch.Tensor,

@@ -144,7 +144,8 @@ def grpo_loss(ctx: Context, items: Items) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# DiffusionNFT (docs/algorithm.md §11): deterministic rollouts by the old policy, optimality-weighted implicit policies.
+# DiffusionNFT (docs/algorithm.md §11): deterministic rollouts by the old policy, optimality-weighted implicit
+# policies.
 
 
 @torch.no_grad()

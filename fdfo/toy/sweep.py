@@ -1,8 +1,9 @@
 """The comparison of docs/toy.md: tune each method's learning rate and trust-region constant on held-out seeds,
-then run the chosen settings on fresh seeds, in 2-D with one prompt (smooth and black-box quantised reward) and in d = 256 with 64 prompts.
+then run the chosen settings on fresh seeds: 2-D with one prompt (smooth reward, and the black-box quantised one)
+and d = 256 with 64 prompts.
 
-`OMP_NUM_THREADS=1 python -m fdfo.toy.sweep --out runs/toy_sweep` (about 10 CPU-minutes); writes summary.json and
-one PNG per setting. Selection: the highest mean final reward over the tuning seeds.
+`OMP_NUM_THREADS=1 python -m fdfo.toy.sweep --out runs/toy_sweep` (about 10 CPU-minutes); writes <setting>.json and
+<setting>.png per setting. Selection: the highest mean final reward over the tuning seeds.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ SETTINGS = {
 # Each method's grid of learning rate and trust-region constant(s), the published trust region included. FDFO's grid
 # reaches past its published clip and churn because a trial run showed those to limit it on this toy (docs/toy.md).
 GRID = {
-    "fdfo": [{"lr": lr, "clip": c, "churn": g} for lr in (1e-3, 3e-3) for c in (0.03, 0.3) for g in (0.0025, 0.05, 0.2)],
+    "fdfo": [{"lr": lr, "clip": c, "churn": g}
+             for lr in (1e-3, 3e-3) for c in (0.03, 0.3) for g in (0.0025, 0.05, 0.2)],
     "flow_grpo": [{"lr": lr, "clip": c} for lr in (1e-3, 3e-3) for c in (1e-4, 1e-2, 1e-1)],
     "diffusion_nft": [{"lr": lr, "nft_beta": b} for lr in (1e-3, 3e-3) for b in (1.0, 0.1)],
     "backprop": [{"lr": lr} for lr in (3e-4, 1e-3, 3e-3)],
