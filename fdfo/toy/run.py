@@ -85,10 +85,11 @@ def check(cfg: ToyConfig) -> None:
 
 
 def make_context(cfg: ToyConfig) -> methods.Context:
-    torch.manual_seed(cfg.seed)  # the network's initialisation
     problem = make_problem(cfg.dim, cfg.prompts, cfg.modes, cfg.mode_std, cfg.seed)
     hyper = methods.Hyper(lr=cfg.lr, clip=cfg.clip, churn=cfg.churn, kl=cfg.kl, nft_beta=cfg.nft_beta, group=cfg.group)
-    net = ResidualNet(cfg.dim, cfg.prompts, cfg.hidden)
+    with torch.random.fork_rng():  # seed the network's initialisation without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        net = ResidualNet(cfg.dim, cfg.prompts, cfg.hidden)
     ctx = methods.Context(problem=problem, net=net, reward=REWARDS[cfg.reward],
                           sigmas=torch.linspace(1, 0, cfg.steps + 1), hyper=hyper,
                           generator=torch.Generator().manual_seed(1000 + cfg.seed))
