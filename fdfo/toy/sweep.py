@@ -102,6 +102,24 @@ def tabulate(summary: dict) -> dict:
     return table
 
 
+def markdown(summary: dict) -> str:
+    """The fresh-seed table of one setting as markdown (docs/toy.md pastes it)."""
+    def fmt(values: list, digits: int = 2) -> str:
+        return " / ".join("-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in values)
+
+    header = ("| method | tuned settings | final reward mean ± std (per seed) | evals to close 25 / 50 / 75 % of the"
+              " gap (per seed; - = not reached) | modes | spread | pairwise | cosine expected (per-batch mean) |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for algorithm, row in summary["table"].items():
+        reach = "; ".join(fmt(row["evals_to_reach"][str(f)]) for f in LEVELS)
+        knobs = ", ".join(f"{k} {v:g}" for k, v in row["settings"].items())
+        cos = " / ".join(f"{c['expected']:.3f} ({c['per_batch_mean']:.2f})" for c in row["cosine"])
+        lines.append(f"| {algorithm} | {knobs} | {row['final_reward_mean']:.3f} ± {row['final_reward_std']:.3f} "
+                     f"({fmt(row['final_reward_per_seed'], 3)}) | {reach} | {fmt(row['modes'], 1)} | "
+                     f"{fmt(row['spread'])} | {fmt(row['pairwise'])} | {cos} |")
+    return "\n".join(lines)
+
+
 def plot(name: str, summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -137,6 +155,7 @@ def main() -> None:
             summary["table"] = tabulate(summary)
             (out / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
             plot(name, summary, out / f"{name}.png")
+            print(f"### {name}\n\n{markdown(summary)}\n")
             continue
         t0 = time.process_time()
         summary = sweep_setting(name, SETTINGS[name], cfg.cosine_batches)
