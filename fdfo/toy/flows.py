@@ -88,7 +88,8 @@ class ResidualNet(nn.Module):
 
     def __init__(self, dim: int, prompts: int, hidden: int = 128, embed: int = 16, freqs: int = 8):
         super().__init__()
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(freqs, dtype=torch.float32) / 2**freqs * 8)
+        # angular frequencies pi/32 ... pi 2^(freqs - 6): periods from 64 down to a fraction of the sigma range
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(-5, freqs - 5, dtype=torch.float32))
         self.prompt = nn.Embedding(prompts, embed)
         self.body = nn.Sequential(
             nn.Linear(dim + 2 * freqs + embed, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
