@@ -128,9 +128,13 @@ def plot(name: str, summary: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for algorithm, curves in summary["curves"].items():
-        evals = [c["evaluations"] for c in curves[0]]
+        evals = [c["evaluations"] for c in max(curves, key=len)]
         for ax, key in zip(axes, ("reward", "modes", "pairwise")):
-            values = torch.tensor([[c[key] for c in curve[: len(evals)]] for curve in curves])
+            # a diverged run stops early and has a non-finite last reward: it blanks the mean from there on
+            values = torch.full((len(curves), len(evals)), float("nan"))
+            for i, curve in enumerate(curves):
+                values[i, : len(curve)] = torch.tensor([c[key] for c in curve])
+            values[~torch.isfinite(values)] = float("nan")
             mean, std = values.mean(0), values.std(0)
             ax.plot(evals, mean, label=algorithm)
             ax.fill_between(evals, mean - std, mean + std, alpha=0.2)
