@@ -60,7 +60,8 @@ class ToyConfig:
     eval_every: int = 4
     """Evaluate every this many epochs."""
     cosine_batches: int = 0
-    """If > 0: measure the update direction at initialisation over this many batches of samples_per_epoch."""
+    """If > 0: measure the update direction at initialisation over this many batches of samples_per_epoch (before
+    training, from the run's random stream, so training then sees other noise than without it)."""
     true_grad_samples: int = 8192
     """Samples for the reference gradient of the expected reward (backprop through the Euler sampler)."""
     out: str = ""
