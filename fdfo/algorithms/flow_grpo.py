@@ -1,0 +1,118 @@
+"""Flow-GRPO's pieces (docs/algorithm.md §11): the SDE sampler step with its Gaussian log-probability,
+group-relative advantages and the PPO-style clipped loss with a KL term to the reference policy.
+
+Pure tensor functions. Flow convention as docs/algorithm.md §1: x(sigma) = (1 - sigma) x0 + sigma e, v ~ e - x0,
+sampling runs sigma from 1 down to 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ADV_EPS = 1e-4
+ADV_CLIP = 5.0
+
+
+def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    return value if value.ndim == 0 else value.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _sample_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+# docs/algorithm.md §11: std = a sqrt(sigma / (1 - sigma)); at sigma = 1 the second grid level replaces sigma in
+# the denominator, so the first step's noise stays finite.
+def sde_noise_level(sigma: float | torch.Tensor, a: float, sigma_second: float | torch.Tensor) -> torch.Tensor:
+    """The SDE's diffusion coefficient at level sigma (float or `[B]`); `sigma_second` is the grid's second level."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    denominator = torch.where(sigma >= 1, 1 - torch.as_tensor(sigma_second, dtype=torch.float32), 1 - sigma)
+    return a * torch.sqrt(sigma / denominator)
+
+
+# docs/algorithm.md §11: mu = x (1 + std^2 dt / (2 sigma)) + v (1 + std^2 (1 - sigma) / (2 sigma)) dt,
+# x' = mu + std sqrt(-dt) n with dt = sigma_next - sigma < 0.
+def sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    noise: torch.Tensor,
+    a: float,
+    sigma_second: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Flow-GRPO SDE step from sigma to sigma_next (floats or `[B]`). x, v, noise: `[B, ...]`.
+
+    Returns (x_next, mean, step_std), float32; x_next = mean + step_std * noise, and step_std = std * sqrt(-dt)
+    (broadcastable against x) is the standard deviation of the Gaussian transition. With a = 0 the mean is the
+    Euler step x + dt v.
+    """
+    x, v, noise = x.float(), v.float(), noise.float()
+    s = _per_sample(sigma, x)
+    dt = _per_sample(sigma_next, x) - s
+    std = _per_sample(sde_noise_level(sigma, a, sigma_second).to(x.device), x)
+    mean = x * (1 + std**2 * dt / (2 * s)) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
+    step_std = std * torch.sqrt(-dt)
+    return mean + step_std * noise, mean, step_std
+
+
+# docs/algorithm.md §11: logp = mean(-(x' - mu)^2 / (2 s^2) - log s - log sqrt(2 pi)), s = std sqrt(-dt), in fp32.
+def step_log_prob(x_next: torch.Tensor, mean: torch.Tensor, step_std: torch.Tensor) -> torch.Tensor:
+    """Per-sample log-density of the transition, averaged over latent elements. `[B, ...]` -> `[B]` float32."""
+    x_next, mean = x_next.float(), mean.float()
+    step_std = torch.as_tensor(step_std, dtype=torch.float32, device=x_next.device).expand_as(x_next)
+    logp = -(x_next - mean).square() / (2 * step_std**2) - torch.log(step_std) - 0.5 * math.log(2 * math.pi)
+    return _sample_mean(logp)
+
+
+# docs/algorithm.md §11: A = (R - mean over the prompt's group) / (std over all samples + 1e-4), clipped to +-5.
+def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, clip: float = ADV_CLIP) -> torch.Tensor:
+    """rewards, groups: `[B]` (groups: integer prompt id of each sample). Returns `[B]` float32 advantages.
+
+    The global std is the population std (divide by B), as numpy's default that the published code uses.
+    """
+    rewards = rewards.float()
+    if rewards.shape != groups.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and groups {tuple(groups.shape)} must have one shape")
+    _, index = torch.unique(groups, return_inverse=True)
+    count = torch.zeros(int(index.max()) + 1, device=rewards.device).index_add_(0, index, torch.ones_like(rewards))
+    total = torch.zeros_like(count).index_add_(0, index, rewards)
+    centred = rewards - (total / count)[index]
+    return (centred / (rewards.std(correction=0) + ADV_EPS)).clamp(-clip, clip)
+
+
+# docs/algorithm.md §11: L = mean(max(-A rho, -A clip(rho, 1-eps, 1+eps))) + beta mean((mu - mu_ref)^2 / (2 s^2)).
+def clipped_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    mean: torch.Tensor | None = None,
+    mean_ref: torch.Tensor | None = None,
+    step_std: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scalar loss of a batch of (sample, step) items; logp, logp_old, advantages: `[N]`.
+
+    The KL term (only when beta > 0) is the KL divergence between the two Gaussian transitions of equal std
+    step_std, averaged over latent elements: mean((mean - mean_ref)^2) / (2 step_std^2), with mean, mean_ref `[N, ...]`.
+    Returns (loss, stats) with stats policy_loss, kl, clipfrac (detached).
+    """
+    ratio = torch.exp(logp.float() - logp_old.float())
+    adv = advantages.float()
+    policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    kl = torch.zeros((), device=policy.device)
+    if beta > 0:
+        if mean is None or mean_ref is None or step_std is None:
+            raise ValueError("beta > 0 needs mean, mean_ref and step_std for the KL term")
+        s = torch.as_tensor(step_std, dtype=torch.float32, device=mean.device).expand_as(mean)
+        kl = _sample_mean((mean.float() - mean_ref.float()).square() / (2 * s**2)).mean()
+    stats = {
+        "policy_loss": policy.detach(),
+        "kl": kl.detach(),
+        "clipfrac": ((ratio - 1).abs() > clip_range).float().mean().detach(),
+    }
+    return policy + beta * kl, stats

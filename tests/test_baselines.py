@@ -1,0 +1,158 @@
+"""Flow-GRPO and DiffusionNFT pieces (docs/algorithm.md §11) against hand values and independent re-derivations."""
+
+import math
+
+import pytest
+import torch
+
+from fdfo.algorithms import diffusion_nft as nft
+from fdfo.algorithms import flow_grpo as grpo
+
+
+def test_sde_noise_level_hand_values():
+    # a sqrt(sigma / (1 - sigma)); at sigma = 1 the second grid level 0.9 takes the denominator: 0.7 sqrt(1 / 0.1).
+    assert grpo.sde_noise_level(0.5, 0.5, 0.9).item() == pytest.approx(0.5)
+    assert grpo.sde_noise_level(0.2, 0.7, 0.9).item() == pytest.approx(0.7 * math.sqrt(0.25))
+    assert grpo.sde_noise_level(1.0, 0.7, 0.9).item() == pytest.approx(0.7 * math.sqrt(10.0))
+
+
+def test_sde_step_hand_value():
+    # x = 1, v = 2, sigma 0.5 -> 0.25, a = 0.5: std = 0.5, dt = -0.25,
+    # mean = 1 (1 + 0.25 (-0.25) / 1) + 2 (1 + 0.25 0.5 / 1) (-0.25) = 0.9375 - 0.5625 = 0.375; step std 0.5 * 0.5.
+    x, v, n = torch.ones(1, 1), torch.full((1, 1), 2.0), torch.full((1, 1), 0.4)
+    x_next, mean, step_std = grpo.sde_step(x, v, 0.5, 0.25, n, a=0.5, sigma_second=0.9)
+    assert mean.item() == pytest.approx(0.375)
+    assert step_std.item() == pytest.approx(0.25)
+    assert x_next.item() == pytest.approx(0.375 + 0.25 * 0.4)
+
+
+def test_sde_step_without_noise_level_is_euler():
+    g = torch.Generator().manual_seed(0)
+    x, v, n = (torch.randn(3, 4, 5, generator=g) for _ in range(3))
+    sigma, sigma_next = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.8, 0.4, 0.0])
+    x_next, mean, _ = grpo.sde_step(x, v, sigma, sigma_next, n, a=0.0, sigma_second=0.8)
+    euler = x + (sigma_next - sigma).reshape(-1, 1, 1) * v
+    torch.testing.assert_close(mean, euler)
+    torch.testing.assert_close(x_next, euler)
+
+
+def test_step_log_prob_matches_torch_normal():
+    g = torch.Generator().manual_seed(1)
+    x, v, n = (torch.randn(4, 3, 8, generator=g) for _ in range(3))
+    sigma, sigma_next = torch.tensor([1.0, 0.75, 0.5, 0.25]), torch.tensor([0.75, 0.5, 0.25, 0.1])
+    x_next, mean, step_std = grpo.sde_step(x, v, sigma, sigma_next, n, a=0.7, sigma_second=0.75)
+    # Independent: the transition density written from the spec's formulas and torch.distributions.
+    expected = []
+    for i in range(4):
+        s, s_next = sigma[i].item(), sigma_next[i].item()
+        std = 0.7 * math.sqrt(s / (1 - (0.75 if s == 1 else s)))
+        dt = s_next - s
+        mu = x[i] * (1 + std**2 * dt / (2 * s)) + v[i] * (1 + std**2 * (1 - s) / (2 * s)) * dt
+        normal = torch.distributions.Normal(mu, std * math.sqrt(-dt))
+        torch.testing.assert_close(x_next[i], mu + std * math.sqrt(-dt) * n[i])
+        expected.append(normal.log_prob(x_next[i]).mean())
+    torch.testing.assert_close(grpo.step_log_prob(x_next, mean, step_std), torch.stack(expected))
+
+
+def test_group_advantages_hand_example():
+    # groups {1, 3} and {2, 6}: centred -1, 1, -2, 2; population std of all four rewards = sqrt(14 / 4).
+    adv = grpo.group_advantages(torch.tensor([1.0, 3.0, 2.0, 6.0]), torch.tensor([0, 0, 1, 1]))
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, -2.0, 2.0]) / (math.sqrt(3.5) + 1e-4))
+    # One outlier among 50 zeros: (100 - 100/51) / (100 sqrt(50) / 51) = 7.07 > 5 is clipped; the rest sit at -0.14.
+    rewards = torch.zeros(51)
+    rewards[0] = 100.0
+    adv = grpo.group_advantages(rewards, torch.zeros(51, dtype=torch.long))
+    assert adv[0].item() == 5.0
+    assert adv[1].item() == pytest.approx(-(100 / 51) / (100 * math.sqrt(50) / 51 + 1e-4))
+
+
+def test_clipped_loss_hand_values_and_zero_gradient_outside_clip():
+    # A = 1, rho = 1.5, eps = 0.2: max(-1.5, -1.2) = -1.2. A = -1, rho = 0.5: max(0.5, 0.8) = 0.8.
+    logp_old = torch.zeros(2)
+    logp = torch.log(torch.tensor([1.5, 0.5])).requires_grad_()
+    loss, stats = grpo.clipped_loss(logp, logp_old, torch.tensor([1.0, -1.0]), clip_range=0.2)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert stats["clipfrac"].item() == 1.0
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.zeros(2))
+    # Inside the clip region the gradient is -A rho / N.
+    logp = torch.log(torch.tensor([1.1, 0.95])).requires_grad_()
+    loss, stats = grpo.clipped_loss(logp, logp_old, torch.tensor([2.0, -1.0]), clip_range=0.2)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([-2.0 * 1.1, 1.0 * 0.95]) / 2)
+    assert stats["clipfrac"].item() == 0.0
+
+
+def test_kl_term_value_and_sign():
+    mean_ref = torch.zeros(1, 2)
+    zeros = torch.zeros(1)
+    kls = []
+    for d in (0.0, 0.3, 0.6):
+        mean = torch.full((1, 2), d, requires_grad=True)
+        loss, stats = grpo.clipped_loss(zeros, zeros, zeros, 0.1, mean, mean_ref, torch.tensor(0.5), beta=0.04)
+        kls.append(stats["kl"].item())
+        loss.backward()
+        if d > 0:
+            assert (mean.grad > 0).all()  # descending the loss moves mu_theta back towards mu_ref
+    assert kls == pytest.approx([0.0, 0.09 / 0.5, 0.36 / 0.5])  # d^2 / (2 s^2)
+    with pytest.raises(ValueError, match="beta > 0"):
+        grpo.clipped_loss(zeros, zeros, zeros, 0.1, beta=0.04)
+
+
+def test_optimality_hand_values():
+    rewards = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    adv = torch.tensor([-1.0, 1.0, -2.0, 2.0]) / (math.sqrt(3.5) + 1e-4)
+    torch.testing.assert_close(nft.optimality(rewards, groups), adv / 10 + 0.5)
+    big = torch.zeros(51)
+    big[0] = 100.0
+    assert nft.optimality(big, torch.zeros(51, dtype=torch.long))[0].item() == pytest.approx(1.0)  # A = 5 -> r = 1
+
+
+def test_implicit_policies_at_old_policy_and_gradient_path():
+    v_old = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+    v_theta = v_old.clone().requires_grad_()
+    pos, neg = nft.implicit_policies(v_theta, v_old, beta=0.3)
+    torch.testing.assert_close(pos, v_old)
+    torch.testing.assert_close(neg, v_old)
+    v_old.requires_grad_()
+    pos, neg = nft.implicit_policies(v_theta, v_old, beta=0.3)
+    (pos + neg).sum().backward()
+    assert v_old.grad is None  # stop-gradient on the old policy
+    torch.testing.assert_close(v_theta.grad, torch.zeros(2, 3))  # +beta and -beta cancel
+
+
+def test_nft_loss_hand_value_r_one():
+    # One element: x_t = 1, t = 0.5, x0 = 0. With beta = 1, v+ = v_theta = 1: x0+ = 0.5, w+ = 0.5, L+ = 0.25/0.5.
+    # r = 1 keeps only L+: loss = 5 * 0.5 / 1 + 1e-4 (v_theta - v_ref)^2 with v_ref = 0.
+    one = torch.ones(1, 1)
+    loss, stats = nft.nft_loss(one, 3 * one, 0 * one, one, 0 * one, 0.5, torch.ones(1), beta=1.0)
+    assert loss.item() == pytest.approx(2.5 + 1e-4)
+    assert stats["loss_pos"].item() == pytest.approx(0.5)
+    # v- = 2 * 3 - 1 = 5 -> x0- = -1.5, w- = 1.5, L- = 2.25 / 1.5 = 1.5 (logged, but weighted by 1 - r = 0).
+    assert stats["loss_neg"].item() == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="beta"):
+        nft.nft_loss(one, one, one, one, one, 0.5, torch.ones(1), beta=0.0)
+
+
+def test_nft_gradient_at_old_policy_is_reward_weighted_regression():
+    # At v_theta = v_old both sides share x0_hat and w, and d/dv_theta of the policy term is
+    # 5 (2 r - 1) * (-t) * 2 (x0_hat - x0) / (n w) per item, divided by N for the batch mean.
+    g = torch.Generator().manual_seed(3)
+    v_old, x_t, x0 = (torch.randn(3, 4, generator=g) for _ in range(3))
+    t = torch.tensor([0.2, 0.5, 0.9])
+    r = torch.tensor([0.0, 0.3, 1.0])
+    v_theta = v_old.clone().requires_grad_()
+    loss, _ = nft.nft_loss(v_theta, v_old, v_old, x_t, x0, t, r, beta=0.4)
+    loss.backward()
+    error = x_t - t[:, None] * v_old - x0
+    w = error.abs().mean(dim=1, keepdim=True)
+    expected = 5 * (2 * r[:, None] - 1) * (-t[:, None]) * 2 * error / (4 * w) / 3
+    torch.testing.assert_close(v_theta.grad, expected)
+
+
+def test_old_policy_decay_and_blend():
+    assert [nft.old_policy_decay(s) for s in (0, 100, 499, 500, 5000)] == pytest.approx([0.0, 0.1, 0.499, 0.5, 0.5])
+    target, source = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 6.0])]
+    nft.blend_(target, source, keep=0.25)
+    torch.testing.assert_close(target[0], torch.tensor([0.25 + 2.25, 0.5 + 4.5]))
