@@ -64,10 +64,28 @@ class TrainConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """Settings of the baselines (--algorithm flow_grpo / diffusion_nft, docs/algorithm.md §11); FDFO ignores them."""
+
+    group_size: int = 24
+    """Samples per prompt (G); each of --total-pairs-per-epoch prompts gets G samples (FDFO: always a pair)."""
+    noise_level: float = 0.7
+    """Flow-GRPO's SDE noise level a: std = a sqrt(sigma / (1 - sigma))."""
+    nft_beta: float = 1.0
+    """DiffusionNFT's beta of the implicit policies (0.1 for multi-reward in the paper)."""
+    ema_decay: float = 0.9
+    """DiffusionNFT: the saved and evaluated adapter is this per-step EMA of the trained one."""
+
+
+@dataclass
 class Config:
-    preset: Literal["paper", "smoke", "lowmem24"] = "paper"
-    """Named starting point that the other flags override: 'paper' (ALGORITHM.md §6), 'smoke' (tiny CPU run) or
-    'lowmem24' (the paper's run on one 24 GB GPU, with the PickScore reward)."""
+    preset: Literal["paper", "smoke", "lowmem24", "flow_grpo", "diffusion_nft", "smoke_flow_grpo",
+                    "smoke_diffusion_nft"] = "paper"
+    """Named starting point that the other flags override: 'paper' (ALGORITHM.md §6), 'smoke' (tiny CPU run),
+    'lowmem24' (the paper's run on one 24 GB GPU, with the PickScore reward), 'flow_grpo' / 'diffusion_nft' (the
+    published baselines, docs/algorithm.md §11) and their tiny CPU runs 'smoke_flow_grpo' / 'smoke_diffusion_nft'."""
+    algorithm: Literal["fdfo", "flow_grpo", "diffusion_nft"] = "fdfo"
+    """Training method: fdfo (this repository's), or a baseline run in the same loop (docs/algorithm.md §11)."""
     seed: int = 6
     """Base seed; the noise of pair i in epoch e is seeded from (seed, e, i), independent of rank and world size."""
     num_epochs: int = 1000
@@ -109,6 +127,12 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+
+    @property
+    def samples_per_prompt(self) -> int:
+        """2 for FDFO (a pair), G for the baselines."""
+        return 2 if self.algorithm == "fdfo" else self.baseline.group_size
 
 
 def smoke_config() -> Config:
@@ -150,7 +174,55 @@ def lowmem24_config() -> Config:
     return cfg
 
 
-PRESETS = {"paper": Config, "smoke": smoke_config, "lowmem24": lowmem24_config}
+def flow_grpo_config() -> Config:
+    """Flow-GRPO as published (docs/algorithm.md §11) on FDFO's prompts and reward: G = 24 images per prompt, 36
+    prompts per epoch (864 reward evaluations, as FDFO's 432 pairs), SDE sampling with a = 0.7 and T = 10, CFG 4.5 in
+    sampling and loss, lr 3e-4, clip 1e-4, KL beta 0.01 (the PickScore setting; 0.04 for GenEval / OCR)."""
+    cfg = Config(preset="flow_grpo", algorithm="flow_grpo", run_name="flow_grpo", total_pairs_per_epoch=36)
+    cfg.sample.num_solver_steps = 10
+    cfg.sample.guidance_scale = 4.5
+    cfg.train.learning_rate = 3e-4
+    cfg.train.clip_range = 1e-4
+    cfg.train.kl_weight = 0.01
+    return cfg
+
+
+def diffusion_nft_config() -> Config:
+    """DiffusionNFT (docs/algorithm.md §11) on FDFO's prompts and reward: deterministic 10-step rollouts at CFG 1,
+    beta 1, EMA 0.9 saved. G = 24 per prompt, 36 prompts and lr 3e-4 as Flow-GRPO (§11 gives neither for NFT)."""
+    cfg = Config(preset="diffusion_nft", algorithm="diffusion_nft", run_name="diffusion_nft",
+                 total_pairs_per_epoch=36)
+    cfg.sample.num_solver_steps = 10
+    cfg.train.learning_rate = 3e-4
+    return cfg
+
+
+def _smoke_baseline(algorithm: str, learning_rate: float) -> Config:
+    """The smoke run's model, prompts, reward and epochs, with groups of 4 (8 prompts: 32 samples, as smoke's 16
+    pairs) and no CFG."""
+    cfg = smoke_config()
+    cfg.preset, cfg.algorithm, cfg.run_name = f"smoke_{algorithm}", algorithm, f"smoke_{algorithm}"
+    cfg.total_pairs_per_epoch = 8
+    cfg.baseline.group_size = 4
+    cfg.sample.churn_weight = None
+    cfg.train.learning_rate = learning_rate
+    return cfg
+
+
+def smoke_flow_grpo_config() -> Config:
+    cfg = _smoke_baseline("flow_grpo", 1e-2)
+    cfg.train.clip_range = 1e-4
+    cfg.train.kl_weight = 0.01
+    return cfg
+
+
+def smoke_diffusion_nft_config() -> Config:
+    return _smoke_baseline("diffusion_nft", 1e-2)
+
+
+PRESETS = {"paper": Config, "smoke": smoke_config, "lowmem24": lowmem24_config, "flow_grpo": flow_grpo_config,
+           "diffusion_nft": diffusion_nft_config, "smoke_flow_grpo": smoke_flow_grpo_config,
+           "smoke_diffusion_nft": smoke_diffusion_nft_config}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -187,11 +259,11 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 def batch_geometry(cfg: Config, world_size: int) -> Geometry:
     """Resolve pairs per GPU and the sampling / training batch sizes; raise ValueError for impossible requests."""
-    total, steps = cfg.total_pairs_per_epoch, cfg.gradient_steps_per_epoch
+    total, steps, group = cfg.total_pairs_per_epoch, cfg.gradient_steps_per_epoch, cfg.samples_per_prompt
     if steps < 1:
         raise ValueError(f"--gradient-steps-per-epoch must be >= 1, got {steps}")
-    # 2 * pairs_per_gpu items must split evenly into `steps` optimizer steps.
-    multiple = steps // math.gcd(2, steps)
+    # G * pairs_per_gpu items (G = 2: a pair) must split evenly into `steps` optimizer steps.
+    multiple = steps // math.gcd(group, steps)
     pairs_per_gpu = total // world_size // multiple * multiple
     if pairs_per_gpu < 1:
         need = world_size * multiple
@@ -203,10 +275,12 @@ def batch_geometry(cfg: Config, world_size: int) -> Geometry:
     max_batch = cfg.max_batch_size or (13 if world_size >= 8 else 6)
     if max_batch < 1:
         raise ValueError(f"--max-batch-size must be >= 1, got {max_batch}")
-    items_per_step = 2 * pairs_per_gpu // steps
-    sample_batch = _checked_batch(cfg.sample.batch_size, pairs_per_gpu, max_batch, "--sample.batch-size", "pairs per GPU")
+    items_per_step = group * pairs_per_gpu // steps
+    # a sampling batch of b prompts holds b * G images: at most about as many as max_batch pairs (FDFO: unchanged)
+    sample_batch = _checked_batch(cfg.sample.batch_size, pairs_per_gpu, max(1, 2 * max_batch // group),
+                                  "--sample.batch-size", "pairs per GPU")
     train_batch = _checked_batch(cfg.train.batch_size, items_per_step, max_batch, "--train.batch-size",
-                                 "items per step (2 * pairs per GPU / gradient steps)")
+                                 f"items per step ({group} * pairs per GPU / gradient steps)")
     return Geometry(world_size, pairs_per_gpu, sample_batch, train_batch, items_per_step // train_batch,
                     items_per_step, steps)
 
@@ -258,6 +332,14 @@ def check_config(cfg: Config) -> None:
     need(_finite(t.kl_weight) and t.kl_weight >= 0, "--train.kl-weight", t.kl_weight, ">= 0")
     need(_finite(t.max_grad_norm) and t.max_grad_norm >= 0, "--train.max-grad-norm", t.max_grad_norm,
          ">= 0")
+    b = cfg.baseline
+    if cfg.algorithm != "fdfo":
+        need(b.group_size >= 2, "--baseline.group-size", b.group_size, ">= 2 (group-relative advantages)")
+        need(t.timesteps_per_sample is None, "--train.timesteps-per-sample", t.timesteps_per_sample,
+             f"left out with --algorithm {cfg.algorithm} (the method fixes its trained steps)")
+        need(_finite(b.noise_level) and b.noise_level > 0, "--baseline.noise-level", b.noise_level, "> 0")
+        need(_finite(b.nft_beta) and b.nft_beta > 0, "--baseline.nft-beta", b.nft_beta, "> 0")
+        need(_finite(b.ema_decay) and 0 <= b.ema_decay < 1, "--baseline.ema-decay", b.ema_decay, "in [0, 1)")
     if problems:
         raise ValueError("; ".join(problems))
 

@@ -24,8 +24,9 @@ from fdfo.checkpoints import (
 )
 from fdfo.cli import Interrupted, check_device
 from fdfo.config import Config, Geometry, batch_geometry, check_config
-from fdfo.phases import (EpochSamples, build_training_set, rollout_dtypes, rollout_gb_per_rank, sample_phase,
-                         timesteps_per_sample, train_phase)
+from fdfo.phases import (EpochSamples, GroupSamples, baseline_micro_batch, build_group_items, build_training_set,
+                         rollout_dtypes, rollout_gb_per_rank, sample_groups, sample_phase, timesteps_per_sample,
+                         train_phase)
 from fdfo.prompts import load_prompts, prompt_indices
 from fdfo.rng import derive_seed
 from fdfo.runlog import NullLogger, RunLogger
@@ -174,6 +175,9 @@ def rollout_memory_note(policy, cfg: Config, geom: Geometry) -> str:
     velocity_bytes = 2 if velocity_dtypes and cfg.sample.guidance_scale == 1.0 else 4
     latent = policy.latent_shape(cfg.sample.resolution)
     k = timesteps_per_sample(cfg)
+    if cfg.algorithm != "fdfo":
+        samples = cfg.samples_per_prompt * geom.pairs_per_gpu
+        return f"rollouts of --algorithm {cfg.algorithm}: {samples} samples per rank"
     gb = rollout_gb_per_rank(geom, k, latent, state_bytes, velocity_bytes)
     return (f"rollout memory per rank: {gb:.3g} GB ({2 * geom.pairs_per_gpu} samples x {k} timesteps x "
             f"{'x'.join(map(str, latent))} latents x ({state_bytes} + {velocity_bytes}) bytes)")
@@ -186,7 +190,7 @@ def build_reward_model(cfg: Config, device: torch.device):
         return build_reward(cfg.reward_preset, cfg.reward, device)
 
 
-def log_epoch(logger, samples: EpochSamples, data, epoch: int, times: dict, records: list[dict],
+def log_epoch(logger, samples: EpochSamples | GroupSamples, data, epoch: int, times: dict, records: list[dict],
               cfg: Config, geom: Geometry) -> dict:
     """Epoch statistics over all ranks' rewards (finite ones), plus phase times."""
     record = dict(epoch=epoch, prompt_position=(epoch + 1) * geom.total_pairs, invalid_pairs=data.invalid_pairs)
@@ -201,7 +205,8 @@ def log_epoch(logger, samples: EpochSamples, data, epoch: int, times: dict, reco
     logger.log(record)
     if cfg.image_log_freq > 0 and epoch % cfg.image_log_freq == 0:
         n = len(samples.preview) // 2
-        logger.log_pairs(epoch, samples.preview, samples.prompts[:n], samples.rewards["reward"][: 2 * n])
+        shown = samples.rewards["reward"].reshape(-1, cfg.samples_per_prompt)[:n, :2].flatten()  # samples 0, 1
+        logger.log_pairs(epoch, samples.preview, samples.prompts[:n], shown)
     return record
 
 
@@ -222,6 +227,7 @@ class Run:
     epoch: int  # epochs done
     global_step: int
     guard: SignalGuard | None = None
+    nft: object = None  # DiffusionNFT's old and EMA adapters (fdfo.algorithms.diffusion_nft.Copies)
 
 
 def setup(cfg: Config, locks: list) -> Run:
@@ -243,6 +249,10 @@ def setup(cfg: Config, locks: list) -> Run:
     counters, state = read_checkpoint(resume) if resume is not None else ({"epoch": 0, "global_step": 0}, None)
     applied = []
     if resume is not None:
+        recorded = counters.get("algorithm", "fdfo")
+        if recorded != cfg.algorithm:
+            raise ValueError(f"cannot resume {resume}: it was trained with --algorithm {recorded}, not "
+                             f"{cfg.algorithm}; pass --algorithm {recorded}, or a new --run-dir to start a new run")
         check_adapter_fits(cfg, resume)
         applied = check_resume_settings(cfg, geom, resume)
     policy = build_policy(cfg, device)
@@ -252,8 +262,15 @@ def setup(cfg: Config, locks: list) -> Run:
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=policy.amp_dtype == torch.float16)
+    nft = None
+    if cfg.algorithm == "diffusion_nft":
+        from fdfo.algorithms.diffusion_nft import Copies
+
+        nft = Copies(policy.trainable_parameters())
     if state is not None:
         policy.load_adapter(resume)
+        if nft is not None:  # the saved adapter is the EMA; theta and the old adapter come from training_state.pt
+            nft.restore(state)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         apply_optimizer_settings(optimizer, cfg)
@@ -268,7 +285,7 @@ def setup(cfg: Config, locks: list) -> Run:
             policy.transformer, device_ids=[device] if device.type == "cuda" else None)
     run_dir = prepare_run_dir(cfg, locks)  # only now: a model that fails to load leaves no empty run folder behind
     return Run(cfg, geom, prompts, policy, reward, optimizer, scaler, module, run_dir,
-               open_logger(cfg, geom, run_dir, counters["epoch"]), counters["epoch"], counters["global_step"])
+               open_logger(cfg, geom, run_dir, counters["epoch"]), counters["epoch"], counters["global_step"], nft=nft)
 
 
 def open_logger(cfg: Config, geom: Geometry, run_dir: Path, first_epoch: int):
@@ -289,15 +306,27 @@ def run_epoch(run: Run) -> None:
     first_pair = dist.get_rank() * geom.pairs_per_gpu
     idx = prompt_indices(len(run.prompts), cfg.seed, epoch * geom.total_pairs + first_pair, geom.pairs_per_gpu)
     policy.transformer.eval()
-    samples = sample_phase(policy, run.reward, cfg, geom, epoch, [run.prompts[i] for i in idx], first_pair)
+    prompts = [run.prompts[i] for i in idx]
+    micro_batch = after_step = None
+    if cfg.algorithm == "fdfo":
+        samples = sample_phase(policy, run.reward, cfg, geom, epoch, prompts, first_pair)
+    elif run.nft is not None:  # DiffusionNFT samples (and computes v_old) with the old adapter
+        with run.nft.swapped(run.nft.old):
+            samples = sample_groups(policy, run.reward, cfg, geom, epoch, prompts, first_pair)
+        micro_batch, after_step = baseline_micro_batch, lambda: run.nft.after_step(cfg.baseline.ema_decay)
+    else:
+        samples = sample_groups(policy, run.reward, cfg, geom, epoch, prompts, first_pair)
+        micro_batch = baseline_micro_batch
     t1 = time.perf_counter()
-    data = build_training_set(samples, cfg, geom, epoch)
+    data = (build_training_set if cfg.algorithm == "fdfo" else build_group_items)(samples, cfg, geom, epoch)
     run.reward.offload()  # to CPU until the next sampling phase, with --reward.offload
     if cfg.offload_text_encoders:
         policy.offload_text_encoders(True)
     policy.transformer.train()
     run.global_step, records = train_phase(policy, run.module, run.optimizer, run.scaler, data, cfg, geom, epoch,
-                                           run.logger, run.global_step)
+                                           run.logger, run.global_step, micro_batch, after_step)
+    if run.nft is not None:
+        run.nft.after_epoch(epoch)
     t2 = time.perf_counter()
     record = log_epoch(run.logger, samples, data, epoch, dict(sample=t1 - t0, train=t2 - t1, total=t2 - t0), records,
                        cfg, geom)
@@ -355,8 +384,16 @@ def save(run: Run) -> None:
         cfg, epochs_done = run.cfg, run.epoch
         counters = dict(format=CHECKPOINT_FORMAT, epoch=epochs_done, global_step=run.global_step, seed=cfg.seed,
                         prompt_position=epochs_done * run.geom.total_pairs, world_size=run.geom.world_size,
-                        guidance_scale=cfg.sample.guidance_scale, pretrained_model=cfg.pretrained_model)
+                        guidance_scale=cfg.sample.guidance_scale, pretrained_model=cfg.pretrained_model,
+                        algorithm=cfg.algorithm)
+        state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}
+        save_adapter = run.policy.save_adapter
+        if run.nft is not None:  # DiffusionNFT: the EMA is the adapter saved (and evaluated); theta and old resume
+            state |= run.nft.state()
+
+            def save_adapter(folder, nft=run.nft):
+                with nft.swapped(nft.ema):
+                    run.policy.save_adapter(folder)
         with run.guard.critical():  # a signal now waits until the checkpoint is complete
-            save_checkpoint(checkpoint_dir(run.run_dir, epochs_done), run.policy.save_adapter,
-                            {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}, counters)
+            save_checkpoint(checkpoint_dir(run.run_dir, epochs_done), save_adapter, state, counters)
     dist.barrier()

@@ -7,6 +7,8 @@ predicted from a velocity is x0_hat = x_t - t v.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fdfo.algorithms.flow_grpo import group_advantages
@@ -86,3 +88,99 @@ def blend_(target: list[torch.Tensor], source: list[torch.Tensor], keep: float) 
     """In place: target <- keep * target + (1 - keep) * source, tensor by tensor (old-policy update and EMA)."""
     for t, s in zip(target, source, strict=True):
         t.mul_(keep).add_(s.detach().to(t.dtype), alpha=1 - keep)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DiffusionNFT in the SD3 training loop (fdfo/phases.py runs the shared sampling, exchange and optimizer loops).
+# The sampling adapter `old` and the evaluated EMA are fp32 copies of the trained LoRA tensors; `swapped` puts one of
+# them into the LoRA parameters for sampling or saving, so one PEFT adapter serves all three.
+
+ITEM_KEYS = ("x_t", "v_old", "v_ref")
+
+
+def trained_steps(num_steps: int) -> int:
+    """docs/algorithm.md §11: 9 of the 10 sampler timesteps per sample (int(0.9 T) in general, at least 1)."""
+    return max(1, int(0.9 * num_steps))
+
+
+@torch.no_grad()
+def rollout(policy, x1: torch.Tensor, cond: dict, sigmas: torch.Tensor, noise, cfg) -> tuple[torch.Tensor, dict]:
+    """Deterministic Euler rollouts from x1 `[b, ...]` with the current (old) adapter, then the training items.
+
+    Per sample K distinct timesteps (drawn from `noise`, so from the sample's own stream) and fresh e per item:
+    x_t = (1 - t) x0 + t e. v_old (the sampling adapter) and v_ref (adapters off) at x_t are computed here, so
+    training needs one forward of theta per item. Returns (x0 `[b, ...]`, items `[b, K, ...]` + timestep `[b, K]`).
+    """
+    from fdfo.sampling import sample_euler
+
+    x0 = sample_euler(policy.velocity, x1, cond, sigmas)
+    num_steps, k = len(sigmas) - 1, trained_steps(len(sigmas) - 1)
+    order = noise().flatten(1)[:, :num_steps].argsort(dim=1)[:, :k].sort(dim=1).values  # K distinct steps each
+    items = {key: [] for key in ITEM_KEYS}
+    for j in range(k):
+        t = sigmas[order[:, j]].float()
+        x_t = (1 - t).reshape(-1, *([1] * (x0.ndim - 1))) * x0 + t.reshape(-1, *([1] * (x0.ndim - 1))) * noise()
+        items["x_t"].append(x_t)
+        items["v_old"].append(policy.velocity(x_t, t, cond))
+        items["v_ref"].append(policy.base_velocity(x_t, t, cond))
+    out = {key: torch.stack(value, dim=1) for key, value in items.items()}
+    out["timestep"] = order
+    return x0, out
+
+
+def sample_weights(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per-sample optimality r `[B]` from all ranks' finite rewards `[B]` and prompt ids `[B]`."""
+    return optimality(rewards, groups)
+
+
+def item_loss(policy, module, batch: dict, sigmas: torch.Tensor, cfg) -> tuple[torch.Tensor, dict]:
+    """nft_loss of a micro-batch (mean over its items); batch: x_t, v_old, v_ref, timestep, x0, weight (r), cond."""
+    t = sigmas[batch["timestep"]]
+    v = policy.velocity(batch["x_t"], t, batch["cond"], module=module)
+    loss, stats = nft_loss(v, batch["v_old"], batch["v_ref"], batch["x_t"], batch["x0"], t, batch["weight"],
+                           cfg.baseline.nft_beta)
+    return loss, {"policy_loss": loss.detach() - REF_WEIGHT * stats["ref"], "kl": stats["ref"],
+                  "clipfrac": torch.zeros((), device=loss.device)}
+
+
+class Copies:
+    """The old (sampling) and EMA (evaluated, saved) adapters beside the trained LoRA parameters `params`."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.old = [p.detach().clone() for p in params]
+        self.ema = [p.detach().clone() for p in params]
+
+    def after_step(self, ema_decay: float) -> None:
+        blend_(self.ema, self.params, keep=ema_decay)
+
+    def after_epoch(self, epoch: int) -> None:
+        """epoch: the 0-based epoch just trained."""
+        blend_(self.old, self.params, keep=old_policy_decay(epoch))
+
+    @contextlib.contextmanager
+    def swapped(self, values: list[torch.Tensor]):
+        """The LoRA parameters hold `values` inside the block (sampling with old, saving the EMA), then theta again."""
+        theta = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, v in zip(self.params, values, strict=True):
+                p.copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.params, theta, strict=True):
+                    p.copy_(v)
+
+    def state(self) -> dict:
+        """What a checkpoint needs beside the saved (EMA) adapter: theta and old."""
+        return {"nft_theta": [p.detach().cpu().clone() for p in self.params],
+                "nft_old": [t.cpu().clone() for t in self.old]}
+
+    def restore(self, state: dict) -> None:
+        """After the saved adapter (the EMA) was loaded into the parameters: take it as the EMA, put theta back."""
+        self.ema = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, v in zip(self.params, state["nft_theta"], strict=True):
+                p.copy_(v)
+        self.old = [v.to(p.device, p.dtype) for p, v in zip(self.params, state["nft_old"], strict=True)]

@@ -116,3 +116,59 @@ def clipped_loss(
         "clipfrac": ((ratio - 1).abs() > clip_range).float().mean().detach(),
     }
     return policy + beta * kl, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flow-GRPO in the SD3 training loop (fdfo/phases.py runs the shared sampling, exchange and optimizer loops).
+
+ITEM_KEYS = ("state", "next", "logp_old")
+
+
+def trained_steps(num_steps: int) -> int:
+    """docs/algorithm.md §11: steps j = 0 ... int(0.99 T) - 1 are trained (all but the last for T <= 100)."""
+    return max(1, int(0.99 * num_steps))
+
+
+@torch.no_grad()
+def rollout(policy, x1: torch.Tensor, cond: dict, sigmas: torch.Tensor, noise, cfg) -> tuple[torch.Tensor, dict]:
+    """SDE trajectories from x1 `[b, ...]`; `noise()` returns fresh `[b, ...]` noise per step.
+
+    Returns (final latent `[b, ...]`, per-item tensors `[b, K, ...]`: state x_j, next x_{j+1} and logp_old of the
+    trained steps j < K, all float32, plus timestep `[b, K]`, the index j)."""
+    x = x1.float()
+    num_steps, k_trained = len(sigmas) - 1, trained_steps(len(sigmas) - 1)
+    kept = {key: [] for key in ITEM_KEYS}
+    for k in range(num_steps):
+        v = policy.velocity(x, sigmas[k].expand(len(x)), cond)
+        x_next, mean, step_std = sde_step(x, v, sigmas[k], sigmas[k + 1], noise(), cfg.baseline.noise_level,
+                                          sigmas[1])
+        if k < k_trained:
+            kept["state"].append(x)
+            kept["next"].append(x_next)
+            kept["logp_old"].append(step_log_prob(x_next, mean, step_std))
+        x = x_next
+    items = {key: torch.stack(value, dim=1) for key, value in kept.items()}
+    items["timestep"] = torch.arange(k_trained, device=x.device).expand(len(x), -1)
+    return x, items
+
+
+def sample_weights(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per-sample advantage A `[B]` from all ranks' finite rewards `[B]` and prompt ids `[B]`."""
+    return group_advantages(rewards, groups)
+
+
+def item_loss(policy, module, batch: dict, sigmas: torch.Tensor, cfg) -> tuple[torch.Tensor, dict]:
+    """The clipped loss with KL of a micro-batch (mean over its items); batch: state, next, logp_old, timestep,
+    weight (the sample's advantage), cond."""
+    a, j = cfg.baseline.noise_level, batch["timestep"]
+    sigma, sigma_next = sigmas[j], sigmas[j + 1]
+    x = batch["state"]
+    v = policy.velocity(x, sigma, batch["cond"], module=module)
+    _, mean, step_std = sde_step(x, v, sigma, sigma_next, torch.zeros_like(x), a, sigmas[1])
+    mean_ref = None
+    if cfg.train.kl_weight > 0:
+        v_ref = policy.base_velocity(x, sigma, batch["cond"])
+        _, mean_ref, _ = sde_step(x, v_ref, sigma, sigma_next, torch.zeros_like(x), a, sigmas[1])
+    logp = step_log_prob(batch["next"], mean, step_std)
+    return clipped_loss(logp, batch["logp_old"], batch["weight"], cfg.train.clip_range, mean, mean_ref, step_std,
+                        cfg.train.kl_weight)
