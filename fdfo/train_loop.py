@@ -24,9 +24,9 @@ from fdfo.checkpoints import (
 )
 from fdfo.cli import Interrupted, check_device
 from fdfo.config import Config, Geometry, batch_geometry, check_config
-from fdfo.phases import (EpochSamples, GroupSamples, baseline_micro_batch, build_group_items, build_training_set,
-                         rollout_dtypes, rollout_gb_per_rank, sample_groups, sample_phase, timesteps_per_sample,
-                         train_phase)
+from fdfo.phases import (EpochSamples, GroupSamples, algorithm_module, baseline_micro_batch, build_group_items,
+                         build_training_set, rollout_dtypes, rollout_gb_per_rank, sample_groups, sample_phase,
+                         timesteps_per_sample, train_phase)
 from fdfo.prompts import load_prompts, prompt_indices
 from fdfo.rng import derive_seed
 from fdfo.runlog import NullLogger, RunLogger
@@ -242,7 +242,9 @@ def setup(cfg: Config, locks: list) -> Run:
     geom = batch_geometry(cfg, dist.get_world_size())  # user errors surface before any model loads
     timesteps_per_sample(cfg)
     prompts = load_prompts(cfg.prompt_file)
-    dist.print0(geom.describe(cfg.total_pairs_per_epoch, cfg.sample.num_solver_steps))
+    trained = (cfg.sample.num_solver_steps if cfg.algorithm == "fdfo"
+               else algorithm_module(cfg.algorithm).trained_steps(cfg.sample.num_solver_steps))
+    dist.print0(geom.describe(cfg.total_pairs_per_epoch, trained))
     if dist.get_rank() == 0 and cfg.run_dir is not None and Path(cfg.run_dir).is_dir():
         locks.append(RunLock(Path(cfg.run_dir)))  # a double start is refused before minutes of model loading
     resume = find_resume_point(cfg)

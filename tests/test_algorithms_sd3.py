@@ -1,0 +1,172 @@
+"""The baselines (--algorithm flow_grpo / diffusion_nft, docs/algorithm.md §11) in the SD3 training loop on the tiny
+offline pipeline: presets and flags, the loss the training phase computes against the formulas by hand, exact
+resume, refusal to resume under another algorithm, and the smoke presets raising the smoke reward."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fdfo import phases, train_loop
+from fdfo.algorithms import diffusion_nft, flow_grpo
+from fdfo.cli import parse_with_preset
+from fdfo.config import PRESETS, Config, batch_geometry
+
+
+def tiny_config(algorithm, run_dir, **overrides):
+    """The baseline's smoke preset shrunk to seconds: 2 prompts x 4 samples, 3 solver steps, 2 optimizer steps."""
+    cfg = PRESETS[f"smoke_{algorithm}"]()
+    cfg.run_dir = str(run_dir)
+    cfg.total_pairs_per_epoch = 2
+    cfg.sample.num_solver_steps = 3
+    cfg.image_log_freq = 0
+    cfg.num_epochs = 1
+    cfg.save_freq = 1
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _checkpoint(run_dir, epoch):
+    folder = run_dir / f"checkpoints/epoch-{epoch:07d}"
+    return load_file(folder / "adapter_model.safetensors"), torch.load(folder / "training_state.pt", weights_only=True)
+
+
+def test_presets_carry_the_published_settings():
+    grpo = parse_with_preset(Config, PRESETS, ["--preset", "flow_grpo"])
+    assert (grpo.algorithm, grpo.baseline.group_size, grpo.sample.num_solver_steps) == ("flow_grpo", 24, 10)
+    assert (grpo.sample.guidance_scale, grpo.train.learning_rate, grpo.train.clip_range) == (4.5, 3e-4, 1e-4)
+    assert (grpo.train.kl_weight, grpo.baseline.noise_level, grpo.lora_rank, grpo.lora_alpha) == (0.01, 0.7, 32, 64)
+    nft = parse_with_preset(Config, PRESETS, ["--preset", "diffusion_nft"])
+    assert (nft.algorithm, nft.sample.guidance_scale, nft.sample.num_solver_steps) == ("diffusion_nft", 1.0, 10)
+    assert (nft.baseline.nft_beta, nft.baseline.ema_decay) == (1.0, 0.9)
+    # 36 prompts x 24 samples = 864 reward evaluations per epoch, as FDFO's 432 pairs
+    assert grpo.total_pairs_per_epoch * grpo.baseline.group_size == 2 * Config().total_pairs_per_epoch
+    # one GPU: 36 prompts; 36 * 24 / 4 steps = 216 items per step (per timestep) in micro-batches of 6; one prompt
+    # (24 images) per sampling batch, the largest divisor of 36 <= 2 * 6 // 24 -> 1
+    geom = batch_geometry(grpo, 1)
+    assert (geom.pairs_per_gpu, geom.items_per_step, geom.train_batch, geom.sample_batch) == (36, 216, 6, 1)
+    assert batch_geometry(Config(), 1) == batch_geometry(parse_with_preset(Config, PRESETS, []), 1)
+    assert parse_with_preset(Config, PRESETS, ["--algorithm", "diffusion_nft"]).algorithm == "diffusion_nft"
+    assert parse_with_preset(Config, PRESETS, []).algorithm == "fdfo"
+    assert flow_grpo.trained_steps(10) == 9 and diffusion_nft.trained_steps(10) == 9
+
+
+def test_bad_baseline_flags_are_refused_before_anything_is_written(tmp_path):
+    cfg = tiny_config("flow_grpo", tmp_path / "run")
+    cfg.baseline.group_size = 1
+    cfg.train.timesteps_per_sample = 2
+    with pytest.raises(ValueError, match=r"--baseline.group-size 1 .*--train.timesteps-per-sample 2"):
+        train_loop.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def _capture(monkeypatch, module, name, store):
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        store.append((args, kwargs, result))
+        return result
+
+    monkeypatch.setattr(module, name, spy)
+
+
+def _hand_advantages(rewards, group):
+    r = rewards.double().reshape(-1, group)
+    centred = r - r.mean(dim=1, keepdim=True)
+    std = math.sqrt(float(((rewards.double() - rewards.double().mean()) ** 2).mean()))
+    return (centred / (std + 1e-4)).clamp(-5, 5).flatten()
+
+
+def _captured_epoch(monkeypatch, algorithm, tmp_path):
+    """One epoch; returns the rewards, the training set and, per micro-batch, the item ids and the loss function's
+    arguments and result."""
+    seen = {"samples": [], "micro": [], "loss": []}
+    original_build = phases.build_group_items
+
+    def build(samples, *args):
+        seen["rewards"] = samples.rewards["reward"].clone()
+        seen["data"] = original_build(samples, *args)
+        return seen["data"]
+
+    monkeypatch.setattr(train_loop, "build_group_items", build)
+    _capture(monkeypatch, phases, "baseline_micro_batch", seen["micro"])
+    monkeypatch.setattr(train_loop, "baseline_micro_batch", phases.baseline_micro_batch)
+    module = flow_grpo if algorithm == "flow_grpo" else diffusion_nft
+    _capture(monkeypatch, module, "clipped_loss" if algorithm == "flow_grpo" else "nft_loss", seen["loss"])
+    train_loop.train(tiny_config(algorithm, tmp_path / "run"))
+    return seen
+
+
+def test_flow_grpo_training_loss_is_the_formula_on_the_rollout(monkeypatch, tmp_path):
+    seen = _captured_epoch(monkeypatch, "flow_grpo", tmp_path)
+    data, k = seen["data"], flow_grpo.trained_steps(3)
+    advantages = _hand_advantages(seen["rewards"], 4)
+    first_step = len(data.steps[0]) // len(seen["micro"][0][0][4])  # micro-batches in the first optimizer step
+    assert len(seen["loss"]) == len(seen["micro"]) == 2 * first_step
+    for m, ((args, _, result), (micro_args, _, _)) in enumerate(zip(seen["loss"], seen["micro"], strict=True)):
+        logp, logp_old, adv, clip, mean, mean_ref, step_std, beta = args
+        ids = micro_args[4]
+        # each item trains with its own sample's advantage A = (R - group mean) / (population std + 1e-4)
+        assert torch.allclose(adv.double(), advantages[data.items[ids] // k], atol=1e-6)
+        assert (clip, beta) == (1e-4, 0.01)
+        ratio = torch.exp(logp.double() - logp_old.double())
+        if m < first_step:  # before the first update theta is the sampler: logp_old of the right item gives ratio 1
+            assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-4)
+        policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
+        kl = ((mean.double() - mean_ref.double()) ** 2 / (2 * step_std.double() ** 2)).flatten(1).mean(1).mean()
+        assert torch.allclose(result[0].double(), policy + beta * kl, rtol=1e-5, atol=1e-7)
+
+
+def test_diffusion_nft_training_loss_is_the_formula_on_the_rollout(monkeypatch, tmp_path):
+    seen = _captured_epoch(monkeypatch, "diffusion_nft", tmp_path)
+    data, k = seen["data"], diffusion_nft.trained_steps(3)
+    r = (_hand_advantages(seen["rewards"], 4) / 10 + 0.5).clamp(0, 1)
+    first_step = len(data.steps[0]) // len(seen["micro"][0][0][4])
+    for m, ((args, _, result), (micro_args, _, _)) in enumerate(zip(seen["loss"], seen["micro"], strict=True)):
+        v, v_old, v_ref, x_t, x0, t, r_items, beta = args
+        ids = micro_args[4]
+        assert torch.allclose(r_items.double(), r[data.items[ids] // k], atol=1e-6) and beta == 1.0
+        if m < first_step:  # theta == old before the first update: v_old belongs to the item's own x_t
+            assert torch.allclose(v, v_old, atol=1e-5)
+        t4 = t.double().reshape(-1, 1, 1, 1)
+        assert (t > 0).all() and (t <= 1).all()
+        losses = []
+        for side in (beta * v + (1 - beta) * v_old, (1 + beta) * v_old - beta * v):
+            err = x_t.double() - t4 * side.double() - x0.double()
+            losses.append((err**2).flatten(1).mean(1) / err.abs().flatten(1).mean(1).clamp_min(1e-5))
+        policy = (5 * (r_items.double() * losses[0] + (1 - r_items.double()) * losses[1]) / beta).mean()
+        ref = ((v.double() - v_ref.double()) ** 2).flatten(1).mean(1).mean()
+        assert torch.allclose(result[0].double(), policy + 1e-4 * ref, rtol=1e-5)
+    # x_t lies on the straight line from the item's own final sample x0 towards its noise: x_t = (1 - t) x0 + t e
+    args = seen["loss"][0][0]
+    x_t, x0, t = args[3], args[4], args[5].reshape(-1, 1, 1, 1)
+    e = (x_t - (1 - t) * x0) / t
+    assert 0.7 < float(e.std()) < 1.3  # e is the fresh standard-normal noise (the wrong x0 would not give unit std)
+
+
+@pytest.mark.parametrize("algorithm", ["flow_grpo", "diffusion_nft"])
+def test_resume_is_exact(algorithm, tmp_path):
+    train_loop.train(tiny_config(algorithm, tmp_path / "a", num_epochs=2))
+    train_loop.train(tiny_config(algorithm, tmp_path / "b", num_epochs=1))
+    train_loop.train(tiny_config(algorithm, tmp_path / "b", num_epochs=2))  # same --run-dir: resumes after epoch 1
+    (a, state_a), (b, state_b) = _checkpoint(tmp_path / "a", 2), _checkpoint(tmp_path / "b", 2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], _checkpoint(tmp_path / "a", 1)[0][k]) for k in a)
+    state = json.loads((tmp_path / "b/checkpoints/epoch-0000002/state.json").read_text())
+    config = json.loads((tmp_path / "b/config.json").read_text())
+    assert state["algorithm"] == config["algorithm"] == algorithm
+    if algorithm == "diffusion_nft":  # theta and the old adapter resume exactly too; the saved adapter is the EMA
+        for key in ("nft_theta", "nft_old"):
+            assert all(torch.equal(x, y) for x, y in zip(state_a[key], state_b[key], strict=True))
+        saved = sorted(float(v.double().sum()) for v in a.values())
+        assert saved != sorted(float(t.double().sum()) for t in state_a["nft_theta"])
+
+
+def test_resume_under_another_algorithm_is_refused(tmp_path):
+    train_loop.train(tiny_config("diffusion_nft", tmp_path / "run"))
+    with pytest.raises(ValueError, match="--algorithm"):
+        train_loop.train(tiny_config("flow_grpo", tmp_path / "run", num_epochs=2))
