@@ -316,6 +316,7 @@ def sample_groups(policy, reward, cfg: Config, geom: Geometry, epoch: int, promp
     algo, group = algorithm_module(cfg.algorithm), cfg.baseline.group_size
     device, sigmas = policy.device, policy.sigmas(cfg.sample.num_solver_steps)
     shape = policy.latent_shape(cfg.sample.resolution)
+    rollout_device = torch.device("cpu") if cfg.train.rollout_device == "cpu" else device
     batches = []
     for start in tqdm.trange(0, len(prompts), geom.sample_batch, desc=f"epoch {epoch} sample", leave=False,
                              disable=dist.get_rank() != 0):
@@ -329,6 +330,7 @@ def sample_groups(policy, reward, cfg: Config, geom: Geometry, epoch: int, promp
         images = policy.decode(final)
         scores = reward.components([p for p in batch_prompts for _ in range(group)], images)
         shown = [i * group + g for i in range(min(len(batch_prompts), cfg.image_log_pairs - start)) for g in (0, 1)]
+        items = {key: value.to(rollout_device) for key, value in items.items()}
         batches.append(dict(items=items, final=final, cond=cond, images=images[shown].cpu(),
                             rewards={k: v.float().to(device) for k, v in scores.items()}))
     return GroupSamples(items=_cat([b["items"] for b in batches]), sigmas=sigmas.float(),
@@ -340,7 +342,8 @@ def sample_groups(policy, reward, cfg: Config, geom: Geometry, epoch: int, promp
 @dataclass
 class GroupItems:
     """This rank's training items of a baseline, in training order (as TrainingSet): item id = global sample * K + j.
-    `rows` holds the per-item tensors, `per_sample` the per-sample ones (x0 and weight), `cond` the prompts'."""
+    `rows` holds the per-item tensors, `per_sample` the per-sample ones (weight; x0 if the method's loss needs it),
+    `cond` the prompts'."""
 
     items: torch.Tensor  # [N] global item ids (CPU)
     rows: dict[str, torch.Tensor]  # name -> [N, ...]
@@ -388,7 +391,9 @@ def build_group_items(samples: GroupSamples, cfg: Config, geom: Geometry, epoch:
     sample = torch.searchsorted(own_samples, items // num_timesteps)
     prompt = torch.searchsorted(own_prompts, own_samples // cfg.baseline.group_size)[sample]
     count = len(items) // geom.gradient_steps
-    per_sample = {"weight": weight, "x0": samples.final.float()}
+    per_sample = {"weight": weight}
+    if algorithm_module(cfg.algorithm).NEEDS_X0:
+        per_sample["x0"] = samples.final.float()
     return GroupItems(
         items=items, rows=rows, sigmas=samples.sigmas, sample=sample.to(device), prompt=prompt.to(device),
         per_sample={k: dist.exchange_rows(v, per_rank_samples) for k, v in per_sample.items()},
@@ -402,7 +407,8 @@ def baseline_micro_batch(policy, module, scaler, data: GroupItems, ids: torch.Te
     """Forward + backward of one micro-batch of a baseline: the method's `item_loss` (a mean over the micro-batch)
     weighted so that a step's gradient is the mean over its items."""
     sample = data.sample[ids]
-    batch = {key: value[ids] for key, value in data.rows.items()}
+    rows = ids.to(data.rows["timestep"].device)  # a no-op unless the rollouts live in host memory
+    batch = {key: value[rows].to(policy.device, non_blocking=True) for key, value in data.rows.items()}
     batch |= {key: value[sample] for key, value in data.per_sample.items()}
     batch["cond"] = {key: value[data.prompt[ids]] for key, value in data.cond.items()}
     loss, stats = algorithm_module(cfg.algorithm).item_loss(policy, module, batch, data.sigmas, cfg)

@@ -95,6 +95,7 @@ def blend_(target: list[torch.Tensor], source: list[torch.Tensor], keep: float) 
 # The sampling adapter `old` and the evaluated EMA are fp32 copies of the trained LoRA tensors; `swapped` puts one of
 # them into the LoRA parameters for sampling or saving, so one PEFT adapter serves all three.
 
+NEEDS_X0 = True  # whether item_loss reads the sample's final latent
 ITEM_KEYS = ("x_t", "v_old", "v_ref")
 
 
