@@ -1,8 +1,10 @@
-"""FDFO training: post-train SD3.5-Medium with a LoRA against a reward (see README.md and ALGORITHM.md).
+"""FDFO training (and, with --algorithm, the Flow-GRPO / DiffusionNFT baselines): post-train SD3.5-Medium with a LoRA against a reward (see README.md and ALGORITHM.md).
 
 Single GPU or CPU:
     python train.py --num-epochs 5 --total-pairs-per-epoch 16
     python train.py --preset smoke                   # tiny offline model and analytic reward: CPU, under a minute
+    python train.py --preset flow_grpo               # the published baselines in the same loop (docs/algorithm.md §11);
+    python train.py --preset diffusion_nft           # or --algorithm flow_grpo|diffusion_nft with your own flags
 
 Multi-GPU (one node; add --nnodes and --rdzv-* for several, see README.md):
     torchrun --nproc_per_node=8 train.py --reward-preset pickscore

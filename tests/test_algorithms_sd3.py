@@ -226,3 +226,19 @@ def test_smoke_preset_improves_the_reward(algorithm, tmp_path):
     gain = rewards[1] - rewards[0]
     z = gain.mean() / (gain.std() / len(gain) ** 0.5)
     assert gain.mean() > 1e-3 and z > 5, (float(gain.mean()), float(z))
+
+
+@pytest.mark.parametrize("algorithm", ["fdfo", "flow_grpo", "diffusion_nft"])
+def test_algorithm_flag_runs_each_method_through_train_py(algorithm, tmp_path):
+    import train
+
+    train.main(["--preset", "smoke", "--algorithm", algorithm, "--baseline.group-size", "4", "--num-epochs", "1",
+                "--total-pairs-per-epoch", "2", "--sample.num-solver-steps", "2", "--image-log-freq", "0",
+                "--run-dir", str(tmp_path / "run")])
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    state = json.loads((tmp_path / "run/checkpoints/epoch-0000001/state.json").read_text())
+    assert config["algorithm"] == state["algorithm"] == algorithm
+    steps = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines() if '"step"' in line]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    # samples per epoch: 2 prompts x (a pair for fdfo, else G = 4), split over 2 optimizer steps
+    assert config["geometry"]["items_per_step"] * 2 == 2 * (2 if algorithm == "fdfo" else 4)
