@@ -1,4 +1,5 @@
-"""FDFO training (and, with --algorithm, the Flow-GRPO / DiffusionNFT baselines): post-train SD3.5-Medium with a LoRA against a reward (see README.md and ALGORITHM.md).
+"""FDFO training: post-train SD3.5-Medium with a LoRA against a reward (see README.md and ALGORITHM.md); with
+--algorithm, the Flow-GRPO and DiffusionNFT baselines in the same loop.
 
 Single GPU or CPU:
     python train.py --num-epochs 5 --total-pairs-per-epoch 16
