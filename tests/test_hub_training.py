@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fdfo import tiny
 from fdfo.config import SD35_MEDIUM
-from rewards.tiny import build_fake_hf_cache, tiny_reward_repos
+from tests.tiny_rewards import build_fake_hf_cache, tiny_reward_repos
 
 ROOT = Path(__file__).resolve().parents[1]
 

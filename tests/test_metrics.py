@@ -30,8 +30,8 @@ from fdfo.evaluation import (
 from fdfo.images import to_uint8
 from rewards import RewardConfig, Term, WeightedReward, build_metrics
 from rewards.analytic import Brightness
-from rewards.tiny import build_fake_hf_cache, tiny_reward_repos
 from tests.fake_hub import FDFO_REPO, NO_CFG, build_checkpoint_cache, hub_env
+from tests.tiny_rewards import build_fake_hf_cache, tiny_reward_repos
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red bicycle", "a cat on a sofa", "an oil painting of a boat", "a snowy mountain", "a bowl of fruit"]
