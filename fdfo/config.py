@@ -7,9 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fdfo.sd3 import SD35_MEDIUM
 from rewards.config import RewardConfig
-
-SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 
 
 @dataclass

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from fdfo import tiny
-from fdfo.config import SD35_MEDIUM
+from fdfo.sd3 import SD35_MEDIUM
 from tests.tiny_rewards import build_fake_hf_cache, tiny_reward_repos
 
 ROOT = Path(__file__).resolve().parents[1]
