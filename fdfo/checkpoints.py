@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fdfo.safety import disk_full_error, fsync_path, is_disk_full
+from fdfo.files import disk_full_error, fsync_path, is_disk_full
 
 CHECKPOINT_RE = re.compile(r"^epoch-(\d{7})$")
 RUN_RE = re.compile(r"^(\d{5})-")
@@ -40,30 +40,6 @@ def new_run_dir(root: str | Path, name: str) -> Path:
             return path
         except FileExistsError:  # another launcher took this id meanwhile
             next_id += 1
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name, fsync, rename, fsync the folder: readers never see a half-written file.
-
-    A full disk raises RunError naming the file; the temporary file is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # a full disk, or an interrupt: no stray temporary file
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and is_disk_full(e):
-            raise disk_full_error(path.parent, path.name) from None
-        raise
-    fsync_path(path.parent)
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def checkpoint_dir(run_dir: Path, epoch: int) -> Path:

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from fdfo import distributed, stats
-from fdfo.checkpoints import write_json_atomic
 from fdfo.cli import check_device
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
+from fdfo.files import write_json_atomic
 from fdfo.images import to_uint8, uint8_to_pil
 from fdfo.prompts import load_prompt_set
 from rewards import EVAL_METRICS, RewardConfig, build_metrics

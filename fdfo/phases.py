@@ -14,8 +14,8 @@ import torch
 import tqdm
 
 from fdfo import distributed as dist
-from fdfo.cli import RunError
 from fdfo.config import Config, Geometry
+from fdfo.errors import RunError
 from fdfo.objective import clip_fraction, pair_targets, spo_loss
 from fdfo.rng import generator, randn_per_sample
 from fdfo.safety import check_step

@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fdfo.checkpoints import write_text_atomic
-from fdfo.safety import disk_full_error, is_disk_full
+from fdfo.files import disk_full_error, is_disk_full, write_text_atomic
 
 LOG_FILE = "log.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"

@@ -20,10 +20,11 @@ from fdfo.checkpoints import (
     new_run_dir,
     read_checkpoint,
     save_checkpoint,
-    write_json_atomic,
 )
-from fdfo.cli import Interrupted, check_device
+from fdfo.cli import check_device
 from fdfo.config import Config, Geometry, batch_geometry, check_config
+from fdfo.errors import Interrupted
+from fdfo.files import write_json_atomic
 from fdfo.phases import (EpochSamples, build_training_set, rollout_dtypes, rollout_gb_per_rank, sample_phase,
                          timesteps_per_sample, train_phase)
 from fdfo.prompts import load_prompts, prompt_indices

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fdfo import checkpoints, runlog, safety, train_loop
-from fdfo.cli import RunError
+from fdfo import checkpoints, files, runlog, safety, train_loop
 from fdfo.config import check_config, smoke_config
+from fdfo.errors import RunError
 from tests.test_train import read_log, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,10 +296,10 @@ def test_disk_full_while_writing_a_checkpoint(one_epoch, tmp_path, monkeypatch):
 
 
 def test_safetensors_disk_full_text_is_recognised():
-    assert safety.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
-    assert safety.is_disk_full(RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+    assert files.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert files.is_disk_full(RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
                                             "message: \"No space left on device\" })"))
-    assert not safety.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not files.is_disk_full(OSError(errno.EACCES, "Permission denied"))
 
 
 def test_disk_full_while_logging_leaves_no_torn_line(tmp_path, monkeypatch):
@@ -509,7 +509,7 @@ def test_double_start_sigterm_and_ctrl_c(tmp_path):
 
 
 def test_a_signal_during_a_checkpoint_write_waits_for_the_write():
-    from fdfo.cli import Interrupted
+    from fdfo.errors import Interrupted
 
     guard = safety.SignalGuard().install()
     try:
