@@ -1,6 +1,7 @@
 """Run-folder safety in one place: the one-run-per-folder lock, Ctrl-C / SIGTERM handling, the divergence (NaN)
-guard, disk-full reporting, durable renames and the torchrun parent-death watch. The training loop calls these; the
-entry point (fdfo/cli.py) turns `Interrupted` and `RunError` (fdfo/errors.py) into one line and an exit status.
+guard and the torchrun parent-death watch (durable writes and disk-full reporting: fdfo/files.py). The training loop
+calls these; the entry point (fdfo/cli.py) turns `Interrupted` and `RunError` (fdfo/errors.py) into one line and an
+exit status.
 """
 
 from __future__ import annotations

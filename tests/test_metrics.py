@@ -163,7 +163,7 @@ def eight_bit(x: np.ndarray) -> np.ndarray:
     return np.floor(np.clip(y, 0, 255)).astype(np.uint8)
 
 
-# x * 255 = 0.5 and 2.5 exactly in float32: half-up gives 1 and 3, round-half-even (torch.round, runlog.to_pil) 0 and 2
+# x * 255 = 0.5 and 2.5 exactly in float32: half-up gives 1 and 3, round-half-even (torch.round) 0 and 2
 PIXELS = [2 / 1020, 10 / 1020, 0.25, 0.5, 1.0, -0.2, 1.3, 0.7]
 
 
