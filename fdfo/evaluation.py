@@ -107,20 +107,6 @@ def image_seed(base: int, prompt: int, num_repeats: int, repeat: int) -> int:
     return base + prompt * num_repeats + repeat
 
 
-def rank_prompts(num_prompts: int, rank: int, world: int) -> range:
-    """Prompts j of one rank: j = rank, rank + world, ... (counts differ by at most one between ranks)."""
-    return range(rank, num_prompts, world)
-
-
-def unshard(gathered: torch.Tensor, num_prompts: int, world: int) -> torch.Tensor:
-    """Per-prompt rows in j order from the concatenation of every rank's rows, each rank padded to
-    ceil(num_prompts / world) rows: `[world * per, ...]` -> `[num_prompts, ...]`."""
-    per = math.ceil(num_prompts / world)
-    assert gathered.shape[0] == world * per, (gathered.shape, num_prompts, world)
-    rows = [(j % world) * per + j // world for j in range(num_prompts)]
-    return gathered[rows]
-
-
 def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
     """User errors before anything loads. Returns the reward-model metrics and whether diversity is asked for."""
     check_device("--device", cfg.device)
@@ -253,7 +239,7 @@ def generate_and_score(plan: Plan, generator, scorer, embedder, batch_size: int,
     rank, world = distributed.get_rank(), distributed.get_world_size()
     num_prompts, repeats = len(plan.prompts), plan.num_repeats
     per = math.ceil(num_prompts / world)
-    tasks = [(j, r) for j in rank_prompts(num_prompts, rank, world) for r in range(repeats)]
+    tasks = [(j, r) for j in distributed.round_robin(num_prompts, rank, world) for r in range(repeats)]
     # Rank 0 has the most prompts, so its batch count is every rank's: ranks with fewer images make empty calls to the
     # scorer, because an FSDP-sharded VLM must run its forward passes on all ranks together.
     num_batches = math.ceil(per * repeats / batch_size)
@@ -295,7 +281,7 @@ def gather_prompts(local: torch.Tensor, num_prompts: int, device: torch.device) 
     if local.numel() == 0:  # no columns to send (e.g. only dreamsim_diversity asked for)
         return local.new_zeros((num_prompts, *local.shape[1:]))
     gathered = distributed.all_gather_cat(local.to(device)).cpu()
-    return unshard(gathered, num_prompts, distributed.get_world_size())
+    return distributed.unshard(gathered, num_prompts, distributed.get_world_size())
 
 
 def image_name(prompt: int, repeat: int) -> str:

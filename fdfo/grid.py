@@ -151,7 +151,7 @@ def draw_grid(images: torch.Tensor, layout: GridLayout, titles: list[str], promp
 def _generate_share(gen, prompts: list[str], seeds: list[int], batch_size: int, bar) -> torch.Tensor:
     """This rank's images, round-robin over ranks, padded to the same count on every rank; gathered in full order."""
     rank, world, total = dist.get_rank(), dist.get_world_size(), len(prompts)
-    mine = list(range(rank, total, world)) or [0]
+    mine = list(dist.round_robin(total, rank, world)) or [0]
     mine += [mine[-1]] * (math.ceil(total / world) - len(mine))  # equal shapes for the gather; extras are dropped
     out = []
     for i in range(0, len(mine), batch_size):
@@ -159,9 +159,7 @@ def _generate_share(gen, prompts: list[str], seeds: list[int], batch_size: int, 
         out.append(to_uint8(gen.generate([prompts[j] for j in chunk], [seeds[j] for j in chunk])))
         bar.update(len(chunk))
     gathered = dist.all_gather_cat(torch.cat(out).to(gen.device)).cpu()  # [world * per_rank, 3, S, S]
-    per_rank = len(mine)
-    order = [(j % world) * per_rank + j // world for j in range(total)]  # image j lives on rank j % world
-    return gathered[order]
+    return dist.unshard(gathered, total, world)
 
 
 def check_output_path(out: Path, flag: str = "--out") -> None:
