@@ -68,12 +68,18 @@ def clean_stale_files(run_dir: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    folder = Path(run_dir) / "checkpoints"
+def newest_checkpoint_in(folder: Path) -> Path | None:
+    """The epoch-XXXXXXX entry of `folder` with the highest epoch; None when there is none (or no such folder)."""
+    folder = Path(folder)
     if not folder.is_dir():
         return None
     found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
     return found[-1][1] if found else None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """A run folder's newest checkpoint, `run_dir/checkpoints/epoch-XXXXXXX`; None before the first save."""
+    return newest_checkpoint_in(Path(run_dir) / "checkpoints")
 
 
 def sha256_file(path: Path) -> str:
