@@ -29,7 +29,7 @@ import torch
 from fdfo import distributed, stats
 from fdfo.cli import check_device
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
-from fdfo.files import write_json_atomic
+from fdfo.files import nearest_existing, write_json_atomic
 from fdfo.images import to_uint8, uint8_to_pil
 from fdfo.prompts import load_prompt_set
 from rewards import EVAL_METRICS, RewardConfig, build_metrics
@@ -149,9 +149,7 @@ def check_output_path(flag: str, path: Path, folder: bool) -> None:
         if not os.access(path if folder else path.parent, os.W_OK):
             raise ValueError(f"{flag} {str(path)!r} is not writable.")
         return
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(path.parent)
     if not parent.is_dir():
         raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder.")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -35,10 +35,16 @@ def disk_full_error(where: Path, what: str) -> RunError:
 def shutil_free(path: Path) -> str:
     import shutil
 
+    return f"{shutil.disk_usage(nearest_existing(path)).free / 2**20:.0f} MiB"
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else its nearest existing ancestor (at the top, the filesystem root or `.`): where a
+    file or folder at `path` would be created, for the checks that refuse an unwritable output path early."""
     path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent
-    return f"{shutil.disk_usage(path).free / 2**20:.0f} MiB"
+    return path
 
 
 def fsync_path(path: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fdfo import distributed as dist
+from fdfo.files import nearest_existing
 from fdfo.images import to_uint8
 
 # Written for this project: varied subjects, styles and the things text-to-image models get wrong (counting, spatial
@@ -169,9 +170,7 @@ def check_output_path(out: Path, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {out} is a folder; pass a file name ending in .jpg, .jpeg or .png")
     if out.exists() and not os.access(out, os.W_OK):
         raise ValueError(f"{flag} {out}: the file exists and is not writable")
-    parent = out.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(out.absolute().parent)
     if not parent.is_dir():
         raise ValueError(f"{flag} {out}: {parent} is a file, not a folder, so nothing can be written below it")
     if not os.access(parent, os.W_OK | os.X_OK):
