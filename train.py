@@ -1,4 +1,4 @@
-"""FDFO training: post-train SD3.5-Medium with a LoRA against a reward (see README.md and ALGORITHM.md).
+"""FDFO training: post-train SD3.5-Medium with a LoRA against a reward (see README.md and docs/algorithm.md).
 
 Single GPU or CPU:
     python train.py --num-epochs 5 --total-pairs-per-epoch 16

@@ -1,6 +1,6 @@
 """Checkpoint resolution: turn what a user pastes after --checkpoint into a local PEFT adapter folder.
 
-Accepted forms (ALGORITHM.md §9):
+Accepted forms (docs/algorithm.md §9):
 
 * `https://huggingface.co/ORG/REPO/tree/REV/SUB/DIR` — the address of a folder as the browser shows it (`blob/` and
   `resolve/` addresses of `adapter_config.json` or `adapter_model.safetensors` are taken as their folder);
