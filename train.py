@@ -1,4 +1,4 @@
-"""FDFO training: post-train SD3.5-Medium with a LoRA against a reward (see README.md and ALGORITHM.md); with
+"""FDFO training: post-train SD3.5-Medium with a LoRA against a reward (see README.md and docs/algorithm.md); with
 --algorithm, the Flow-GRPO and DiffusionNFT baselines in the same loop.
 
 Single GPU or CPU:

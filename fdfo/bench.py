@@ -25,8 +25,14 @@ import torch
 
 from fdfo import distributed as dist
 from fdfo.config import Config, batch_geometry
-from fdfo.phases import (build_training_set, rollout_dtypes, rollout_gb_per_rank, sample_phase, timesteps_per_sample,
-                         train_phase)
+from fdfo.phases import (
+    build_training_set,
+    rollout_dtypes,
+    rollout_gb_per_rank,
+    sample_phase,
+    timesteps_per_sample,
+    train_phase,
+)
 
 TEXT_TOKENS = 77 + 128  # CLIP (both encoders, concatenated along the width) + T5
 # Dense bf16 / fp16 tensor-core peak per GPU in TFLOP/s, from NVIDIA's spec sheets (SXM parts, without sparsity).

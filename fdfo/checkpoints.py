@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fdfo.safety import disk_full_error, fsync_path, is_disk_full
+from fdfo.files import disk_full_error, fsync_path, is_disk_full
 
 CHECKPOINT_RE = re.compile(r"^epoch-(\d{7})$")
 RUN_RE = re.compile(r"^(\d{5})-")
@@ -40,30 +40,6 @@ def new_run_dir(root: str | Path, name: str) -> Path:
             return path
         except FileExistsError:  # another launcher took this id meanwhile
             next_id += 1
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name, fsync, rename, fsync the folder: readers never see a half-written file.
-
-    A full disk raises RunError naming the file; the temporary file is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # a full disk, or an interrupt: no stray temporary file
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and is_disk_full(e):
-            raise disk_full_error(path.parent, path.name) from None
-        raise
-    fsync_path(path.parent)
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
@@ -92,12 +68,18 @@ def clean_stale_files(run_dir: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    folder = Path(run_dir) / "checkpoints"
+def newest_checkpoint_in(folder: Path) -> Path | None:
+    """The epoch-XXXXXXX entry of `folder` with the highest epoch; None when there is none (or no such folder)."""
+    folder = Path(folder)
     if not folder.is_dir():
         return None
     found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
     return found[-1][1] if found else None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """A run folder's newest checkpoint, `run_dir/checkpoints/epoch-XXXXXXX`; None before the first save."""
+    return newest_checkpoint_in(Path(run_dir) / "checkpoints")
 
 
 def sha256_file(path: Path) -> str:

@@ -1,5 +1,5 @@
 """Training configuration: nested dataclasses (tyro turns the attribute docstrings into --help), the named
-presets, and the batch geometry of ALGORITHM.md §5. Defaults are the published runs of ALGORITHM.md §6."""
+presets, and the batch geometry of docs/algorithm.md §5. Defaults are the published runs of docs/algorithm.md §6."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fdfo.sd3 import SD35_MEDIUM
 from rewards.config import RewardConfig
-
-SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 
 
 @dataclass
@@ -81,7 +80,7 @@ class BaselineConfig:
 class Config:
     preset: Literal["paper", "smoke", "lowmem24", "flow_grpo", "diffusion_nft", "smoke_flow_grpo",
                     "smoke_diffusion_nft"] = "paper"
-    """Named starting point that the other flags override: 'paper' (ALGORITHM.md §6), 'smoke' (tiny CPU run),
+    """Named starting point that the other flags override: 'paper' (docs/algorithm.md §6), 'smoke' (tiny CPU run),
     'lowmem24' (the paper's run on one 24 GB GPU, with the PickScore reward), 'flow_grpo' / 'diffusion_nft' (the
     published baselines, docs/algorithm.md §11) and their tiny CPU runs 'smoke_flow_grpo' / 'smoke_diffusion_nft'."""
     algorithm: Literal["fdfo", "flow_grpo", "diffusion_nft"] = "fdfo"
@@ -113,7 +112,8 @@ class Config:
     max_batch_size: int | None = None
     """Upper bound for sampling and training batches; default 6, or 13 from 8 GPUs up."""
     reward_preset: str = "combined"
-    """Reward: pickscore, vlm_alignment, combined (1.0 PickScore + 0.1 VLM); redness, brightness (analytic, for tests)."""
+    """Reward: pickscore, vlm_alignment, combined (1.0 PickScore + 0.1 VLM); redness, brightness (analytic, for
+    tests)."""
     offload_text_encoders: bool = True
     """Move the text encoders to CPU during the training phase."""
     image_log_freq: int = 10
@@ -229,7 +229,7 @@ PRESETS = {"paper": Config, "smoke": smoke_config, "lowmem24": lowmem24_config, 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Batch geometry (ALGORITHM.md §5).
+# Batch geometry (docs/algorithm.md §5).
 
 
 @dataclass(frozen=True)

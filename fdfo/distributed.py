@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import sys
 from typing import Any, Iterator
@@ -85,6 +86,21 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, x)
     return out
+
+
+def round_robin(total: int, rank: int, world: int) -> range:
+    """The items j of one rank when `total` items are dealt round-robin: j = rank, rank + world, ... (counts differ by
+    at most one between ranks; a rank past the last item gets none). `unshard` restores the order after a gather."""
+    return range(rank, total, world)
+
+
+def unshard(gathered: torch.Tensor, total: int, world: int) -> torch.Tensor:
+    """Rows in item order j from the concatenation of every rank's `round_robin` rows, each rank padded to
+    ceil(total / world) rows: `[world * per, ...]` -> `[total, ...]`."""
+    per = math.ceil(total / world)
+    assert gathered.shape[0] == world * per, (gathered.shape, total, world)
+    rows = [(j % world) * per + j // world for j in range(total)]  # item j is row j // world of rank j % world
+    return gathered[rows]
 
 
 def all_reduce_mean_(x: torch.Tensor) -> torch.Tensor:

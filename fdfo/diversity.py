@@ -31,8 +31,8 @@ import torch
 
 INSTALL_HINT = (
     "dreamsim_diversity needs the dreamsim package: `pip install -r requirements-eval.txt \"torch==<your torch "
-    "version>\"` (dreamsim 0.2.1; it installs torchvision, so pin your torch to keep pip from replacing it; GPU machines "
-    "only, see README). Leave dreamsim_diversity out of --metrics to run without it."
+    "version>\"` (dreamsim 0.2.1; it installs torchvision, so pin your torch to keep pip from replacing it; GPU "
+    "machines only, see README). Leave dreamsim_diversity out of --metrics to run without it."
 )
 
 

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from fdfo import distributed, stats
-from fdfo.checkpoints import write_json_atomic
 from fdfo.cli import check_device
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
+from fdfo.files import nearest_existing, write_json_atomic
 from fdfo.images import to_uint8, uint8_to_pil
 from fdfo.prompts import load_prompt_set
 from rewards import EVAL_METRICS, RewardConfig, build_metrics
@@ -107,20 +107,6 @@ def image_seed(base: int, prompt: int, num_repeats: int, repeat: int) -> int:
     return base + prompt * num_repeats + repeat
 
 
-def rank_prompts(num_prompts: int, rank: int, world: int) -> range:
-    """Prompts j of one rank: j = rank, rank + world, ... (counts differ by at most one between ranks)."""
-    return range(rank, num_prompts, world)
-
-
-def unshard(gathered: torch.Tensor, num_prompts: int, world: int) -> torch.Tensor:
-    """Per-prompt rows in j order from the concatenation of every rank's rows, each rank padded to
-    ceil(num_prompts / world) rows: `[world * per, ...]` -> `[num_prompts, ...]`."""
-    per = math.ceil(num_prompts / world)
-    assert gathered.shape[0] == world * per, (gathered.shape, num_prompts, world)
-    rows = [(j % world) * per + j // world for j in range(num_prompts)]
-    return gathered[rows]
-
-
 def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
     """User errors before anything loads. Returns the reward-model metrics and whether diversity is asked for."""
     check_device("--device", cfg.device)
@@ -163,9 +149,7 @@ def check_output_path(flag: str, path: Path, folder: bool) -> None:
         if not os.access(path if folder else path.parent, os.W_OK):
             raise ValueError(f"{flag} {str(path)!r} is not writable.")
         return
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(path.parent)
     if not parent.is_dir():
         raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder.")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -253,7 +237,7 @@ def generate_and_score(plan: Plan, generator, scorer, embedder, batch_size: int,
     rank, world = distributed.get_rank(), distributed.get_world_size()
     num_prompts, repeats = len(plan.prompts), plan.num_repeats
     per = math.ceil(num_prompts / world)
-    tasks = [(j, r) for j in rank_prompts(num_prompts, rank, world) for r in range(repeats)]
+    tasks = [(j, r) for j in distributed.round_robin(num_prompts, rank, world) for r in range(repeats)]
     # Rank 0 has the most prompts, so its batch count is every rank's: ranks with fewer images make empty calls to the
     # scorer, because an FSDP-sharded VLM must run its forward passes on all ranks together.
     num_batches = math.ceil(per * repeats / batch_size)
@@ -295,7 +279,7 @@ def gather_prompts(local: torch.Tensor, num_prompts: int, device: torch.device) 
     if local.numel() == 0:  # no columns to send (e.g. only dreamsim_diversity asked for)
         return local.new_zeros((num_prompts, *local.shape[1:]))
     gathered = distributed.all_gather_cat(local.to(device)).cpu()
-    return unshard(gathered, num_prompts, distributed.get_world_size())
+    return distributed.unshard(gathered, num_prompts, distributed.get_world_size())
 
 
 def image_name(prompt: int, repeat: int) -> str:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from fdfo import distributed as dist
-from fdfo.config import SD35_MEDIUM
 from fdfo.hub import DIFFUSERS_FILE, Checkpoint, resolve_checkpoint
+from fdfo.sd3 import SD35_MEDIUM
 
 
 def resolve_guidance(checkpoint_scale: float | None, requested: float | None, checkpoint: str = "the checkpoint"

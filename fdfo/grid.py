@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fdfo import distributed as dist
+from fdfo.files import nearest_existing
 from fdfo.images import to_uint8
 
 # Written for this project: varied subjects, styles and the things text-to-image models get wrong (counting, spatial
@@ -151,7 +152,7 @@ def draw_grid(images: torch.Tensor, layout: GridLayout, titles: list[str], promp
 def _generate_share(gen, prompts: list[str], seeds: list[int], batch_size: int, bar) -> torch.Tensor:
     """This rank's images, round-robin over ranks, padded to the same count on every rank; gathered in full order."""
     rank, world, total = dist.get_rank(), dist.get_world_size(), len(prompts)
-    mine = list(range(rank, total, world)) or [0]
+    mine = list(dist.round_robin(total, rank, world)) or [0]
     mine += [mine[-1]] * (math.ceil(total / world) - len(mine))  # equal shapes for the gather; extras are dropped
     out = []
     for i in range(0, len(mine), batch_size):
@@ -159,9 +160,7 @@ def _generate_share(gen, prompts: list[str], seeds: list[int], batch_size: int, 
         out.append(to_uint8(gen.generate([prompts[j] for j in chunk], [seeds[j] for j in chunk])))
         bar.update(len(chunk))
     gathered = dist.all_gather_cat(torch.cat(out).to(gen.device)).cpu()  # [world * per_rank, 3, S, S]
-    per_rank = len(mine)
-    order = [(j % world) * per_rank + j // world for j in range(total)]  # image j lives on rank j % world
-    return gathered[order]
+    return dist.unshard(gathered, total, world)
 
 
 def check_output_path(out: Path, flag: str = "--out") -> None:
@@ -171,9 +170,7 @@ def check_output_path(out: Path, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {out} is a folder; pass a file name ending in .jpg, .jpeg or .png")
     if out.exists() and not os.access(out, os.W_OK):
         raise ValueError(f"{flag} {out}: the file exists and is not writable")
-    parent = out.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(out.absolute().parent)
     if not parent.is_dir():
         raise ValueError(f"{flag} {out}: {parent} is a file, not a folder, so nothing can be written below it")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -1,6 +1,6 @@
 """Checkpoint resolution: turn what a user pastes after --checkpoint into a local PEFT adapter folder.
 
-Accepted forms (ALGORITHM.md §9):
+Accepted forms (docs/algorithm.md §9):
 
 * `https://huggingface.co/ORG/REPO/tree/REV/SUB/DIR` — the address of a folder as the browser shows it (`blob/` and
   `resolve/` addresses of `adapter_config.json` or `adapter_model.safetensors` are taken as their folder);
@@ -29,7 +29,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdfo.checkpoints import CHECKPOINT_RE
+from fdfo.checkpoints import newest_checkpoint_in
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT format
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # diffusers format (fdfo.export, save_lora_weights)
@@ -226,8 +226,8 @@ def _local_adapter_dir(path: Path) -> Path:
     if any((path / f).exists() for f in (*ADAPTER_FILES, DIFFUSERS_FILE)):
         return path
     for parent in (path, path / "checkpoints"):
-        if parent.is_dir() and any(CHECKPOINT_RE.match(p.name) for p in parent.iterdir()):
-            return max((p for p in parent.iterdir() if CHECKPOINT_RE.match(p.name)), key=lambda p: p.name)
+        if (newest := newest_checkpoint_in(parent)) is not None:
+            return newest
     if (path / "checkpoints").is_dir() or (path / "log.jsonl").is_file():
         raise FileNotFoundError(f"run folder {path} has no checkpoint yet (checkpoints/epoch-XXXXXXX)")
     raise FileNotFoundError(f"{path} holds no adapter (adapter_config.json + adapter_model.safetensors, or "

@@ -1,4 +1,4 @@
-"""Finite-difference targets and the SPO-style surrogate loss (ALGORITHM.md §3–§4).
+"""Finite-difference targets and the SPO-style surrogate loss (docs/algorithm.md §3–§4).
 
 Pure tensor functions: no model, no config. Per-sample tensors are in the interleaved pair order a0, b0, a1, b1, ...
 """
@@ -19,7 +19,7 @@ def _per_sample(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-# ALGORITHM.md §3: dR = +-(R_a - R_b)/2, dx = +-(x0_a - x0_b)/2 normalised by (mean(dx^2) + 1e-6).
+# docs/algorithm.md §3: dR = +-(R_a - R_b)/2, dx = +-(x0_a - x0_b)/2 normalised by (mean(dx^2) + 1e-6).
 def pair_targets(rewards: torch.Tensor, final_latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Finite-difference reward and direction of every sample.
 
@@ -40,7 +40,8 @@ def pair_targets(rewards: torch.Tensor, final_latents: torch.Tensor) -> tuple[to
     return dr, dx / _per_sample(m + DX_EPS, dx)
 
 
-# ALGORITHM.md §4: rho = exp(l - l_ref), l = -mean((v - v*)^2), v* = v_ref - dx; L = -dR rho + |dR|/(2 eps) (rho-1)^2.
+# docs/algorithm.md §4: rho = exp(l - l_ref), l = -mean((v - v*)^2), v* = v_ref - dx;
+# L = -dR rho + |dR|/(2 eps) (rho-1)^2.
 def spo_loss(
     v: torch.Tensor,
     v_ref: torch.Tensor,

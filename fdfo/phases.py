@@ -1,4 +1,4 @@
-"""The phases of one FDFO epoch (ALGORITHM.md §5): sample pairs, build the shuffled training items, train.
+"""The phases of one FDFO epoch (docs/algorithm.md §5): sample pairs, build the shuffled training items, train.
 
 Randomness is keyed by global pair index (seed, epoch, pair, branch), and the split of items into optimizer steps
 is global, so the result does not depend on how many ranks share the work.
@@ -14,8 +14,8 @@ import torch
 import tqdm
 
 from fdfo import distributed as dist
-from fdfo.cli import RunError
 from fdfo.config import Config, Geometry
+from fdfo.errors import RunError
 from fdfo.objective import clip_fraction, pair_targets, spo_loss
 from fdfo.rng import generator, randn_per_sample
 from fdfo.safety import check_step

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from fdfo.checkpoints import write_text_atomic
+from fdfo.files import write_text_atomic
 from fdfo.rng import derive_seed
 
 PROMPT_SET_DIR = Path("prompt_sets")

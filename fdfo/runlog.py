@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fdfo.checkpoints import write_text_atomic
-from fdfo.safety import disk_full_error, is_disk_full
+from fdfo.files import disk_full_error, is_disk_full, write_text_atomic
+from fdfo.images import to_pil
 
 LOG_FILE = "log.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"
@@ -145,12 +145,6 @@ def _jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """`[3, H, W]` float in [0, 1] -> 8-bit RGB."""
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
 
 
 def pair_picture(a: torch.Tensor, b: torch.Tensor, prompt: str, reward_a: float, reward_b: float) -> Image.Image:

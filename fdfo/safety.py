@@ -1,13 +1,13 @@
 """Run-folder safety in one place: the one-run-per-folder lock, Ctrl-C / SIGTERM handling, the divergence (NaN)
-guard, disk-full reporting, durable renames and the torchrun parent-death watch. The training loop calls these; the
-entry point (fdfo/cli.py) turns `Interrupted` and `RunError` into one line and an exit status.
+guard and the torchrun parent-death watch (durable writes and disk-full reporting: fdfo/files.py). The training loop
+calls these; the entry point (fdfo/cli.py) turns `Interrupted` and `RunError` (fdfo/errors.py) into one line and an
+exit status.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import math
 import os
 import signal
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fdfo.cli import Interrupted, RunError
+from fdfo.errors import Interrupted, RunError
 
 LOCK_FILE = ".lock"
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -158,42 +158,3 @@ def check_weights(tensors: dict[str, torch.Tensor], epoch: int, step: int) -> No
                        f"(it resumes from the last good checkpoint).")
 
 
-# -- disk full and durable writes --------------------------------------------------------------------------------------
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """ENOSPC / EDQUOT, also when wrapped by a library that reports it as text (safetensors, torch's zip writer)."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e)
-    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
-
-
-def disk_full_error(where: Path, what: str) -> RunError:
-    try:
-        free = f"; {shutil_free(where)} free there now"
-    except OSError:
-        free = ""
-    return RunError(f"the disk is full: could not write {what} in {where}{free}. Free space (or move the run folder "
-                    f"to a larger disk) and rerun the same command: it resumes from the newest complete checkpoint.")
-
-
-def shutil_free(path: Path) -> str:
-    import shutil
-
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return f"{shutil.disk_usage(path).free / 2**20:.0f} MiB"
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to disk (so a rename after it survives a power cut)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some filesystems refuse fsync on folders (EINVAL); the data fsync is what matters most
-        if e.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)

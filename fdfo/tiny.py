@@ -402,8 +402,12 @@ def random_sd35m_pipeline(device: torch.device, seed: int = 0):
     """`builtin:random-sd35m`: SD3.5-Medium's transformer and VAE configs at random init, created directly on
     `device`, with small random text encoders of the real output widths (CLIP projections 768 + 1280, T5 width 4096)
     and the tiny tokenizers. fp32; the caller casts. Same weights for the same seed; the caller's RNG is untouched."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     device = torch.device(device)
     tokenizer, tokenizer_2, tokenizer_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!"), tiny_t5_tokenizer()
@@ -452,7 +456,8 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
 
 
 def tiny_sd3_path() -> pathlib.Path:
-    """The shared cached build: $FDFO_TINY_CACHE/<name>, default ~/.cache/fdfo/<name> (name: _CACHE_NAME); built if missing."""
+    """The shared cached build: $FDFO_TINY_CACHE/<name>, default ~/.cache/fdfo/<name> (name: _CACHE_NAME); built if
+    missing."""
     parent = os.environ.get("FDFO_TINY_CACHE") or pathlib.Path.home() / ".cache" / "fdfo"
     return build_tiny_sd3(pathlib.Path(parent) / _CACHE_NAME)
 

@@ -1,4 +1,4 @@
-"""The FDFO training run: setup, then per epoch sample -> build items -> train -> log -> save (ALGORITHM.md §5)."""
+"""The FDFO training run: setup, then per epoch sample -> build items -> train -> log -> save (docs/algorithm.md §5)."""
 
 from __future__ import annotations
 
@@ -20,13 +20,25 @@ from fdfo.checkpoints import (
     new_run_dir,
     read_checkpoint,
     save_checkpoint,
-    write_json_atomic,
 )
-from fdfo.cli import Interrupted, check_device
+from fdfo.cli import check_device
 from fdfo.config import Config, Geometry, batch_geometry, check_config
-from fdfo.phases import (EpochSamples, GroupSamples, algorithm_module, baseline_micro_batch, build_group_items,
-                         build_training_set, rollout_dtypes, rollout_gb_per_rank, sample_groups, sample_phase,
-                         timesteps_per_sample, train_phase)
+from fdfo.errors import Interrupted
+from fdfo.files import write_json_atomic
+from fdfo.phases import (
+    EpochSamples,
+    GroupSamples,
+    algorithm_module,
+    baseline_micro_batch,
+    build_group_items,
+    build_training_set,
+    rollout_dtypes,
+    rollout_gb_per_rank,
+    sample_groups,
+    sample_phase,
+    timesteps_per_sample,
+    train_phase,
+)
 from fdfo.prompts import load_prompts, prompt_indices
 from fdfo.rng import derive_seed
 from fdfo.runlog import NullLogger, RunLogger

@@ -1,4 +1,4 @@
-"""Reward models for FDFO (ALGORITHM.md §7-§8), one module per scorer.
+"""Reward models for FDFO (docs/algorithm.md §7-§8), one module per scorer.
 
 A reward is any callable `(prompts: list[str], images: Tensor[B, 3, H, W] in [0, 1]) -> Tensor[B]` (float32, on the
 images' device). `build_reward(preset, cfg, device)` gives the training reward as a `WeightedReward`, whose

@@ -1,4 +1,4 @@
-"""CLIP-family rewards (ALGORITHM.md §7-§8): PickScore, HPSv2, CLIP ViT-H/14 and CLIP ViT-L/14.
+"""CLIP-family rewards (docs/algorithm.md §7-§8): PickScore, HPSv2, CLIP ViT-H/14 and CLIP ViT-L/14.
 
 All four score an (image, prompt) pair as `exp(logit_scale) * cos(text_embedding, image_embedding)` with the
 checkpoint's own `logit_scale`, in fp32, the prompt truncated at 77 tokens. PickScore and HPSv2 take their processor
@@ -19,7 +19,7 @@ CLIP_MAX_TOKENS = 77
 
 
 def clip_score(text_embeds: torch.Tensor, image_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """ALGORITHM.md §7: `exp(logit_scale) * cos(text, image)` row by row.
+    """docs/algorithm.md §7: `exp(logit_scale) * cos(text, image)` row by row.
 
     text_embeds, image_embeds: `[B, D]` projected (unnormalised) embeddings; logit_scale: scalar (log space).
     Returns float32 `[B]`.

@@ -1,4 +1,5 @@
-"""FSDP sharding of the VLM reward across ranks (ALGORITHM.md §7: "Sharded with FSDP across ranks to save memory").
+"""FSDP sharding of the VLM reward across ranks (docs/algorithm.md §7: "Sharded with FSDP across ranks to save
+memory").
 
 The model is loaded to CPU first; `fully_shard` then moves one block at a time to the device and keeps only this
 rank's slice, so sharding never needs the whole model on the device. In forward, each block's parameters are

@@ -1,4 +1,4 @@
-"""A reward made of named, weighted terms (ALGORITHM.md §7: presets and custom specs both build one)."""
+"""A reward made of named, weighted terms (docs/algorithm.md §7: presets and custom specs both build one)."""
 
 from __future__ import annotations
 

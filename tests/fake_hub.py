@@ -17,9 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from fdfo import tiny
-from fdfo.config import SD35_MEDIUM
-from fdfo.sd3 import LORA_TARGETS
-from rewards.tiny import build_fake_hf_cache
+from fdfo.sd3 import LORA_TARGETS, SD35_MEDIUM
+from tests.tiny_rewards import build_fake_hf_cache
 
 FDFO_REPO = "nvidia/finite-difference-flow-optimization"
 NFT_REPO = "worstcoder/SD3.5M-DiffusionNFT-MultiReward"

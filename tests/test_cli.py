@@ -44,7 +44,8 @@ def test_empty_prompt_file(tmp_path):
 def test_impossible_batch_geometry_shows_the_numbers(tmp_path):
     result = run_train("--preset", "smoke", "--total-pairs-per-epoch", "16", "--train.batch-size", "5",
                        "--run-dir", str(tmp_path / "run"))
-    assert_user_error(result, "--train.batch-size 5 must divide the 16 items per step", "valid values: [1, 2, 4, 8, 16]")
+    assert_user_error(result, "--train.batch-size 5 must divide the 16 items per step",
+                      "valid values: [1, 2, 4, 8, 16]")
     assert not (tmp_path / "run").exists()
 
 

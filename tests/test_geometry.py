@@ -1,4 +1,4 @@
-"""Batch geometry of ALGORITHM.md §5: the published cases and clear errors."""
+"""Batch geometry of docs/algorithm.md §5: the published cases and clear errors."""
 
 import pytest
 

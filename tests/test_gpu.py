@@ -38,8 +38,8 @@ def test_cuda_training_is_finite_and_resumes_exactly(tmp_path, precision):
 
 def test_nccl_torchrun_one_process(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
-               "--preset", "smoke", "--num-epochs", "1", "--total-pairs-per-epoch", "4", "--sample.num-solver-steps", "2",
-               "--run-dir", str(tmp_path / "run")]
+               "--preset", "smoke", "--num-epochs", "1", "--total-pairs-per-epoch", "4",
+               "--sample.num-solver-steps", "2", "--run-dir", str(tmp_path / "run")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "process group: nccl, world size 1" in result.stdout

@@ -178,7 +178,7 @@ def baselines(tmp_path_factory):
 
     from safetensors.torch import save_file
 
-    from rewards.tiny import build_fake_hf_cache
+    from tests.tiny_rewards import build_fake_hf_cache
 
     source = tmp_path_factory.mktemp("adapter")
     state = make_adapter(source, tiny_transformer(), rank=2, alpha=2, seed=0)

@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 
 from fdfo import tiny
-from fdfo.config import SD35_MEDIUM
-from rewards.tiny import build_fake_hf_cache, tiny_reward_repos
+from fdfo.sd3 import SD35_MEDIUM
+from tests.tiny_rewards import build_fake_hf_cache, tiny_reward_repos
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_combined_reward_training_through_the_real_hub_ids(tmp_path):
-    repos = {k: v for k, v in tiny_reward_repos().items()
-             if k in ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "Qwen/Qwen2.5-VL-7B-Instruct")}
+    wanted = ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "Qwen/Qwen2.5-VL-7B-Instruct")
+    repos = {k: v for k, v in tiny_reward_repos().items() if k in wanted}
     repos[SD35_MEDIUM] = lambda folder: shutil.copytree(tiny.tiny_sd3_path(), folder)
     cache = build_fake_hf_cache(tmp_path / "hub", repos)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf-home")}

@@ -133,7 +133,7 @@ def test_both_branches_of_a_pair_share_its_schedule():
     x1 = torch.randn(2, 3, generator=_gen(9))
     noise = torch.randn(4, 3, generator=_gen(10))
     z = torch.tensor([[0.0, 0.0], [1.0, 0.0]])  # pair 0: gamma e^0.1 - 1; pair 1: e^(0.1 e) - 1
-    traj = sample_pairs(lambda x, s, c: torch.zeros_like(x), x1, None, torch.tensor([1.0, 0.5, 0.0]), PriorChurn(), 
+    traj = sample_pairs(lambda x, s, c: torch.zeros_like(x), x1, None, torch.tensor([1.0, 0.5, 0.0]), PriorChurn(),
                         lambda k: noise, z)
     gamma = torch.tensor([math.exp(0.1) - 1] * 2 + [math.exp(0.1 * math.e) - 1] * 2)
     torch.testing.assert_close(traj.final, prior_churn(x1.repeat_interleave(2, 0), gamma, noise))

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from fdfo import distributed, evaluation
+from fdfo.distributed import round_robin, unshard
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
 from fdfo.evaluation import (
     EvalConfig,
@@ -23,15 +24,13 @@ from fdfo.evaluation import (
     check_config,
     generate_and_score,
     image_seed,
-    rank_prompts,
     select_prompts,
-    unshard,
 )
 from fdfo.images import to_uint8
 from rewards import RewardConfig, Term, WeightedReward, build_metrics
 from rewards.analytic import Brightness
-from rewards.tiny import build_fake_hf_cache, tiny_reward_repos
 from tests.fake_hub import FDFO_REPO, NO_CFG, build_checkpoint_cache, hub_env
+from tests.tiny_rewards import build_fake_hf_cache, tiny_reward_repos
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red bicycle", "a cat on a sofa", "an oil painting of a boat", "a snowy mountain", "a bowl of fruit"]
@@ -70,8 +69,8 @@ def test_image_seeds_and_rank_split():
     assert image_seed(100, prompt=3, num_repeats=4, repeat=2) == 114
     seeds = [image_seed(7, j, 4, r) for j in range(3) for r in range(4)]
     assert seeds == list(range(7, 19))  # consecutive, no two images share a seed
-    assert list(rank_prompts(5, 0, 2)) == [0, 2, 4] and list(rank_prompts(5, 1, 2)) == [1, 3]
-    assert list(rank_prompts(2, 2, 3)) == []  # more ranks than prompts: an idle rank
+    assert list(round_robin(5, 0, 2)) == [0, 2, 4] and list(round_robin(5, 1, 2)) == [1, 3]
+    assert list(round_robin(2, 2, 3)) == []  # more ranks than prompts: an idle rank
     # rank 0 sends rows for j = 0, 2, 4, rank 1 for j = 1, 3 and a padding row
     gathered = torch.tensor([0.0, 2.0, 4.0, 1.0, 3.0, float("nan")])
     assert unshard(gathered, 5, 2).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
@@ -150,7 +149,7 @@ def test_results_do_not_depend_on_the_number_of_ranks(world, monkeypatch):
     assert torch.equal(scores, scores1) and torch.allclose(diversity, diversity1)
     assert sorted(sum(seeds, [])) == seeds1[0]
     # every rank calls the scorer equally often (a sharded VLM needs all ranks in each forward), idle ones included
-    assert len(set(calls)) == 1 and calls[0] == -(-len(rank_prompts(7, 0, world)) * 2 // 3)
+    assert len(set(calls)) == 1 and calls[0] == -(-len(round_robin(7, 0, world)) * 2 // 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -163,7 +162,7 @@ def eight_bit(x: np.ndarray) -> np.ndarray:
     return np.floor(np.clip(y, 0, 255)).astype(np.uint8)
 
 
-# x * 255 = 0.5 and 2.5 exactly in float32: half-up gives 1 and 3, round-half-even (torch.round, runlog.to_pil) 0 and 2
+# x * 255 = 0.5 and 2.5 exactly in float32: half-up gives 1 and 3, round-half-even (torch.round) 0 and 2
 PIXELS = [2 / 1020, 10 / 1020, 0.25, 0.5, 1.0, -0.2, 1.3, 0.7]
 
 

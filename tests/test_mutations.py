@@ -85,13 +85,14 @@ def _kl_training_set(num_samples: int, num_steps: int, shape: tuple[int, ...]):
     from fdfo.phases import TrainingSet
 
     g = torch.Generator().manual_seed(3)
-    items = num_samples * num_steps
+    items = torch.arange(num_samples * num_steps)  # item = sample * T + timestep, one row each
     return TrainingSet(
-        states=torch.randn(num_samples, num_steps, *shape, generator=g),
-        velocities=torch.randn(num_samples, num_steps, *shape, generator=g),
-        sigmas=torch.linspace(1, 0, num_steps + 1)[:-1], dx=torch.randn(num_samples, *shape, generator=g),
+        items=items, states=torch.randn(len(items), *shape, generator=g),
+        velocities=torch.randn(len(items), *shape, generator=g), sigmas=torch.linspace(1, 0, num_steps + 1)[:-1],
+        timestep=items % num_steps, sample=items // num_steps, prompt=items // num_steps // 2,
+        dx=torch.randn(num_samples, *shape, generator=g),
         dR=torch.zeros(num_samples),  # no policy signal: the policy loss is 0 whatever v is
-        cond={"embeds": torch.zeros(num_samples // 2, 1)}, steps=[torch.arange(items)], invalid_pairs=0)
+        cond={"embeds": torch.zeros(num_samples // 2, 1)}, steps=[torch.arange(len(items))], invalid_pairs=0)
 
 
 def test_kl_term_moves_v_towards_the_base_velocity():
@@ -105,7 +106,7 @@ def test_kl_term_moves_v_towards_the_base_velocity():
     cfg.train.kl_weight, cfg.train.max_grad_norm = 0.5, 1e9
     cfg.total_pairs_per_epoch, cfg.gradient_steps_per_epoch, cfg.train.batch_size = 2, 1, 4
     geom = batch_geometry(cfg, 1)  # one step over 4 samples x 3 timesteps, in micro-batches of 4 items
-    x = data.states.flatten(0, 1)
+    x = data.states
 
     def kl():
         with torch.no_grad():

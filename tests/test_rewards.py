@@ -6,8 +6,8 @@ import torch
 from rewards import EVAL_METRICS, PRESETS, RewardConfig, Term, WeightedReward, build_metrics, build_reward, parse_spec
 from rewards.analytic import Brightness, Redness
 from rewards.build import TermSpec
-from rewards.tiny import save_tiny_clip, save_tiny_qwen_vl
 from rewards.vlm import ALIGNMENT_QUESTION
+from tests.tiny_rewards import save_tiny_clip, save_tiny_qwen_vl
 
 PROMPTS = ["a photo of a cat", 'a "red" car at night, very long ' + "and detailed " * 30]
 

@@ -7,7 +7,7 @@ import torch
 from transformers import CLIPModel, CLIPProcessor
 
 from rewards.clip import CLIPScorer, clip_score
-from rewards.tiny import save_tiny_clip
+from tests.tiny_rewards import save_tiny_clip
 
 PROMPTS = [
     "a photo of a cat",

@@ -57,7 +57,7 @@ def worker(root: str) -> None:
 # ~15-25 s on two shared cores (torchrun, two processes, two models): kept in the default suite, it is the only
 # check of the FDFO sharding path that CI can run
 def test_fsdp_sharded_vlm_on_two_cpu_processes(tmp_path):
-    from rewards.tiny import save_tiny_qwen_vl
+    from tests.tiny_rewards import save_tiny_qwen_vl
 
     for name in MODELS:
         save_tiny_qwen_vl(tmp_path / name, seed=5, tie_word_embeddings=name == "tied")

@@ -14,7 +14,7 @@ import textwrap
 import torch
 
 from rewards import RewardConfig, build_reward
-from rewards.tiny import build_fake_hf_cache, tiny_reward_repos
+from tests.tiny_rewards import build_fake_hf_cache, tiny_reward_repos
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMBINED_IDS = ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "Qwen/Qwen2.5-VL-7B-Instruct")

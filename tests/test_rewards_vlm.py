@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-from rewards.tiny import save_tiny_qwen_vl
 from rewards.vlm import (
     ALIGNMENT_QUESTION,
     EVAL_ALIGNMENT_QUESTION,
@@ -19,6 +18,7 @@ from rewards.vlm import (
     resize_for_vlm,
     yes_no_score,
 )
+from tests.tiny_rewards import save_tiny_qwen_vl
 
 PROMPTS = [
     "a photo of a cat",

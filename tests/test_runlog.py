@@ -3,8 +3,9 @@
 import json
 
 import pytest
+import torch
 
-from fdfo import train_loop
+from fdfo import runlog, train_loop
 from tests.test_train import tiny_config
 
 
@@ -39,3 +40,14 @@ def test_wandb_offline_gets_the_jsonl_records_and_pair_images(tmp_path, monkeypa
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
     assert len(list(offline[0].glob("files/media/images/*.png"))) == 2
     assert len(list((tmp_path / "run/images").glob("epoch-0000000-pair-*.png"))) == 2
+
+
+def test_pair_picture_uses_the_one_8_bit_rule():
+    """x * 255 = 0.5, 2.5 and 127.5 exactly in float32: the half-up rule of docs/algorithm.md §8 gives 1, 3 and 128
+    (round-half-even would give 0, 2 and 128); out-of-range values clamp to 0 and 255."""
+    values = torch.tensor([2 / 1020, 10 / 1020, 0.5, -0.2, 1.3])
+    a = values.view(1, 1, 5).expand(3, 4, 5)
+    b = torch.ones(3, 4, 5)
+    picture = runlog.pair_picture(a, b, "a prompt", 0.25, 0.75)
+    assert [picture.getpixel((x, 0)) for x in range(5)] == [(v, v, v) for v in (1, 3, 128, 0, 255)]
+    assert picture.getpixel((5, 0)) == (255, 255, 255)

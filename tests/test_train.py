@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from fdfo import train_loop
-from fdfo.cli import RunError
 from fdfo.config import smoke_config
+from fdfo.errors import RunError
 from fdfo.sd3 import SD3Policy
 
 

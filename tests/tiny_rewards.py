@@ -1,4 +1,4 @@
-"""Tiny offline reward models of the real architectures, for tests and CPU smoke runs.
+"""Tiny offline reward models of the real architectures, test fixtures (not part of the runtime package).
 
 Each builder makes the real transformers classes (`CLIPModel` + `CLIPProcessor`, `Qwen2_5_VLForConditionalGeneration`
 + a Qwen2 BPE tokenizer with the Qwen special tokens and a chat template + the Qwen2-VL image processor), only shrunk,

@@ -1,0 +1,165 @@
+"""Faults around the training process: the one-run-per-folder lock, a launcher that dies, a double start, SIGTERM
+and Ctrl-C in a real smoke run, a signal during a checkpoint write, kill -9 at random moments."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fdfo import checkpoints, safety
+from fdfo.errors import RunError
+from tests.test_faults import ROOT, env, newest
+from tests.test_train import read_log
+
+# -- 5. one run per folder, and the launcher's death -------------------------------------------------------------------
+
+HOLD = ("import sys, time; from fdfo.safety import RunLock; RunLock(sys.argv[1]); print('held', flush=True); "
+        "time.sleep(60)")
+
+
+def test_the_lock_names_its_holder_and_frees_itself_under_kill_9(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT, env=env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunError, match=f"is in use by another training run \\(pid {holder.pid} on host .* since "
+                                           f"20..-..-.. ..:..:.. UTC\\)"):
+            safety.RunLock(tmp_path)
+    finally:
+        holder.kill()  # SIGKILL: no cleanup code runs, the kernel drops the flock
+        holder.wait()
+    safety.RunLock(tmp_path).release()
+
+
+WATCHED = ("import os, sys, subprocess; env = dict(os.environ, LOCAL_RANK='0'); "
+           "child = subprocess.Popen([sys.executable, '-c', 'from fdfo import safety; import time, signal; "
+           "safety.watch_parent(grace_s=2, poll_s=0.05); time.sleep(60)'], env=env); "
+           "print(child.pid, flush=True); child.wait()")
+
+
+def test_a_worker_ends_when_its_launcher_is_killed(tmp_path):
+    launcher = subprocess.Popen([sys.executable, "-c", WATCHED], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                                text=True)
+    worker = int(launcher.stdout.readline())
+    time.sleep(3)  # the worker imports torch and starts watching
+    launcher.kill()
+    launcher.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and _alive(worker):
+        time.sleep(0.1)
+    assert not _alive(worker), "the orphaned worker should have stopped"
+
+
+def _alive(pid):
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended (its reaper is gone with the launcher)
+
+
+# -- 5, 6. double start and signals in a real smoke run ----------------------------------------------------------------
+
+SMOKE = ["--preset", "smoke", "--total-pairs-per-epoch", "4", "--sample.num-solver-steps", "3",
+         "--image-log-freq", "0", "--save-freq", "1"]
+
+
+def start_train(run, *args):
+    return subprocess.Popen([sys.executable, "train.py", *SMOKE, "--run-dir", str(run), *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, process, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_double_start_sigterm_and_ctrl_c(tmp_path):
+    """Two smoke runs side by side (SIGTERM for one, Ctrl-C for the other); a double start on the first."""
+    runs = {signal.SIGTERM: tmp_path / "term", signal.SIGINT: tmp_path / "int"}
+    processes = {sig: start_train(run, "--num-epochs", "40") for sig, run in runs.items()}
+    wait_for(runs[signal.SIGTERM] / "checkpoints/epoch-0000001", processes[signal.SIGTERM])
+    second = subprocess.run([sys.executable, "train.py", *SMOKE, "--run-dir", str(runs[signal.SIGTERM]),
+                             "--num-epochs", "40"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"is in use by another training run (pid {processes[signal.SIGTERM].pid} on host" in second.stderr
+
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        run, process = runs[sig], processes[sig]
+        wait_for(run / "checkpoints/epoch-0000001", process)
+        process.send_signal(sig)
+        start = time.time()
+        _, err = process.communicate(timeout=30)
+        assert time.time() - start < 10
+        assert process.returncode == code and "Traceback" not in err, err[-3000:]
+        done = int(newest(run).split("-")[1])
+        assert err.strip().splitlines()[-1] == (f"interrupted by {sig.name}; rerun the same command to resume from "
+                                                f"epoch {done} ({run / 'checkpoints' / newest(run)})")
+        for folder in (run / "checkpoints").iterdir():  # finished or discarded: no temporary folder, none torn
+            assert folder.name.startswith("epoch-") and checkpoints.read_checkpoint(folder)
+        safety.RunLock(run).release()  # the lock went with the process
+
+
+def test_a_signal_during_a_checkpoint_write_waits_for_the_write():
+    from fdfo.errors import Interrupted
+
+    guard = safety.SignalGuard().install()
+    try:
+        finished = []
+        with pytest.raises(Interrupted) as info:
+            with guard.critical():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler has run by now (between bytecodes): it must not raise here
+                finished.append(True)
+        assert finished == [True] and info.value.signum == signal.SIGTERM and info.value.exit_code == 143
+        with pytest.raises(Interrupted):  # outside a critical block the signal interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        guard.uninstall()
+
+
+# -- 10. kill -9 soak --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_rerun_matches_an_uninterrupted_run(tmp_path):
+    args = ["--num-epochs", "6"]
+    straight = subprocess.run([sys.executable, "train.py", *SMOKE, "--run-dir", str(tmp_path / "straight"), *args],
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run, rng, killed_at = tmp_path / "run", random.Random(0), []
+    log = run / "log.jsonl"
+    for round in range(5):
+        process = start_train(run, *args)
+        if round:  # the first kill lands during start-up; the others once this round has logged, at random moments
+            size = log.stat().st_size if log.exists() else 0
+            while process.poll() is None and (log.stat().st_size if log.exists() else 0) <= size:
+                time.sleep(0.02)
+        time.sleep(rng.uniform(0, 2))
+        if process.poll() is not None:
+            break
+        process.kill()
+        process.communicate()
+        found = checkpoints.latest_checkpoint(run)
+        killed_at.append(found.name if found else None)
+    assert len(killed_at) >= 3 and any(killed_at), killed_at  # killed several times, also after a checkpoint
+    final = subprocess.run([sys.executable, "train.py", *SMOKE, "--run-dir", str(run), *args], cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    a = load_file(tmp_path / "straight/checkpoints/epoch-0000006/adapter_model.safetensors")
+    b = load_file(run / "checkpoints/epoch-0000006/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = ("time_sample", "time_train", "time_total")
+    clean = [[{k: v for k, v in r.items() if k not in drop} for r in read_log(p)] for p in (tmp_path / "straight", run)]
+    assert clean[0] == clean[1]
