@@ -267,6 +267,10 @@ def setup(cfg: Config, locks: list) -> Run:
         if recorded != cfg.algorithm:
             raise ValueError(f"cannot resume {resume}: it was trained with --algorithm {recorded}, not "
                              f"{cfg.algorithm}; pass --algorithm {recorded}, or a new --run-dir to start a new run")
+        if cfg.algorithm == "diffusion_nft" and not {"nft_theta", "nft_old"} <= set(state):
+            raise ValueError(f"checkpoint {resume} is damaged: its training_state.pt lacks DiffusionNFT's trained and "
+                             f"old adapters (nft_theta, nft_old). Delete it to resume from the previous checkpoint, "
+                             f"or pass --resume-from another one.")
         check_adapter_fits(cfg, resume)
         applied = check_resume_settings(cfg, geom, resume)
     policy = build_policy(cfg, device)

@@ -166,10 +166,16 @@ def test_resume_is_exact(algorithm, tmp_path):
         assert saved != sorted(float(t.double().sum()) for t in state_a["nft_theta"])
 
 
-def test_resume_under_another_algorithm_is_refused(tmp_path):
+def test_resume_under_another_algorithm_or_without_the_nft_state_is_refused(tmp_path):
     train_loop.train(tiny_config("diffusion_nft", tmp_path / "run"))
-    with pytest.raises(ValueError, match="--algorithm"):
+    with pytest.raises(ValueError, match="trained with --algorithm diffusion_nft, not flow_grpo"):
         train_loop.train(tiny_config("flow_grpo", tmp_path / "run", num_epochs=2))
+    # a DiffusionNFT checkpoint without theta and the old adapter cannot resume exactly: a clear error, not a KeyError
+    path = tmp_path / "run/checkpoints/epoch-0000001/training_state.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "nft_old"}, path)
+    with pytest.raises(ValueError, match="lacks DiffusionNFT's trained and old adapters"):
+        train_loop.train(tiny_config("diffusion_nft", tmp_path / "run", num_epochs=2))
 
 
 @pytest.mark.slow
