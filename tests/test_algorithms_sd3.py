@@ -162,6 +162,16 @@ def test_resume_is_exact(algorithm, tmp_path):
     if algorithm == "diffusion_nft":  # theta and the old adapter resume exactly too; the saved adapter is the EMA
         for key in ("nft_theta", "nft_old"):
             assert all(torch.equal(x, y) for x, y in zip(state_a[key], state_b[key], strict=True))
+        # old <- d old + (1 - d) theta after epoch e, d = min(0.001 e, 0.5): after epoch 0 old is theta exactly, after
+        # epoch 1 it is 0.001 theta_1 + 0.999 theta_2
+        _, state_1 = _checkpoint(tmp_path / "a", 1)
+        assert all(torch.equal(o, t) for o, t in zip(state_1["nft_old"], state_1["nft_theta"], strict=True))
+        lag = 0.0  # how far old trails theta, summed: 0.001 |theta_1 - theta_2|
+        for o, t1, t2 in zip(state_a["nft_old"], state_1["nft_theta"], state_a["nft_theta"], strict=True):
+            assert torch.allclose(o, 0.001 * t1 + 0.999 * t2, rtol=0, atol=1e-7)
+            lag += float((o - t2).abs().sum()) - 0.001 * float((t1 - t2).abs().sum())
+        assert abs(lag) < 1e-4 and sum(float((o - t).abs().sum()) for o, t in zip(
+            state_a["nft_old"], state_a["nft_theta"], strict=True)) > 1e-3
         saved = sorted(float(v.double().sum()) for v in a.values())
         assert saved != sorted(float(t.double().sum()) for t in state_a["nft_theta"])
 
