@@ -113,6 +113,7 @@ def _worker_pids(parent):
     return found
 
 
+@pytest.mark.slow  # 25 s; the default suite covers a killed launcher (test_faults_processes) and exact resume
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc to find the worker processes")
 def test_killed_rank_ends_the_run_and_a_rerun_resumes(tmp_path):
     run = tmp_path / "run"
