@@ -129,8 +129,9 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
         raise ValueError(f"--num-prompts must be >= 1, got {cfg.num_prompts}.")
     if cfg.batch_size < 1 or cfg.num_steps < 1:
         raise ValueError(f"--batch-size and --num-steps must be >= 1, got {cfg.batch_size} and {cfg.num_steps}.")
-    if cfg.resolution < 16 or cfg.resolution % 16:
-        raise ValueError(f"--resolution must be a positive multiple of 16, got {cfg.resolution}.")
+    from fdfo.generation import check_resolution
+
+    check_resolution(cfg.resolution)
     if cfg.out:
         check_output_path("--out", Path(cfg.out), folder=False)
     if cfg.save_images:

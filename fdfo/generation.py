@@ -47,6 +47,13 @@ def resolve_guidance(checkpoint_scale: float | None, requested: float | None, ch
     return float(requested)
 
 
+def check_resolution(resolution: int) -> None:
+    """--resolution before anything loads: SD3 images are a whole number of 2x2 latent patches, 16 px (the loaded
+    model's own factor is checked again in `load_generator`)."""
+    if resolution < 16 or resolution % 16:
+        raise ValueError(f"--resolution must be a positive multiple of 16, got {resolution}.")
+
+
 def choose_base_model(checkpoints: Iterable[Checkpoint], requested: str | None = None) -> str:
     """The base SD3 pipeline to load for `checkpoints`: `requested` if given, else the first base model one of them
     records (our state.json), else SD3.5 Medium. The one place that makes this decision (generate.py, metrics.py)."""

@@ -452,3 +452,20 @@ def test_a_device_this_machine_lacks_is_refused_before_loading(tmp_path, monkeyp
     assert e.value.code == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
     assert "--device 'tpu'" in line, line
+
+
+def test_a_resolution_that_is_not_a_multiple_of_16_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    import generate
+    from fdfo import generation
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(generation, "BaseModel", no_loading)
+    monkeypatch.setattr(generation, "resolve_checkpoint", no_loading)
+    for resolution in ("100", "0"):
+        with pytest.raises(SystemExit) as e:
+            generate.main(["--out", str(tmp_path / "g.png"), "--resolution", resolution])
+        assert e.value.code == 2
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+        assert f"--resolution must be a positive multiple of 16, got {resolution}" in line, line
