@@ -28,15 +28,16 @@ RewardFn = Callable[[ToyProblem, torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass
 class Hyper:
     """One method's knobs. `clip`: SPO clip (fdfo) or PPO clip (flow_grpo); `churn`: FDFO's gamma; `kl`: Flow-GRPO's
-    beta; `nft_beta`: DiffusionNFT's beta; `sde_a`: Flow-GRPO's noise level; `group`: samples per prompt."""
+    beta; `nft_beta`: DiffusionNFT's beta; `sde_a`: Flow-GRPO's noise level; `group`: samples per prompt. The
+    defaults are ToyConfig's (fdfo/toy/run.py), which builds this record."""
 
     lr: float
-    clip: float = 0.03
-    churn: float = 0.0025
-    kl: float = 0.01
-    nft_beta: float = 1.0
-    sde_a: float = 0.7
-    group: int = 8
+    clip: float
+    churn: float
+    kl: float
+    nft_beta: float
+    group: int
+    sde_a: float = 0.7  # §11's a; not a toy flag
 
 
 @dataclass
