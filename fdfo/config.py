@@ -275,7 +275,7 @@ def batch_geometry(cfg: Config, world_size: int) -> Geometry:
             f"GPU needs a multiple of {multiple} pairs. Use --total-pairs-per-epoch >= {need} or fewer "
             f"--gradient-steps-per-epoch."
         )
-    max_batch = cfg.max_batch_size or (13 if world_size >= 8 else 6)
+    max_batch = cfg.max_batch_size if cfg.max_batch_size is not None else (13 if world_size >= 8 else 6)
     if max_batch < 1:
         raise ValueError(f"--max-batch-size must be >= 1, got {max_batch}")
     items_per_step = group * pairs_per_gpu // steps

@@ -42,3 +42,9 @@ def test_too_few_pairs_for_the_world_size():
         batch_geometry(Config(total_pairs_per_epoch=6), 4)
     with pytest.raises(ValueError, match="gradient-steps-per-epoch must be >= 1"):
         batch_geometry(Config(gradient_steps_per_epoch=0), 1)
+
+
+def test_a_zero_max_batch_size_is_an_error_not_the_default():
+    cfg = Config(max_batch_size=0)
+    with pytest.raises(ValueError, match="--max-batch-size must be >= 1, got 0"):
+        batch_geometry(cfg, 1)
