@@ -25,6 +25,7 @@ import torch
 
 from fdfo import distributed as dist
 from fdfo.config import Config, batch_geometry
+from fdfo.memory import TEXT_TOKENS, training_activation_bytes
 from fdfo.phases import (
     build_training_set,
     rollout_dtypes,
@@ -34,7 +35,6 @@ from fdfo.phases import (
     train_phase,
 )
 
-TEXT_TOKENS = 77 + 128  # CLIP (both encoders, concatenated along the width) + T5
 # Dense bf16 / fp16 tensor-core peak per GPU in TFLOP/s, from NVIDIA's spec sheets (SXM parts, without sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 PEAK_SOURCE = "NVIDIA spec sheet, dense bf16/fp16 tensor-core peak (no sparsity); MFU = achieved / peak"
@@ -304,6 +304,7 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [f"prompt {i}" for i in range(geom.pairs_per_gpu)]
     first_pair = dist.get_rank() * geom.pairs_per_gpu
     state_dtype = rollout_dtypes(policy)[0]
+    activations = training_activation_bytes(policy, cfg, geom)
     velocity_bytes = None
     for epoch in range(args.repeats):
         meter = PhaseMeter(device)
@@ -351,6 +352,7 @@ def run(args: argparse.Namespace) -> dict:
         rollout_gb_per_rank=rollout_gb_per_rank(geom, timesteps_per_sample(cfg), latent,
                                                 torch.finfo(state_dtype).bits // 8,
                                                 velocity_bytes),
+        activation_gb_estimate=activations / 1e9,
     )
 
 
@@ -387,15 +389,16 @@ def report_markdown(folder: Path) -> str:
                   f"- torch {env.get('torch')}, diffusers {env.get('diffusers')}, peft {env.get('peft')}, "
                   f"CUDA {env.get('cuda')}", f"- raw JSON: {folder}", "",
                   "| run | precision | compile | ckpt | pairs x T | sample | decode | reward | exchange | train "
-                  "| total s/pair | MFU | peak GB | rollouts GB/rank |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| total s/pair | MFU | peak GB | rollouts GB/rank | activations GB (estimate) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in records:
             c, ph, t = r["config"], r["phases"], r["total"]
             cells = [name.removesuffix(".json"), c.get("precision"), "yes" if c.get("compile") else "no",
                      "yes" if c.get("grad_checkpoint") else "no", f"{c.get('pairs_per_gpu')} x {c.get('steps')}"]
             cells += [_fmt(ph[k]["s_per_pair"], ".3f") for k in ("sample", "decode", "reward", "exchange", "train")]
             cells += [_fmt(t["s_per_pair"], ".3f"), _fmt(t["mfu"], ".1f", 100.0) + ("%" if t["mfu"] else ""),
-                      _fmt(t["peak_mem_gb"], ".1f"), _fmt(r.get("rollout_gb_per_rank"), ".3g")]
+                      _fmt(t["peak_mem_gb"], ".1f"), _fmt(r.get("rollout_gb_per_rank"), ".3g"),
+                      _fmt(r.get("activation_gb_estimate"), ".3g")]
             lines.append("| " + " | ".join(str(x) for x in cells) + " |")
         lines.append("")
     status = folder / "status.txt"
@@ -427,7 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
             t = record["total"]
             mfu = f", MFU {t['mfu']:.1%}" if t["mfu"] is not None else ""
             print(f"   total: {t['s_per_pair']:.3f} s/pair ({t['gpu_s_per_pair']:.3f} GPU-s/pair){mfu}; "
-                  f"rollouts {record['rollout_gb_per_rank']:.3g} GB per rank")
+                  f"rollouts {record['rollout_gb_per_rank']:.3g} GB per rank; training activations "
+                  f"{record['activation_gb_estimate']:.3g} GB per micro-batch (estimate, fdfo/memory.py)")
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(record, indent=1, default=str) + "\n")

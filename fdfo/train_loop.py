@@ -25,6 +25,7 @@ from fdfo.cli import check_device
 from fdfo.config import Config, Geometry, batch_geometry, check_config
 from fdfo.errors import Interrupted
 from fdfo.files import write_json_atomic
+from fdfo.memory import activation_note
 from fdfo.phases import (
     EpochSamples,
     GroupSamples,
@@ -276,6 +277,8 @@ def setup(cfg: Config, locks: list) -> Run:
     policy = build_policy(cfg, device)
     policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
     dist.print0(rollout_memory_note(policy, cfg, geom))
+    if dist.get_rank() == 0:  # a meta-device forward (about a second at full size): once is enough
+        dist.print0(activation_note(policy, cfg, geom))
     reward = build_reward_model(cfg, device)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)

@@ -37,6 +37,14 @@ def test_tiny_bench_writes_every_field_with_consistent_flops(tiny_record):
     assert total["mfu"] is None
     # rollouts held for training: 2 pairs x 2 samples x 4 timesteps x (16 x 8 x 8) latents x (4 + 4) bytes (fp32 CPU)
     assert r["rollout_gb_per_rank"] == pytest.approx(2 * 2 * 4 * 16 * 8 * 8 * 8 / 1e9)
+    # the estimate train.py prints, for the bench's micro-batch (tests/test_memory.py checks the estimate itself)
+    from fdfo import tiny
+    from fdfo.memory import sd3_activation_bytes
+
+    expected = sd3_activation_bytes(dict(tiny.TRANSFORMER_CONFIG), batch=r["config"]["train_batch"], latent_side=8,
+                                    text_tokens=bench.TEXT_TOKENS, model_dtype=torch.float32, amp_dtype=None,
+                                    lora_rank=8)
+    assert r["activation_gb_estimate"] == pytest.approx(expected / 1e9)
 
 
 def test_meta_flop_count_equals_a_real_forward_of_the_tiny_model():

@@ -80,3 +80,42 @@ def test_nccl_exchange_of_rows_kept_in_host_memory(tmp_path):
                sys.executable, "-c", script]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "exchange ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_estimate_matches_cuda_memory(precision, checkpointing):
+    """The meta-device estimate (fdfo/memory.py) against the CUDA memory a real training forward keeps until its
+    backward: random-init SD3.5-Medium shapes with the LoRA, 512 px, micro-batch 2, bf16 weights under autocast.
+    Without checkpointing the saved tensors are all of it; with it the peak of the backward (one block recomputed)
+    is compared, so the bound is looser."""
+    from fdfo.bench import TEXT_TOKENS, build_models
+    from fdfo.memory import sd3_activation_bytes
+    from fdfo.sd3 import add_lora
+
+    amp = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    transformer, _, _ = build_models(False, torch.device("cuda"))
+    base = transformer.to(torch.bfloat16).requires_grad_(False)
+    model = add_lora(base, 32, 64)
+    if checkpointing:
+        base.enable_gradient_checkpointing()
+    config = dict(base.config)
+    estimate = sd3_activation_bytes(config, batch=2, latent_side=64, text_tokens=TEXT_TOKENS,
+                                    model_dtype=torch.bfloat16, amp_dtype=amp, lora_rank=32,
+                                    checkpointing=checkpointing)
+    inputs = dict(hidden_states=torch.randn(2, 16, 64, 64, device="cuda", dtype=torch.bfloat16),
+                  timestep=torch.full((2,), 500.0, device="cuda"),
+                  encoder_hidden_states=torch.randn(2, TEXT_TOKENS, 4096, device="cuda", dtype=torch.bfloat16),
+                  pooled_projections=torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=amp):
+        out = model(**inputs, return_dict=False)[0]
+    kept = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+    out.float().square().mean().backward()
+    peak = torch.cuda.max_memory_allocated() - before
+    measured = peak if checkpointing else kept
+    print(f"activation estimate {estimate / 1e9:.3f} GB, measured {measured / 1e9:.3f} GB "
+          f"({precision}, checkpointing {checkpointing})")
+    assert estimate == pytest.approx(measured, rel=0.25 if checkpointing else 0.1)

@@ -1,0 +1,198 @@
+"""Estimated training-activation memory: what autograd keeps from the forward of one micro-batch for its backward.
+
+The transformer is rebuilt on the meta device (no weights, no GPU) and one training forward is run with a saved-tensor
+hook that adds up every distinct storage autograd keeps, parameters excluded. Two things differ from a plain meta run:
+- attention is counted as a fused kernel (flash / memory-efficient, what SDPA picks on a GPU) keeps it: q, k, v, the
+  output and a float32 log-sum-exp per query, not the L x L probability matrices that the meta device's math path
+  would keep (they would dominate the figure);
+- `torch.autocast` does nothing on the meta device, so `AutocastEmulation` applies CUDA autocast's casting rules by
+  hand: matmul-like ops run in the autocast dtype on cast copies (autograd keeps the cast copies of the frozen base
+  weights too: autocast caches casts only of weights that require grad), norms, softmax and reductions in float32.
+It leaves out the weights, gradients and optimizer state, temporaries that live within one op, and allocator
+slack; the bench (`python -m fdfo.bench`) measures the real peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from fdfo.sd3 import T5_MAX_LENGTH
+
+TEXT_TOKENS = 77 + T5_MAX_LENGTH  # CLIP-L and CLIP-G side by side (77), then T5
+
+# CUDA autocast op lists (torch docs, "Autocast Op Reference"), as seen by a TorchFunctionMode: the public function
+# or tensor-method names that the SD3 transformer and PEFT's LoRA layers reach.
+LOWER_PRECISION_OPS = frozenset({"linear", "matmul", "__matmul__", "mm", "bmm", "addmm", "baddbmm", "conv2d",
+                                 "scaled_dot_product_attention"})
+FLOAT32_OPS = frozenset({"layer_norm", "group_norm", "rms_norm", "softmax", "log_softmax", "pow", "__pow__",
+                         "__rpow__", "exp", "log", "rsqrt", "reciprocal", "sum", "norm", "cumsum", "prod", "softplus",
+                         "mse_loss", "__rtruediv__", "__rdiv__"})
+
+
+def _cast(value, dtype: torch.dtype):
+    """Floating tensors (not float64) in `value` (nested lists / tuples too) cast to `dtype`, as autocast does."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != torch.float64 else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
+class FusedAttention(torch.autograd.Function):
+    """Scaled dot-product attention that keeps what a fused GPU kernel keeps: q, k, v, out and a float32 log-sum-exp
+    `[B, H, Lq]`. Only for counting on the meta device: the output is uninitialised."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+
+class AutocastEmulation(TorchFunctionMode):
+    """Autocast's casting rules on meta tensors (dtype None: no autocast), and attention as `FusedAttention`.
+
+    The op lists default to CUDA's; tests pass CPU autocast's to compare with a real CPU run."""
+
+    def __init__(self, dtype: torch.dtype | None, lower_ops=LOWER_PRECISION_OPS, float32_ops=FLOAT32_OPS):
+        super().__init__()
+        self.dtype, self.lower_ops, self.float32_ops = dtype, lower_ops, float32_ops
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if self.dtype is not None and name in self.lower_ops:
+            args, kwargs = _cast(args, self.dtype), {k: _cast(v, self.dtype) for k, v in kwargs.items()}
+        elif self.dtype is not None and name in self.float32_ops:
+            args, kwargs = _cast(args, torch.float32), {k: _cast(v, torch.float32) for k, v in kwargs.items()}
+        if name == "scaled_dot_product_attention":
+            return FusedAttention.apply(*args[:3])
+        return func(*args, **kwargs)
+
+
+@dataclasses.dataclass
+class SavedTensorCount:
+    """Bytes of distinct storages autograd saved, split into outside the transformer blocks and per block, plus the
+    blocks' inputs (what gradient checkpointing keeps instead of a block's activations)."""
+
+    outside: int = 0
+    per_block: list[int] = dataclasses.field(default_factory=list)
+    block_inputs: int = 0
+
+    def total(self, checkpointing: bool) -> int:
+        """Without checkpointing everything is kept; with it (one block at a time recomputed in the backward) the
+        blocks' inputs plus the largest block."""
+        if not checkpointing:
+            return self.outside + sum(self.per_block)
+        return self.outside + self.block_inputs + max(self.per_block, default=0)
+
+
+def count_saved(module: torch.nn.Module, blocks: list[torch.nn.Module], run) -> SavedTensorCount:
+    """Run `run()` (a forward of `module`) and count the storages autograd saves, attributed to the block whose
+    forward was running (or to `outside`). Storages of `module`'s parameters and buffers are not counted."""
+    skip = {t.untyped_storage()._cdata for t in (*module.parameters(), *module.buffers())}
+    seen: set[int] = set()  # storages saved so far
+    inputs_seen: set[int] = set()  # storages passed into a block so far (temb goes into every block: counted once)
+    count = SavedTensorCount(per_block=[0] * len(blocks))
+    current: list[int | None] = [None]
+
+    def add(t: torch.Tensor, block: int | None) -> None:
+        storage = t.untyped_storage()
+        if storage._cdata in skip or storage._cdata in seen:
+            return
+        seen.add(storage._cdata)
+        if block is None:
+            count.outside += storage.nbytes()
+        else:
+            count.per_block[block] += storage.nbytes()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        add(t, current[0])
+        return t
+
+    def enter(index: int):
+        def hook(_module, args, kwargs):
+            current[0] = index
+            for t in (*args, *kwargs.values()):
+                key = t.untyped_storage()._cdata if isinstance(t, torch.Tensor) else None
+                if key is not None and key not in skip and key not in inputs_seen:
+                    inputs_seen.add(key)
+                    count.block_inputs += t.untyped_storage().nbytes()
+        return hook
+
+    def leave(_module, _args, _output):
+        current[0] = None
+
+    handles = []
+    for index, block in enumerate(blocks):
+        handles += [block.register_forward_pre_hook(enter(index), with_kwargs=True), block.register_forward_hook(leave)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return count
+
+
+
+def sd3_activation_bytes(config: dict, *, batch: int, latent_side: int, text_tokens: int, model_dtype: torch.dtype,
+                         amp_dtype: torch.dtype | None, lora_rank: int, guidance: bool = False,
+                         checkpointing: bool = False, float32_ops: frozenset[str] = FLOAT32_OPS) -> int:
+    """Estimated bytes autograd keeps for one training forward of `batch` items through the SD3 transformer of
+    `config` (diffusers `SD3Transformer2DModel` kwargs) with the LoRA of `fdfo.sd3.add_lora`: latents
+    `[batch, C, latent_side, latent_side]`, `text_tokens` text tokens, twice the batch with CFG. float32_ops: the ops
+    autocast runs in float32 (CUDA's; tests pass CPU autocast's)."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    from fdfo.sd3 import add_lora
+
+    rows = batch * (2 if guidance else 1)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # no weights here, so its note on casting loaded weights does not apply
+    try:
+        with torch.device("meta"):
+            base = SD3Transformer2DModel.from_config(config).to(model_dtype).requires_grad_(False)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    with torch.device("meta"):
+        model = add_lora(base, lora_rank, 2.0 * lora_rank)
+        x = torch.empty(rows, base.config.in_channels, latent_side, latent_side, dtype=model_dtype)
+        inputs = dict(hidden_states=x, timestep=torch.empty(rows),
+                      encoder_hidden_states=torch.empty(rows, text_tokens, base.config.joint_attention_dim,
+                                                        dtype=model_dtype),
+                      pooled_projections=torch.empty(rows, base.config.pooled_projection_dim, dtype=model_dtype))
+
+        def run():
+            with AutocastEmulation(amp_dtype, float32_ops=float32_ops):
+                model(**inputs, return_dict=False)[0].float()
+
+        count = count_saved(model, list(base.transformer_blocks), run)
+    return count.total(checkpointing)
+
+
+def training_activation_bytes(policy, cfg, geom) -> int:
+    """The estimate for a run: `policy`'s transformer (an `fdfo.sd3.SD3Policy`), its dtypes, the run's resolution,
+    micro-batch, CFG, LoRA rank and gradient checkpointing."""
+    return sd3_activation_bytes(dict(policy.pipe.transformer.config), batch=geom.train_batch,
+                                latent_side=policy.latent_shape(cfg.sample.resolution)[-1], text_tokens=TEXT_TOKENS,
+                                model_dtype=policy.dtype, amp_dtype=policy.amp_dtype, lora_rank=cfg.lora_rank,
+                                guidance=cfg.sample.guidance_scale != 1.0,
+                                checkpointing=cfg.train.gradient_checkpointing)
+
+
+def activation_note(policy, cfg, geom) -> str:
+    """One line for the start of a run: the estimated activation memory of one training micro-batch per rank."""
+    nbytes = training_activation_bytes(policy, cfg, geom)
+    return (f"training activations per rank: about {nbytes / 1e9:.3g} GB for a micro-batch of {geom.train_batch} "
+            f"(estimate: saved tensors with fused attention; weights, optimizer state and allocator slack come on "
+            f"top)")
