@@ -244,7 +244,7 @@ def train_phase(policy, module, optimizer, scaler, data, cfg: Config, geom: Geom
         dist.all_reduce_mean_(sums)
         n = len(step_items)
         # stop before a non-finite update (fdfo/safety.py); an fp16 overflow is a step the scaler skips
-        check_step(float(sums[0] / n), float(grad_norm), scaler.is_enabled(), epoch, global_step + 1)
+        check_step(float(sums[0] / n), float(grad_norm), scaler.is_enabled(), epoch, global_step + 1, scaler.get_scale)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

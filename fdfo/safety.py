@@ -14,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -124,6 +124,9 @@ def watch_parent(grace_s: float = 15.0, poll_s: float = 1.0) -> None:
 
 # -- divergence --------------------------------------------------------------------------------------------------------
 
+# fp16 loss scale below which an overflow means the gradients are inf without scaling (the scaler starts at 2**16
+# and halves per overflow: from 2**16 to below 1e-4 takes 30 overflows in a row); fairseq uses the same floor
+MIN_LOSS_SCALE = 1e-4
 DIVERGED_FIX = "lower --train.learning-rate (or --train.max-grad-norm) and check that the reward is finite and bounded"
 
 
@@ -131,18 +134,26 @@ class Diverged(RunError):
     """Training produced a non-finite loss, gradient or adapter weight; the last good checkpoint stays the newest."""
 
 
-def check_step(loss: float, grad_norm: float, scaler_enabled: bool, epoch: int, step: int) -> bool:
+def check_step(loss: float, grad_norm: float, scaler_enabled: bool, epoch: int, step: int,
+               loss_scale: Callable[[], float] | None = None) -> bool:
     """Called every optimizer step before the update. Returns False for a step the fp16 grad scaler will skip.
 
     A non-finite loss is divergence. A non-finite gradient norm is divergence too, except with the fp16 grad scaler:
-    there an overflowing scaled gradient is routine (the scaler skips the step and lowers its scale).
+    there an overflowing scaled gradient is routine (the scaler skips the step and halves its scale), until the
+    scale (`loss_scale()`, read only on an overflow) has fallen below MIN_LOSS_SCALE: then the gradients overflow
+    without any scaling and every later step would be skipped too, a run that goes on without learning.
     """
     if not math.isfinite(loss):
         raise Diverged(f"training diverged: the loss is {loss} at epoch {epoch}, optimizer step {step}. Nothing was "
                        f"saved from this epoch; {DIVERGED_FIX}, then rerun (it resumes from the last good checkpoint).")
     if not math.isfinite(grad_norm):
         if scaler_enabled:
-            return False
+            scale = loss_scale() if loss_scale is not None else None
+            if scale is None or scale >= MIN_LOSS_SCALE:
+                return False
+            raise Diverged(f"training stalled: the fp16 gradients overflow even at loss scale {scale:g} (epoch "
+                           f"{epoch}, optimizer step {step}); every step is being skipped. Nothing was saved from this "
+                           f"epoch; {DIVERGED_FIX}, or train with --train.precision bf16, then rerun.")
         raise Diverged(f"training diverged: the gradient norm is {grad_norm} at epoch {epoch}, optimizer step {step}. "
                        f"Nothing was saved from this epoch; {DIVERGED_FIX}, then rerun (it resumes from the last good "
                        f"checkpoint).")

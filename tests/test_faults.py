@@ -77,6 +77,20 @@ def test_check_step_tells_divergence_from_an_fp16_overflow():
         safety.check_step(0.5, float("nan"), scaler_enabled=False, epoch=2, step=7)
     with pytest.raises(safety.Diverged, match="the loss is nan"):
         safety.check_step(float("nan"), 1.0, scaler_enabled=True, epoch=2, step=7)
+    # fp16: an overflow is a skipped step while the loss scale can still shrink, a stall once it is below 1e-4
+    assert not safety.check_step(0.5, float("inf"), True, epoch=2, step=7, loss_scale=lambda: 2.0**-13)
+    with pytest.raises(safety.Diverged, match="stalled: the fp16 gradients overflow even at loss scale 6.10352e-05"):
+        safety.check_step(0.5, float("inf"), True, epoch=2, step=7, loss_scale=lambda: 2.0**-14)
+
+
+def test_an_fp16_run_whose_gradients_overflow_at_any_scale_stops(tmp_path, monkeypatch):
+    """The training loop hands the grad scaler's scale to check_step: overflowing steps at a scale below 1e-4 stop
+    the run instead of skipping every step. (fp16 autocast on the CPU; the overflow and the scale are forced.)"""
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: torch.tensor(float("inf")))
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale", lambda self: 2.0**-14)
+    with pytest.raises(safety.Diverged, match="training stalled: .* at loss scale 6.10352e-05 .* optimizer step 1"):
+        train_loop.train(tiny_config(tmp_path / "run", train=dataclass_train(precision="fp16")))
+    assert checkpoints.latest_checkpoint(tmp_path / "run") is None
 
 
 def test_a_non_finite_adapter_is_never_saved(one_epoch, tmp_path, monkeypatch):
