@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fdfo.cli import run_main
+from fdfo.cli import guarded, run_main
 
 
 @dataclass
@@ -57,6 +57,10 @@ class GenerateConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    guarded(lambda: _main(argv))  # from the first heavy import on, Ctrl-C is one "interrupted" line, not a traceback
+
+
+def _main(argv: list[str] | None) -> None:
     import tyro
 
     cfg = tyro.cli(GenerateConfig, args=argv, description=__doc__)

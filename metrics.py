@@ -17,10 +17,14 @@ $CHECKPOINT: a run checkpoint folder, a PEFT LoRA folder, a huggingface.co URL o
 (or pickscore_train). `python metrics.py --help` lists every flag.
 """
 
-from fdfo.cli import run_main
+from fdfo.cli import guarded, run_main
 
 
 def main(argv: list[str] | None = None) -> None:
+    guarded(lambda: _main(argv))  # from the first heavy import on, Ctrl-C is one "interrupted" line, not a traceback
+
+
+def _main(argv: list[str] | None) -> None:
     import tyro
 
     from fdfo.evaluation import EvalConfig

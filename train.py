@@ -13,11 +13,17 @@ Multi-GPU (one node; add --nnodes and --rdzv-* for several, see README.md):
 Rerunning with the same --run-dir resumes from its newest checkpoint. `python train.py --help` lists every flag.
 """
 
-from fdfo.cli import parse_with_preset, run_main
-from fdfo.config import PRESETS, Config
+from fdfo.cli import guarded
 
 
 def main(argv: list[str] | None = None) -> None:
+    guarded(lambda: _main(argv))  # from the first heavy import on, Ctrl-C is one "interrupted" line, not a traceback
+
+
+def _main(argv: list[str] | None) -> None:
+    from fdfo.cli import parse_with_preset, run_main
+    from fdfo.config import PRESETS, Config
+
     cfg = parse_with_preset(Config, PRESETS, argv, description=__doc__)
     from fdfo.train_loop import train
 

@@ -110,6 +110,20 @@ def test_double_start_sigterm_and_ctrl_c(tmp_path):
         safety.RunLock(run).release()  # the lock went with the process
 
 
+@pytest.mark.parametrize("script", ["train.py", "generate.py", "metrics.py"])
+def test_ctrl_c_while_the_entry_point_is_still_importing(script, tmp_path):
+    """Ctrl-C 0.4 s after the start lands in the imports of torch / diffusers (seconds here): one line, exit 130."""
+    command = [sys.executable, str(ROOT / script), *(SMOKE if script == "train.py" else [])]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env() | {"PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted by SIGINT")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_a_signal_during_a_checkpoint_write_waits_for_the_write():
     from fdfo.errors import Interrupted
 
