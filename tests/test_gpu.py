@@ -62,6 +62,22 @@ def test_rollouts_in_host_memory_train_like_rollouts_on_the_gpu(tmp_path):
         assert (a[key] - b[key]).norm() <= 1e-3 * a[key].norm().clamp_min(1e-12), key
 
 
+def test_text_encoders_kept_on_the_gpu_train_like_offloaded_ones(tmp_path):
+    """--no-offload-text-encoders only changes where the encoders wait between phases: the same prompts give the same
+    embeddings, so training agrees to rounding. (On a CPU the option does nothing, hence a GPU test.)"""
+    def cfg(run, offload):
+        c = tiny_config(tmp_path / run, device="cuda")
+        c.offload_text_encoders = offload
+        return c
+
+    train_loop.train(cfg("offloaded", True))
+    train_loop.train(cfg("kept", False))
+    a = load_file(tmp_path / "offloaded/checkpoints/epoch-0000001/adapter_model.safetensors")
+    b = load_file(tmp_path / "kept/checkpoints/epoch-0000001/adapter_model.safetensors")
+    for key in a:
+        assert (a[key] - b[key]).norm() <= 1e-3 * a[key].norm().clamp_min(1e-12), key
+
+
 def test_nccl_exchange_of_rows_kept_in_host_memory(tmp_path):
     """The rollout exchange under NCCL (one process) for CUDA and for host-memory rows returns the wanted rows."""
     script = (
