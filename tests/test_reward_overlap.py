@@ -104,43 +104,48 @@ def _overlap_cfg(tmp_path, overlap):
     return dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, overlap_preprocessing=overlap))
 
 
-class _Threads:
-    """Records the thread of every CLIP vision-tower forward and every call of its image processor."""
+class _Recorder:
+    """The order of the device work of sample_phase (S: a sampling step, D: a decode, R: a reward forward; repeats
+    merged) and the threads that ran the CLIP forwards and its image processor."""
 
-    def __init__(self, scorer: CLIPScorer):
-        self.forward, self.processor = set(), set()
-        vision = scorer.model.vision_model
-        self.hook = vision.register_forward_pre_hook(lambda *_: self.forward.add(threading.get_ident()))
-        processor = scorer.processor.image_processor
-        self.original = processor.__class__.__call__
+    def __init__(self, monkeypatch, policy, scorer: CLIPScorer):
+        self.events, self.forward, self.processor = [], set(), set()
+        for name, event in (("velocity", "S"), ("decode", "D")):
+            monkeypatch.setattr(policy, name, self._wrap(getattr(policy, name), event))
+        self.hook = scorer.model.vision_model.register_forward_pre_hook(lambda *_: self._forward())
+        processor = type(scorer.processor.image_processor)
+        monkeypatch.setattr(processor, "__call__", self._wrap(processor.__call__, None))
 
-        def record(proc, *args, **kwargs):
-            self.processor.add(threading.get_ident())
-            return self.original(proc, *args, **kwargs)
+    def _wrap(self, fn, event):
+        def wrapped(*args, **kwargs):
+            if event is None:
+                self.processor.add(threading.get_ident())
+            elif self.events[-1:] != [event]:
+                self.events.append(event)
+            return fn(*args, **kwargs)
 
-        self.scorer, self.cls = scorer, type(processor)
-        self.subclass = type("Recording", (self.cls,), {"__call__": record})
-        processor.__class__ = self.subclass
+        return wrapped
 
-    def close(self):
-        self.hook.remove()
-        self.scorer.processor.image_processor.__class__ = self.cls
+    def _forward(self):
+        self.forward.add(threading.get_ident())
+        if self.events[-1:] != ["R"]:
+            self.events.append("R")
 
 
-def test_sample_phase_with_overlap_is_the_same_epoch(tmp_path, policy, clip):
+def test_sample_phase_with_overlap_is_the_same_epoch(tmp_path, monkeypatch, policy, clip):
     reward = WeightedReward([Term("pickscore", 1.0, clip), Term("redness", 10.0, Redness())], "cpu")
     prompts = ["a red apple", "a blue boat", "a cat", "a dog"]
-    runs, threads = {}, {}
+    runs, record = {}, {}
     for overlap in (False, True):
         cfg = _overlap_cfg(tmp_path, overlap)
         geom = batch_geometry(cfg, 1)
         assert geom.sample_batch == 1
-        record = _Threads(clip)
-        try:
-            runs[overlap] = sample_phase(policy, reward, cfg, geom, 0, prompts, 0)
-        finally:
-            record.close()
-        threads[overlap] = record
+        with monkeypatch.context() as patch:
+            record[overlap] = _Recorder(patch, policy, clip)
+            try:
+                runs[overlap] = sample_phase(policy, reward, cfg, geom, 0, prompts, 0)
+            finally:
+                record[overlap].hook.remove()
         assert workers() == []
     off, on = runs[False], runs[True]
     for field in ("states", "velocities", "sigmas", "final", "preview", "timesteps"):
@@ -149,10 +154,13 @@ def test_sample_phase_with_overlap_is_the_same_epoch(tmp_path, policy, clip):
     assert all(torch.equal(on.rewards[k], off.rewards[k]) for k in off.rewards)
     assert all(torch.equal(on.cond[k], off.cond[k]) for k in off.cond)
     assert off.rewards["pickscore"].unique().numel() == 8  # every sample its own score: a shifted batch would show
+    # off: each batch scored right after its decode; on: batch i scored after batch i+1's sampling, before its decode
+    assert "".join(record[False].events) == "SDR" * 4
+    assert "".join(record[True].events) == "SD" + "SRD" * 3 + "R"
     main = threading.get_ident()
-    assert threads[False].forward == threads[False].processor == {main}
-    assert threads[True].forward == {main}  # the model forwards stay in the main thread ...
-    assert main not in threads[True].processor and len(threads[True].processor) == 1  # ... the processor does not
+    assert record[False].forward == record[False].processor == {main}
+    assert record[True].forward == {main}  # the model forwards stay in the main thread ...
+    assert main not in record[True].processor and len(record[True].processor) == 1  # ... the processor does not
 
 
 class _Failing:
