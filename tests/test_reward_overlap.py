@@ -10,7 +10,7 @@ import torch
 
 from fdfo.config import batch_geometry
 from fdfo.phases import sample_phase
-from fdfo.scoring import batch_scorer
+from fdfo.scoring import batch_scorer, to_host
 from fdfo.sd3 import SD3Policy
 from rewards import Term, WeightedReward
 from rewards.analytic import Redness
@@ -214,3 +214,40 @@ def test_without_the_split_api_the_reward_is_called_at_once():
     with batch_scorer(Plain(), torch.device("cpu"), overlap=True) as scorer:
         scorer.submit(["a", "b"], x, batch)
         assert torch.equal(batch["rewards"]["reward"], x.mean(dim=(1, 2, 3)))
+
+
+def test_to_host_hands_cpu_tensors_over_without_an_event():
+    x = images(2)
+    host, ready = to_host({"pickscore": x})
+    assert host["pickscore"] is x and ready is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_overlap_on_cuda_is_the_same_epoch(tmp_path):
+    """The CUDA path: pinned non-blocking copies and the event the worker waits on, with CLIP, the VLM (resized on
+    the device) and an analytic term (never copied)."""
+    x = images(3).cuda()
+    host, ready = to_host({"a": x, "b": x[:, :1].to(torch.uint8)})
+    assert host["a"].is_pinned() and ready is not None
+    ready.synchronize()
+    assert torch.equal(host["a"], x.cpu()) and torch.equal(host["b"], x[:, :1].to(torch.uint8).cpu())
+    root = tmp_path / "models"
+    model, processor = save_tiny_clip(root / "model", seed=1), save_tiny_clip(root / "processor", seed=2)
+    clip = CLIPScorer.load(str(model), str(processor), device="cuda", chunk_size=2, model_option="pickscore_model",
+                           processor_option="pickscore_processor", what="PickScore")
+    vlm = VLMScorer.load(str(save_tiny_qwen_vl(root / "qwen", seed=5)), device="cuda", chunk_size=2,
+                         question=ALIGNMENT_QUESTION)
+    reward = WeightedReward([Term("pickscore", 1.0, clip), Term("vlm_alignment", 0.1, vlm),
+                             Term("redness", 10.0, Redness())], "cuda")
+    torch.manual_seed(0)
+    cfg = _overlap_cfg(tmp_path, False)
+    policy = SD3Policy(cfg.pretrained_model, torch.device("cuda"), cfg.lora_rank, cfg.lora_alpha)
+    prompts = ["a red apple", "a blue boat", "a cat", "a dog"]
+    off, on = (sample_phase(policy, reward, _overlap_cfg(tmp_path, overlap), batch_geometry(cfg, 1), 0, prompts, 0)
+               for overlap in (False, True))
+    for field in ("states", "velocities", "final", "preview"):
+        assert torch.equal(getattr(on, field), getattr(off, field)), field
+    assert on.rewards.keys() == off.rewards.keys() == {"pickscore", "vlm_alignment", "redness", "reward"}
+    assert all(on.rewards[k].is_cuda and torch.equal(on.rewards[k], off.rewards[k]) for k in off.rewards)
+    assert workers() == []
