@@ -2,6 +2,7 @@
 sample_phase (fdfo/scoring.py), where one worker thread prepares batch i while the main thread samples batch i+1."""
 
 import dataclasses
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +13,7 @@ from fdfo.config import batch_geometry
 from fdfo.phases import sample_phase
 from fdfo.scoring import batch_scorer, to_host
 from fdfo.sd3 import SD3Policy
+from fdfo.train_loop import check_resume_settings, resolved_config
 from rewards import Term, WeightedReward
 from rewards.analytic import Redness
 from rewards.clip import CLIPScorer
@@ -214,6 +216,17 @@ def test_without_the_split_api_the_reward_is_called_at_once():
     with batch_scorer(Plain(), torch.device("cpu"), overlap=True) as scorer:
         scorer.submit(["a", "b"], x, batch)
         assert torch.equal(batch["rewards"]["reward"], x.mean(dim=(1, 2, 3)))
+
+
+def test_resuming_with_overlap_switched_is_allowed(tmp_path):
+    cfg = _overlap_cfg(tmp_path, False)
+    geom = batch_geometry(cfg, 1)
+    (tmp_path / "config.json").write_text(json.dumps(resolved_config(cfg, geom, None)))
+    checkpoint = tmp_path / "checkpoints" / "epoch-0000001"
+    on = _overlap_cfg(tmp_path, True)
+    assert check_resume_settings(on, geom, checkpoint) == []  # a speed option: nothing refused, nothing to apply
+    with pytest.raises(ValueError, match="--seed 1 -> 2"):  # the comparison is live
+        check_resume_settings(dataclasses.replace(on, seed=2), geom, checkpoint)
 
 
 def test_to_host_hands_cpu_tensors_over_without_an_event():
