@@ -97,7 +97,8 @@ def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompts: list[str],
                  first_pair: int) -> EpochSamples:
-    """Sample `geom.pairs_per_gpu` pairs for global pairs first_pair.. of this epoch, decode and score them."""
+    """Sample `geom.pairs_per_gpu` pairs for global pairs first_pair.. of this epoch, decode and score them (with
+    --reward.overlap-preprocessing, a batch's reward preprocessing runs while the next is sampled: fdfo/scoring.py)."""
     device, sigmas = policy.device, policy.sigmas(cfg.sample.num_solver_steps)
     shape = policy.latent_shape(cfg.sample.resolution)
     churn = make_churn(cfg.sample.churn_schedule, cfg.sample.churn_weight)
