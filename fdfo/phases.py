@@ -20,6 +20,7 @@ from fdfo.objective import clip_fraction, pair_targets, spo_loss
 from fdfo.rng import generator, randn_per_sample
 from fdfo.safety import check_step
 from fdfo.sampling import CHURN_DRAWS, make_churn, sample_pairs
+from fdfo.scoring import batch_scorer
 
 NOISE_STREAM, SHUFFLE_STREAM = 1, 2
 TIMESTEP_STREAM = 0x4B54  # --train.timesteps-per-sample draws; far from the small stream numbers used elsewhere
@@ -96,38 +97,42 @@ def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompts: list[str],
                  first_pair: int) -> EpochSamples:
-    """Sample `geom.pairs_per_gpu` pairs for global pairs first_pair.. of this epoch, decode and score them."""
+    """Sample `geom.pairs_per_gpu` pairs for global pairs first_pair.. of this epoch, decode and score them (with
+    --reward.overlap-preprocessing, a batch's reward preprocessing runs while the next is sampled: fdfo/scoring.py)."""
     device, sigmas = policy.device, policy.sigmas(cfg.sample.num_solver_steps)
     shape = policy.latent_shape(cfg.sample.resolution)
     churn = make_churn(cfg.sample.churn_schedule, cfg.sample.churn_weight)
     state_dtype, vel_dtypes = rollout_dtypes(policy)
     rollout_device = torch.device("cpu") if cfg.train.rollout_device == "cpu" else device
     batches = []
-    for start in tqdm.trange(0, len(prompts), geom.sample_batch, desc=f"epoch {epoch} sample", leave=False,
-                             disable=dist.get_rank() != 0):
-        batch_prompts = prompts[start:start + geom.sample_batch]
-        pairs = range(first_pair + start, first_pair + start + len(batch_prompts))
-        x1 = randn_per_sample([generator(device, cfg.seed, NOISE_STREAM, epoch, i, 0) for i in pairs], shape, device)
-        branch_gens = [generator(device, cfg.seed, NOISE_STREAM, epoch, i, 1 + b) for i in pairs for b in (0, 1)]
-        z = torch.stack([torch.randn(CHURN_DRAWS, generator=generator(device, cfg.seed, NOISE_STREAM, epoch, i, 3),
-                                     device=device) for i in pairs])  # [P, CHURN_DRAWS]: one schedule per pair
-        cond = policy.encode(batch_prompts)
-        traj = sample_pairs(policy.velocity, x1, {k: v.repeat_interleave(2, 0) for k, v in cond.items()}, sigmas,
-                            churn, lambda k: randn_per_sample(branch_gens, shape, device), z)
-        images = policy.decode(traj.final)
-        scores = reward.components([p for p in batch_prompts for _ in (0, 1)], images)
-        kept = 2 * cfg.image_log_pairs - 2 * start  # keep only the preview images; the rest are done with
-        timesteps = torch.cat([kept_timesteps(cfg, epoch, i) for i in pairs])  # [2 P, K]
-        states, velocities = traj.states, traj.velocities
-        if timesteps.shape[1] < states.shape[1]:  # --train.timesteps-per-sample K < T: store only those K
-            rows, cols = torch.arange(len(timesteps), device=device)[:, None], timesteps.to(device)
-            states, velocities = states[rows, cols], velocities[rows, cols]
-        batches.append(dict(states=states.to(rollout_device, state_dtype),
-                            velocities=_lossless(velocities, vel_dtypes).to(rollout_device),
-                            timesteps=timesteps,
-                            final=traj.final, cond=cond,
-                            rewards={k: v.float().to(device) for k, v in scores.items()},
-                            images=images[:max(kept, 0)].cpu()))
+    with batch_scorer(reward, device, cfg.reward.overlap_preprocessing) as scorer:
+        for start in tqdm.trange(0, len(prompts), geom.sample_batch, desc=f"epoch {epoch} sample", leave=False,
+                                 disable=dist.get_rank() != 0):
+            batch_prompts = prompts[start:start + geom.sample_batch]
+            pairs = range(first_pair + start, first_pair + start + len(batch_prompts))
+            x1 = randn_per_sample([generator(device, cfg.seed, NOISE_STREAM, epoch, i, 0) for i in pairs], shape,
+                                  device)
+            branch_gens = [generator(device, cfg.seed, NOISE_STREAM, epoch, i, 1 + b) for i in pairs for b in (0, 1)]
+            z = torch.stack([torch.randn(CHURN_DRAWS, generator=generator(device, cfg.seed, NOISE_STREAM, epoch, i, 3),
+                                         device=device) for i in pairs])  # [P, CHURN_DRAWS]: one schedule per pair
+            cond = policy.encode(batch_prompts)
+            traj = sample_pairs(policy.velocity, x1, {k: v.repeat_interleave(2, 0) for k, v in cond.items()}, sigmas,
+                                churn, lambda k: randn_per_sample(branch_gens, shape, device), z)
+            scorer.flush()  # --reward.overlap-preprocessing: the previous batch's model forwards, prepared meanwhile
+            images = policy.decode(traj.final)
+            kept = 2 * cfg.image_log_pairs - 2 * start  # keep only the preview images; the rest are done with
+            timesteps = torch.cat([kept_timesteps(cfg, epoch, i) for i in pairs])  # [2 P, K]
+            states, velocities = traj.states, traj.velocities
+            if timesteps.shape[1] < states.shape[1]:  # --train.timesteps-per-sample K < T: store only those K
+                rows, cols = torch.arange(len(timesteps), device=device)[:, None], timesteps.to(device)
+                states, velocities = states[rows, cols], velocities[rows, cols]
+            batches.append(dict(states=states.to(rollout_device, state_dtype),
+                                velocities=_lossless(velocities, vel_dtypes).to(rollout_device),
+                                timesteps=timesteps,
+                                final=traj.final, cond=cond,
+                                images=images[:max(kept, 0)].cpu()))
+            scorer.submit([p for p in batch_prompts for _ in (0, 1)], images, batches[-1])  # sets its "rewards"
+        scorer.flush()
     return EpochSamples(
         states=torch.cat([b["states"] for b in batches]),
         velocities=torch.cat([b["velocities"] for b in batches]),

@@ -23,6 +23,14 @@ class Brightness:
         check_batch(prompts, images)
         return images.float().mean(dim=(1, 2, 3)) * self.scale
 
+    def prepare(self, prompts: Sequence[str], images: torch.Tensor) -> tuple[Sequence[str], torch.Tensor]:
+        """Nothing to do on the host: the arguments, untouched (they stay on their device), for `score`."""
+        return prompts, images
+
+    def score(self, inputs: tuple[Sequence[str], torch.Tensor]) -> torch.Tensor:
+        """The scores of `prepare`'s arguments, computed where the images are."""
+        return self(*inputs)
+
 
 class Redness(Brightness):
     """`scale * mean(red - (green + blue) / 2)` over all pixels, in [-1, 1]; prompts are ignored. Float32 `[B]`.

@@ -75,12 +75,29 @@ class CLIPScorer:
     def __call__(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
         """Scores `[B]` (float32, on `images.device`) for `B` prompts and float images `[B, 3, H, W]` in [0, 1]."""
         check_batch(prompts, images)
-        scores = [self._score_chunk(list(prompts[s]), images[s]) for s in chunk_slices(len(prompts), self.chunk_size)]
-        return torch.cat(scores).to(images.device) if scores else images.new_zeros(0, dtype=torch.float32)
+        return self.score(self.prepare(prompts, self.stage(images))).to(images.device)
 
-    def _score_chunk(self, prompts: list[str], images: torch.Tensor) -> torch.Tensor:
+    def stage(self, images: torch.Tensor) -> torch.Tensor:
+        """The device-side part of the preprocessing: `[B, 3, H, W]` float32 clamped to [0, 1], where `images` is;
+        `prepare` reads it on the host."""
+        return images.detach().float().clamp(0, 1)
+
+    @torch.no_grad()
+    def prepare(self, prompts: Sequence[str], staged: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """The CPU part for `stage(images)` (on the host or the device): per chunk of `chunk_size`, the processor's
+        `pixel_values` and the tokenizer's `input_ids` / `attention_mask`, on CPU. No model, no device work, no
+        randomness: safe to run in a worker thread."""
+        return [self._chunk_inputs(list(prompts[s]), staged[s]) for s in chunk_slices(len(prompts), self.chunk_size)]
+
+    @torch.no_grad()
+    def score(self, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The model forwards of `prepare`'s chunks: float32 `[B]` on the model's device."""
+        scores = [self._score_chunk(chunk) for chunk in inputs]
+        return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float32, device=self.device)
+
+    def _chunk_inputs(self, prompts: list[str], staged: torch.Tensor) -> dict[str, torch.Tensor]:
         pixels = self.processor.image_processor(
-            images=list(images.detach().float().clamp(0, 1).cpu()),
+            images=list(staged.cpu()),
             do_rescale=False,
             input_data_format="channels_first",
             return_tensors="pt",
@@ -88,8 +105,11 @@ class CLIPScorer:
         text = self.processor.tokenizer(
             prompts, padding=True, truncation=True, max_length=CLIP_MAX_TOKENS, return_tensors="pt"
         )
-        image_embeds = self.model.get_image_features(pixel_values=pixels.to(self.device)).pooler_output
+        return {"pixel_values": pixels, "input_ids": text.input_ids, "attention_mask": text.attention_mask}
+
+    def _score_chunk(self, chunk: dict[str, torch.Tensor]) -> torch.Tensor:
+        image_embeds = self.model.get_image_features(pixel_values=chunk["pixel_values"].to(self.device)).pooler_output
         text_embeds = self.model.get_text_features(
-            input_ids=text.input_ids.to(self.device), attention_mask=text.attention_mask.to(self.device)
+            input_ids=chunk["input_ids"].to(self.device), attention_mask=chunk["attention_mask"].to(self.device)
         ).pooler_output
         return clip_score(text_embeds, image_embeds, self.model.logit_scale)

@@ -41,3 +41,8 @@ process never shards). With sharding, all ranks score together and the VLM is no
 
     offload: bool = False
     """Move the reward models to CPU between scoring phases (they come back on the next scoring call)."""
+
+    overlap_preprocessing: bool = False
+    """Training only: run the reward models' CPU preprocessing of each sampling batch (device-to-host copy, image \
+processor, tokenizer) in a worker thread while the next batch is sampled, and score it then. Same numbers; it hides \
+the CPU time during which the GPU would otherwise wait. Evaluation (metrics.py) scores as before."""

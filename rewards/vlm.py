@@ -71,7 +71,8 @@ class VLMScorer:
     `with_question` gives another scorer that shares the loaded model. `processor_resize` False is the training
     reward's input path (504 bilinear, processor resize and rescale off); True is the evaluation metrics' (8-bit
     images, the processor's default resize and rescale). When `sharded`, the model is FSDP-sharded
-    across ranks and every call is collective: all ranks must call it together (batch sizes may differ).
+    across ranks and every call is collective: all ranks must call it together (batch sizes may differ). Of the split
+    `score(prepare(prompts, stage(images)))` (see rewards/weighted.py) only `score` is collective.
     """
 
     model: torch.nn.Module = dataclasses.field(repr=False)
@@ -135,29 +136,48 @@ class VLMScorer:
     def __call__(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
         """Scores in [0, 100], float32 `[B]` on `images.device`, for `B` prompts and images `[B, 3, H, W]`."""
         check_batch(prompts, images)
-        slices = list(chunk_slices(len(prompts), self.chunk_size))
-        # FSDP all-gathers weights in every forward, so all ranks must run equally many: agree first, then pad.
-        extra = synced_chunk_count(len(slices), self.device) - len(slices) if self.sharded else 0
-        scores = [self._score_chunk(list(prompts[s]), images[s]) for s in slices]
-        for _ in range(extra):
-            self._score_chunk([""], images.new_zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
-        return torch.cat(scores).to(images.device) if scores else images.new_zeros(0, dtype=torch.float32)
+        return self.score(self.prepare(prompts, self.stage(images))).to(images.device)
 
-    def _score_chunk(self, prompts: list[str], images: torch.Tensor) -> torch.Tensor:
-        inputs = {name: value.to(self.device) for name, value in self.build_inputs(prompts, images).items()}
+    def stage(self, images: torch.Tensor) -> torch.Tensor:
+        """The device-side part of the preprocessing, where `images` is: §7 the 504 px bilinear resize (float32),
+        §8 the rounding to 8 bits (uint8). `prepare` reads it on the host."""
+        return to_uint8(images.detach()) if self.processor_resize else resize_for_vlm(images.detach())
+
+    @torch.no_grad()
+    def prepare(self, prompts: Sequence[str], staged: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """The CPU part for `stage(images)` (on the host or the device): `host_inputs` per chunk of `chunk_size`.
+        No model, no device work, no collective, no randomness: safe to run in a worker thread."""
+        return [self.host_inputs(list(prompts[s]), staged[s]) for s in chunk_slices(len(prompts), self.chunk_size)]
+
+    @torch.no_grad()
+    def score(self, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The model forwards of `prepare`'s chunks: float32 `[B]` on the model's device. Collective when sharded."""
+        # FSDP all-gathers weights in every forward, so all ranks must run equally many: agree first, then pad.
+        extra = synced_chunk_count(len(inputs), self.device) - len(inputs) if self.sharded else 0
+        scores = [self._score_chunk(chunk) for chunk in inputs]
+        for _ in range(extra):
+            self._score_chunk(self.build_inputs([""], torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)))
+        return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float32, device=self.device)
+
+    def _score_chunk(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {name: value.to(self.device) for name, value in inputs.items()}
         logits = self.model(**inputs, use_cache=False, logits_to_keep=1).logits
         return yes_no_score(logits[:, -1], self.yes_id, self.no_id)
 
     def build_inputs(self, prompts: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Model inputs (on CPU) for a chunk: `input_ids`, `attention_mask`, `mm_token_type_ids` `[B, L]` (left
-        padded), `pixel_values` `[B * patches, patch_dim]` and `image_grid_thw` `[B, 3]` of the resized images."""
+        """Model inputs (on CPU) for a chunk of float images `[B, 3, H, W]`: `host_inputs(prompts, stage(images))`."""
+        return self.host_inputs(prompts, self.stage(images))
+
+    def host_inputs(self, prompts: Sequence[str], staged: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model inputs (on CPU) for a chunk of `stage`d images: `input_ids`, `attention_mask`, `mm_token_type_ids`
+        `[B, L]` (left padded), `pixel_values` `[B * patches, patch_dim]` and `image_grid_thw` `[B, 3]`."""
         if self.processor_resize:  # §8: 8-bit images through the processor's own resize and rescale
             vision = self.image_processor(
-                images=list(to_uint8(images.detach()).cpu()), input_data_format="channels_first", return_tensors="pt"
+                images=list(staged.cpu()), input_data_format="channels_first", return_tensors="pt"
             )
         else:  # §7: already 504x504, a multiple of the patch grid, so no second (8-bit PIL) resize
             vision = self.image_processor(
-                images=list(resize_for_vlm(images.detach()).cpu()),
+                images=list(staged.cpu()),
                 do_resize=False,
                 do_rescale=False,
                 input_data_format="channels_first",

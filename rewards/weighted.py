@@ -1,4 +1,15 @@
-"""A reward made of named, weighted terms (docs/algorithm.md §7: presets and custom specs both build one)."""
+"""A reward made of named, weighted terms (docs/algorithm.md §7: presets and custom specs both build one).
+
+A scorer is any callable `(prompts, images) -> [B]` with `.to(device)`. The model-based scorers also split a call
+into three steps, so that the CPU work can overlap the sampling of the next batch (fdfo/scoring.py):
+- `stage(images) -> Tensor`: device-side image work (resize, clamp, 8-bit rounding), no host sync; present only on
+  scorers that prepare on the host, and what is copied to the host for them;
+- `prepare(prompts, staged) -> inputs`: CPU work only (processors, tokenisation) on `staged`, on the host or the
+  device: no model, no device work, no collective, no randomness, so a worker thread may run it;
+- `score(inputs) -> [B]`: the model forwards, on the model's device (collective for an FSDP-sharded VLM).
+`scorer(prompts, images)` is `score(prepare(prompts, stage(images)))` moved to `images.device`. A scorer without
+`stage` prepares on the images themselves; one without `prepare` / `score` (a plain callable) is simply called.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,8 @@ import dataclasses
 from typing import Callable, Sequence
 
 import torch
+
+from rewards.common import check_batch
 
 Scorer = Callable[[Sequence[str], torch.Tensor], torch.Tensor]  # also has .to(device)
 
@@ -43,10 +56,29 @@ class WeightedReward:
 
     def components(self, prompts: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
         """{term name: raw score [B], ..., "reward": weighted sum [B]}, each float32 on `images.device`."""
+        staged = self.stage(prompts, images)
+        return self.score_components(self.prepare_components(prompts, staged, images), images.device)
+
+    def stage(self, prompts: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Check the batch and run the device-side image work: {term name: staged tensor} for the terms that prepare
+        on the host (scorers with `stage`), each where `images` is. Issues no host sync."""
+        check_batch(prompts, images)
+        return {term.name: term.scorer.stage(images) for term in self.terms if hasattr(term.scorer, "stage")}
+
+    def prepare_components(
+        self, prompts: Sequence[str], staged: dict[str, torch.Tensor], images: torch.Tensor
+    ) -> dict[str, object]:
+        """{term name: its model inputs}: the CPU work, safe in a worker thread. `staged` is `stage`'s dict, on the
+        host or still on the device; `images` is handed untouched to the terms without `stage`, which read it in
+        `score_components`."""
+        return {term.name: _prepare(term.scorer, prompts, staged.get(term.name, images)) for term in self.terms}
+
+    def score_components(self, prepared: dict[str, object], device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The model forwards of `prepare_components`'s inputs: `components`' dict, each float32 on `device`."""
         if self._offloaded:
             self.to(self.device)
-        scores = {term.name: term.scorer(prompts, images).float() for term in self.terms}
-        total = torch.zeros(images.shape[0], dtype=torch.float32, device=images.device)
+        scores = {term.name: _score(term.scorer, prepared[term.name]).float().to(device) for term in self.terms}
+        total = torch.zeros_like(scores[self.terms[0].name])
         for term in self.terms:
             total = total + term.weight * scores[term.name]
         return {**scores, "reward": total}
@@ -69,3 +101,11 @@ class WeightedReward:
 
     def __repr__(self) -> str:
         return "WeightedReward(" + " + ".join(f"{term.weight:g}*{term.name}" for term in self.terms) + ")"
+
+
+def _prepare(scorer: Scorer, prompts: Sequence[str], images: torch.Tensor) -> object:
+    return scorer.prepare(prompts, images) if hasattr(scorer, "prepare") else (prompts, images)
+
+
+def _score(scorer: Scorer, inputs: object) -> torch.Tensor:
+    return scorer.score(inputs) if hasattr(scorer, "score") else scorer(*inputs)
