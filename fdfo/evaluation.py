@@ -107,6 +107,11 @@ def image_seed(base: int, prompt: int, num_repeats: int, repeat: int) -> int:
     return base + prompt * num_repeats + repeat
 
 
+# RewardConfig fields shared with train.py that mean nothing to an evaluation: refused rather than ignored
+TRAINING_ONLY_REWARD_OPTIONS = {"specs": "--reward.specs", "offload": "--reward.offload",
+                                "overlap_preprocessing": "--reward.overlap-preprocessing"}
+
+
 def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
     """User errors before anything loads. Returns the reward-model metrics and whether diversity is asked for."""
     check_device("--device", cfg.device)
@@ -127,6 +132,11 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
             raise ValueError(INSTALL_HINT)
     if cfg.num_prompts is not None and cfg.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {cfg.num_prompts}.")
+    defaults = RewardConfig()
+    for option, flag in TRAINING_ONLY_REWARD_OPTIONS.items():
+        if getattr(cfg.reward, option) != getattr(defaults, option):
+            raise ValueError(f"{flag} {getattr(cfg.reward, option)!r} is a train.py option; metrics.py computes the "
+                             f"--metrics it is given and would ignore it: leave it out.")
     if cfg.batch_size < 1 or cfg.num_steps < 1:
         raise ValueError(f"--batch-size and --num-steps must be >= 1, got {cfg.batch_size} and {cfg.num_steps}.")
     from fdfo.generation import check_resolution

@@ -45,4 +45,4 @@ process never shards). With sharding, all ranks score together and the VLM is no
     overlap_preprocessing: bool = False
     """Training only: run the reward models' CPU preprocessing of each sampling batch (device-to-host copy, image \
 processor, tokenizer) in a worker thread while the next batch is sampled, and score it then. Same numbers; it hides \
-the CPU time during which the GPU would otherwise wait. Evaluation (metrics.py) scores as before."""
+the CPU time during which the GPU would otherwise wait. train.py only (metrics.py refuses it)."""

@@ -268,6 +268,11 @@ def test_user_errors_before_anything_loads(monkeypatch):
         check_config(EvalConfig(metrics=("dreamsim_diversity",), num_repeats=4))
     assert str(error.value) == INSTALL_HINT
     assert check_config(EvalConfig(metrics=("clip_l14", "vlm_photo"))) == (["clip_l14", "vlm_photo"], False)
+    for option, flag in (("specs", "--reward.specs"), ("offload", "--reward.offload"),
+                         ("overlap_preprocessing", "--reward.overlap-preprocessing")):
+        value = ("pickscore:1.0",) if option == "specs" else True
+        with pytest.raises(ValueError, match=f"{flag} .* is a train.py option; metrics.py computes the --metrics"):
+            check_config(EvalConfig(reward=RewardConfig(**{option: value})))
 
 
 def test_unusable_output_paths_are_refused(tmp_path, monkeypatch):
