@@ -323,21 +323,23 @@ def sample_groups(policy, reward, cfg: Config, geom: Geometry, epoch: int, promp
     shape = policy.latent_shape(cfg.sample.resolution)
     rollout_device = torch.device("cpu") if cfg.train.rollout_device == "cpu" else device
     batches = []
-    for start in tqdm.trange(0, len(prompts), geom.sample_batch, desc=f"epoch {epoch} sample", leave=False,
-                             disable=dist.get_rank() != 0):
-        batch_prompts = prompts[start:start + geom.sample_batch]
-        gens = [generator(device, cfg.seed, GROUP_STREAM, epoch, i, g)
-                for i in range(first_pair + start, first_pair + start + len(batch_prompts)) for g in range(group)]
-        x1 = randn_per_sample(gens, shape, device)
-        cond = policy.encode(batch_prompts)
-        final, items = algo.rollout(policy, x1, {k: v.repeat_interleave(group, 0) for k, v in cond.items()}, sigmas,
-                                    lambda: randn_per_sample(gens, shape, device), cfg)
-        images = policy.decode(final)
-        scores = reward.components([p for p in batch_prompts for _ in range(group)], images)
-        shown = [i * group + g for i in range(min(len(batch_prompts), cfg.image_log_pairs - start)) for g in (0, 1)]
-        items = {key: value.to(rollout_device) for key, value in items.items()}
-        batches.append(dict(items=items, final=final, cond=cond, images=images[shown].cpu(),
-                            rewards={k: v.float().to(device) for k, v in scores.items()}))
+    with batch_scorer(reward, device, cfg.reward.overlap_preprocessing) as scorer:
+        for start in tqdm.trange(0, len(prompts), geom.sample_batch, desc=f"epoch {epoch} sample", leave=False,
+                                 disable=dist.get_rank() != 0):
+            batch_prompts = prompts[start:start + geom.sample_batch]
+            gens = [generator(device, cfg.seed, GROUP_STREAM, epoch, i, g)
+                    for i in range(first_pair + start, first_pair + start + len(batch_prompts)) for g in range(group)]
+            x1 = randn_per_sample(gens, shape, device)
+            cond = policy.encode(batch_prompts)
+            final, items = algo.rollout(policy, x1, {k: v.repeat_interleave(group, 0) for k, v in cond.items()},
+                                        sigmas, lambda: randn_per_sample(gens, shape, device), cfg)
+            scorer.flush()  # --reward.overlap-preprocessing: the previous batch's model forwards (see sample_phase)
+            images = policy.decode(final)
+            shown = [i * group + g for i in range(min(len(batch_prompts), cfg.image_log_pairs - start)) for g in (0, 1)]
+            items = {key: value.to(rollout_device) for key, value in items.items()}
+            batches.append(dict(items=items, final=final, cond=cond, images=images[shown].cpu()))
+            scorer.submit([p for p in batch_prompts for _ in range(group)], images, batches[-1])  # sets "rewards"
+        scorer.flush()
     return GroupSamples(items=_cat([b["items"] for b in batches]), sigmas=sigmas.float(),
                         final=torch.cat([b["final"] for b in batches]), rewards=_cat([b["rewards"] for b in batches]),
                         cond=_cat([b["cond"] for b in batches]), prompts=prompts,

@@ -165,6 +165,36 @@ def test_sample_phase_with_overlap_is_the_same_epoch(tmp_path, monkeypatch, poli
     assert main not in record[True].processor and len(record[True].processor) == 1  # ... the processor does not
 
 
+@pytest.mark.parametrize("algorithm", ["flow_grpo", "diffusion_nft"])
+def test_baseline_sampling_with_overlap_is_the_same_epoch(tmp_path, monkeypatch, policy, clip, algorithm):
+    """The baselines' sample_groups honours the option the same way (one worker; the same rollouts and scores)."""
+    from fdfo.phases import sample_groups
+    from tests.test_algorithms_sd3 import tiny_config as baseline_config
+
+    reward = WeightedReward([Term("pickscore", 1.0, clip), Term("redness", 10.0, Redness())], "cpu")
+    runs, record = {}, {}
+    for overlap in (False, True):
+        cfg = baseline_config(algorithm, tmp_path / "run")
+        cfg.sample.batch_size = 1  # 2 sampling batches of one prompt x 4 samples
+        cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, overlap_preprocessing=overlap))
+        geom = batch_geometry(cfg, 1)
+        with monkeypatch.context() as patch:
+            record[overlap] = _Recorder(patch, policy, clip)
+            try:
+                runs[overlap] = sample_groups(policy, reward, cfg, geom, 0, ["a red apple", "a blue boat"], 0)
+            finally:
+                record[overlap].hook.remove()
+        assert workers() == []
+    off, on = runs[False], runs[True]
+    assert all(torch.equal(on.items[k], off.items[k]) for k in off.items) and torch.equal(on.final, off.final)
+    assert on.rewards.keys() == off.rewards.keys() and all(torch.equal(on.rewards[k], off.rewards[k])
+                                                           for k in off.rewards)
+    assert off.rewards["pickscore"].unique().numel() == 8
+    assert "".join(record[False].events) == "SDR" * 2
+    assert "".join(record[True].events) == "SDSRDR"
+    assert threading.get_ident() not in record[True].processor
+
+
 class _Failing:
     """A scorer whose host preparation raises (on the second batch, once a batch is in flight)."""
 
