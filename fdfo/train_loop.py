@@ -12,6 +12,13 @@ from pathlib import Path
 import torch
 
 from fdfo import distributed as dist
+from fdfo.algorithms.groups import (
+    GroupSamples,
+    algorithm_module,
+    baseline_micro_batch,
+    build_group_items,
+    sample_groups,
+)
 from fdfo.checkpoints import (
     adapter_settings,
     checkpoint_dir,
@@ -28,14 +35,9 @@ from fdfo.files import write_json_atomic
 from fdfo.memory import activation_note
 from fdfo.phases import (
     EpochSamples,
-    GroupSamples,
-    algorithm_module,
-    baseline_micro_batch,
-    build_group_items,
     build_training_set,
     rollout_dtypes,
     rollout_gb_per_rank,
-    sample_groups,
     sample_phase,
     timesteps_per_sample,
     train_phase,

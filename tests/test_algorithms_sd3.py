@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fdfo import phases, train_loop
-from fdfo.algorithms import diffusion_nft, flow_grpo
+from fdfo import train_loop
+from fdfo.algorithms import diffusion_nft, flow_grpo, groups
 from fdfo.cli import parse_with_preset
 from fdfo.config import PRESETS, Config, batch_geometry
 
@@ -85,7 +85,7 @@ def _captured_epoch(monkeypatch, algorithm, tmp_path):
     """One epoch; returns the rewards, the training set and, per micro-batch, the item ids and the loss function's
     arguments and result."""
     seen = {"samples": [], "micro": [], "loss": []}
-    original_build = phases.build_group_items
+    original_build = groups.build_group_items
 
     def build(samples, *args):
         seen["rewards"] = samples.rewards["reward"].clone()
@@ -93,8 +93,8 @@ def _captured_epoch(monkeypatch, algorithm, tmp_path):
         return seen["data"]
 
     monkeypatch.setattr(train_loop, "build_group_items", build)
-    _capture(monkeypatch, phases, "baseline_micro_batch", seen["micro"])
-    monkeypatch.setattr(train_loop, "baseline_micro_batch", phases.baseline_micro_batch)
+    _capture(monkeypatch, groups, "baseline_micro_batch", seen["micro"])
+    monkeypatch.setattr(train_loop, "baseline_micro_batch", groups.baseline_micro_batch)
     module = flow_grpo if algorithm == "flow_grpo" else diffusion_nft
     _capture(monkeypatch, module, "clipped_loss" if algorithm == "flow_grpo" else "nft_loss", seen["loss"])
     train_loop.train(tiny_config(algorithm, tmp_path / "run"))
@@ -242,7 +242,7 @@ def test_smoke_preset_improves_the_reward(algorithm, tmp_path):
     one sample epoch 0's prompts with epoch 0's noise, so prompt and noise variation cancel sample by sample.
     Measured with seeds 1, 2, 3 (fdfo/config.py): Flow-GRPO +0.013 .. +0.019, z 7 .. 30; DiffusionNFT +0.0019 ..
     +0.0050, z 13 .. 21. The test (seed 1) asks for z > 5 and a gain above 0.001."""
-    from fdfo.phases import sample_groups
+    from fdfo.algorithms.groups import sample_groups
     from fdfo.prompts import load_prompts, prompt_indices
 
     cfg = PRESETS[f"smoke_{algorithm}"]()

@@ -168,7 +168,7 @@ def test_sample_phase_with_overlap_is_the_same_epoch(tmp_path, monkeypatch, poli
 @pytest.mark.parametrize("algorithm", ["flow_grpo", "diffusion_nft"])
 def test_baseline_sampling_with_overlap_is_the_same_epoch(tmp_path, monkeypatch, policy, clip, algorithm):
     """The baselines' sample_groups honours the option the same way (one worker; the same rollouts and scores)."""
-    from fdfo.phases import sample_groups
+    from fdfo.algorithms.groups import sample_groups
     from tests.test_algorithms_sd3 import tiny_config as baseline_config
 
     reward = WeightedReward([Term("pickscore", 1.0, clip), Term("redness", 10.0, Redness())], "cpu")

@@ -1,3 +1,4 @@
 """Training algorithms beside FDFO (docs/algorithm.md §11), one module each, holding only what differs: the
 objective and, where the method has one, its own sampler step. FDFO's own math stays in `fdfo.objective` and
-`fdfo.sampling`. Everything here is a pure tensor function that a test can call directly."""
+`fdfo.sampling`. The method modules are pure tensor functions that a test can call directly; `groups` holds the
+epoch phases both baselines share (G samples per prompt, their training items and micro-batch)."""
