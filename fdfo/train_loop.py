@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -20,7 +18,6 @@ from fdfo.algorithms.groups import (
     sample_groups,
 )
 from fdfo.checkpoints import (
-    adapter_settings,
     checkpoint_dir,
     clean_stale_files,
     latest_checkpoint,
@@ -43,6 +40,13 @@ from fdfo.phases import (
     train_phase,
 )
 from fdfo.prompts import load_prompts, prompt_indices
+from fdfo.resume import (
+    apply_optimizer_settings,
+    check_adapter_fits,
+    check_resume_settings,
+    find_resume_point,
+    resolved_config,
+)
 from fdfo.rng import derive_seed
 from fdfo.runlog import NullLogger, RunLogger
 from fdfo.safety import RunLock, SignalGuard, check_weights, watch_parent
@@ -51,25 +55,6 @@ from fdfo.sd3 import SD3Policy
 INIT_STREAM = 3
 CHECKPOINT_FORMAT = 1
 RUNS_ROOT = "runs"
-
-# What a resumed run does with a setting that differs from the run's config.json (dotted config paths).
-# Free: bookkeeping, batching, memory/speed options and logging; they change neither shapes nor what is optimised
-# (batch sizes, compilation and checkpointing only change floating-point summation order).
-RESUME_FREE = {"preset", "num_epochs", "save_freq", "resume_from", "run_dir", "run_name", "max_batch_size",
-               "offload_text_encoders", "image_log_freq", "image_log_pairs", "log_wandb", "device",
-               "sample.batch_size", "train.batch_size", "train.compile", "train.gradient_checkpointing",
-               "train.rollout_device", "reward.chunk_size", "reward.vlm_fsdp", "reward.offload",
-               "reward.overlap_preprocessing"}
-# Applied from the first resumed step and printed: optimizer hyperparameters (written into the restored optimizer's
-# param_groups, which otherwise keep the saved values) and the step-wise clipping / KL settings read every step.
-RESUME_APPLIED = {"train.learning_rate", "train.betas", "train.weight_decay", "train.eps", "train.max_grad_norm",
-                  "train.clip_range", "train.kl_weight"}
-# Everything else is refused: seed, pretrained_model, prompt_file, lora_rank, lora_alpha, total_pairs_per_epoch,
-# gradient_steps_per_epoch, reward_preset, reward.specs / models, sample.num_solver_steps, resolution,
-# guidance_scale, churn_schedule, churn_weight, train.precision, train.timesteps_per_sample (another estimator), and
-# any setting added later (safe default): each
-# changes tensor shapes, the data or the reward, so the resumed run would no longer be the run its log describes.
-
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
@@ -105,74 +90,6 @@ def prepare_run_dir(cfg: Config, locks: list) -> Path:
             locks.append(RunLock(path))
         clean_stale_files(path)
     return Path(dist.broadcast_object(str(path) if path else None))
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def resolved_config(cfg: Config, geom: Geometry, run_dir: Path | None) -> dict:
-    """The config as config.json records it (as it reads back from the file: tuples become lists)."""
-    config = dataclasses.asdict(cfg) | {"geometry": dataclasses.asdict(geom), "run_dir": str(run_dir or cfg.run_dir)}
-    return json.loads(json.dumps(config))
-
-
-def check_resume_settings(cfg: Config, geom: Geometry, resume: Path) -> list[str]:
-    """Compare with the config.json of the run being resumed; refuse changes of shape or meaning (ValueError naming
-    each, old -> new), return the lines describing the applied ones. See RESUME_FREE / RESUME_APPLIED above."""
-    own = Path(cfg.run_dir) / "config.json" if cfg.run_dir is not None else None
-    source = resume.parent.parent / "config.json"
-    path = source if source.is_file() else own
-    if path is None or not path.is_file():
-        return []
-    try:
-        saved = _flat(json.loads(path.read_text()))
-    except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path} is damaged ({e.__class__.__name__}: {e}); it records the settings of the run being "
-                         f"resumed. Restore it, or pass a new --run-dir to start a new run.") from None
-    current = _flat(resolved_config(cfg, geom, None))
-    changed = [k for k in current if k in saved and saved[k] != current[k] and not k.startswith("geometry.")
-               and k not in RESUME_FREE]
-    refused = [f"{_flag(k)} {saved[k]!r} -> {current[k]!r}" for k in changed if k not in RESUME_APPLIED]
-    if refused:
-        raise ValueError(f"cannot resume {resume}: {len(refused)} setting(s) differ from {path} and would change the "
-                         f"run's shapes or meaning: {'; '.join(refused)}. Rerun with the recorded values to continue "
-                         f"that run, or pass a new --run-dir (and no --resume-from) to start a new one.")
-    return [f"{_flag(k)} {saved[k]!r} -> {current[k]!r}" for k in changed]
-
-
-def check_adapter_fits(cfg: Config, resume: Path) -> None:
-    """A checkpoint of another LoRA rank / alpha cannot be loaded into this model: say so before loading anything."""
-    found = adapter_settings(resume)
-    wanted = {"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}
-    bad = [f"{_flag(k)} {wanted[k]} (the checkpoint has {found[k]})" for k in wanted if found[k] != wanted[k]]
-    if bad:
-        raise ValueError(f"checkpoint {resume} does not fit: {', '.join(bad)}. Pass the checkpoint's values, or a new "
-                         f"--run-dir without --resume-from to start a new run.")
-
-
-def apply_optimizer_settings(optimizer: torch.optim.Optimizer, cfg: Config) -> None:
-    """A restored optimizer keeps the saved hyperparameters; the run uses the ones it was given (and records)."""
-    for group in optimizer.param_groups:
-        group.update(lr=cfg.train.learning_rate, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
-                     eps=cfg.train.eps)
-
-
-def find_resume_point(cfg: Config) -> Path | None:
-    """--resume-from, else the newest checkpoint of an existing --run-dir, else None (a fresh run)."""
-    if cfg.resume_from is not None:
-        return Path(cfg.resume_from)
-    return latest_checkpoint(Path(cfg.run_dir)) if cfg.run_dir is not None else None
 
 
 def build_policy(cfg: Config, device: torch.device) -> SD3Policy:

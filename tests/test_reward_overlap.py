@@ -11,9 +11,9 @@ import torch
 
 from fdfo.config import batch_geometry
 from fdfo.phases import sample_phase
+from fdfo.resume import check_resume_settings, resolved_config
 from fdfo.scoring import batch_scorer, to_host
 from fdfo.sd3 import SD3Policy
-from fdfo.train_loop import check_resume_settings, resolved_config
 from rewards import Term, WeightedReward
 from rewards.analytic import Redness
 from rewards.clip import CLIPScorer
