@@ -177,6 +177,13 @@ def count_flops(tiny: bool, resolution: int, lora_rank: int = 32) -> dict[str, f
             "decode_per_image": float(decode.get_total_flops())}
 
 
+def reward_flops(args: argparse.Namespace, prompts: list[str]) -> dict[str, float]:
+    """--reward pickscore: the CLIP's FLOPs per image and per prompt (fdfo/bench_reward.py); the stub: none."""
+    from fdfo import bench_reward
+
+    return bench_reward.count_flops(args.tiny, prompts) if args.reward == "pickscore" else {}
+
+
 def with_lora(transformer: torch.nn.Module, lora_rank: int) -> torch.nn.Module:
     """The LoRA exactly as count_flops adds it (alpha = 2 r, the paper's ratio; alpha does not change FLOPs)."""
     from fdfo.sd3 import add_lora
@@ -187,12 +194,13 @@ def with_lora(transformer: torch.nn.Module, lora_rank: int) -> torch.nn.Module:
 def flops_per_pair(flops: dict[str, float], steps: int, guidance_scale: float, kl_weight: float = 0.0,
                    trained_steps: int | None = None) -> dict:
     """Per pair: sampling 2 T forwards (x2 with CFG), decode 2 images, training 2 K items (K = T unless
-    --timesteps-per-sample; + a forward with KL)."""
+    --timesteps-per-sample; + a forward with KL), scoring 2 (image, prompt) with --reward pickscore (else None)."""
     trained_steps = steps if trained_steps is None else trained_steps
     cfg_factor = 2 if guidance_scale != 1.0 else 1
     train_item = flops["train_item"] * cfg_factor + (flops["fwd_per_image"] * cfg_factor if kl_weight > 0 else 0.0)
+    reward = 2 * (flops["reward_image"] + flops["reward_text_per_prompt"]) if "reward_image" in flops else None
     return {"sample": 2 * steps * cfg_factor * flops["fwd_per_image"], "decode": 2 * flops["decode_per_image"],
-            "reward": None, "exchange": 0.0, "train": 2 * trained_steps * train_item}
+            "reward": reward, "exchange": 0.0, "train": 2 * trained_steps * train_item}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -293,7 +301,8 @@ def run(args: argparse.Namespace) -> dict:
         args.precision = "fp32"  # CPU autocast in fp16 is not the reference path; fp32 is what train.py runs
     cfg = bench_config(args)
     geom = batch_geometry(cfg, dist.get_world_size())
-    flops = count_flops(args.tiny, args.resolution, cfg.lora_rank)
+    prompts = [f"prompt {i}" for i in range(geom.pairs_per_gpu)]
+    flops = reward_flops(args, prompts) | count_flops(args.tiny, args.resolution, cfg.lora_rank)
     per_pair = flops_per_pair(flops, args.steps, args.guidance_scale, cfg.train.kl_weight,
                               timesteps_per_sample(cfg))
 
@@ -320,7 +329,6 @@ def run(args: argparse.Namespace) -> dict:
     # timed on the main thread: the whole scoring call, or with overlap its device-side parts (staging, the model
     # forwards, and any wait for the worker's preparation); the worker's own time is hidden behind sampling
     timed = ("stage", "score_components") if args.overlap_rewards else ("components",)
-    prompts = [f"prompt {i}" for i in range(geom.pairs_per_gpu)]
     first_pair = dist.get_rank() * geom.pairs_per_gpu
     state_dtype = rollout_dtypes(policy)[0]
     activations = training_activation_bytes(policy, cfg, geom)
@@ -344,13 +352,13 @@ def run(args: argparse.Namespace) -> dict:
     env = env_info(device)
     peak = peak_tflops(env["gpu"], args.precision)
     pairs = geom.pairs_per_gpu
-    phases = {}
+    phases = {}  # the reward's CLIP runs in fp32: no MFU against the bf16/fp16 peak, only its achieved TFLOP/s
     for name in ("sample", "decode", "reward", "exchange", "train"):
         s = meter.seconds.get(name, 0.0) / pairs
         achieved = per_pair[name] / s / 1e12 if per_pair[name] and s > 0 else None
         phases[name] = dict(s_per_pair=s, peak_mem_gb=meter.peak.get(name), flops_per_pair=per_pair[name],
                             achieved_tflops=achieved,
-                            mfu=achieved / peak if achieved is not None and peak else None)
+                            mfu=achieved / peak if achieved is not None and peak and name != "reward" else None)
     total_s = sum(p["s_per_pair"] for p in phases.values())
     total_flops = sum(v for v in per_pair.values() if v)
     peaks = [p["peak_mem_gb"] for p in phases.values() if p["peak_mem_gb"] is not None]
@@ -377,7 +385,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def flops_record(args: argparse.Namespace) -> dict:
-    flops = count_flops(args.tiny, args.resolution)
+    flops = reward_flops(args, [f"prompt {i}" for i in range(args.pairs)]) | count_flops(args.tiny, args.resolution)
     per_pair = flops_per_pair(flops, args.steps, args.guidance_scale)
     return dict(config=dict(vars(args)), flops=dict(flops, per_pair=per_pair,
                                                     total_per_pair=sum(v for v in per_pair.values() if v)))
@@ -449,7 +457,8 @@ def main(argv: list[str] | None = None) -> dict:
         f = record["flops"]
         print(f"FLOPs: forward {f['fwd_per_image'] / 1e12:.3f} TFLOP per image, training item "
               f"{f['train_item'] / 1e12:.3f} TFLOP, decode {f['decode_per_image'] / 1e12:.3f} TFLOP per image; "
-              f"{f['total_per_pair'] / 1e12:.1f} TFLOP per pair")
+              + (f"reward {f['per_pair']['reward'] / 1e12:.3f} TFLOP per pair; " if f["per_pair"]["reward"] else "")
+              + f"{f['total_per_pair'] / 1e12:.1f} TFLOP per pair")
         if "total" in record:
             for name, p in record["phases"].items():
                 mem = f", peak {p['peak_mem_gb']:.1f} GB" if p["peak_mem_gb"] is not None else ""

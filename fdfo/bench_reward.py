@@ -86,3 +86,26 @@ def pickscore_reward(tiny: bool, device: torch.device, chunk_size: int):
     tokenizer = tiny_clip_tokenizer()
     scorer = CLIPScorer(clip_model(tiny, tokenizer, device), clip_processor(tiny, tokenizer), chunk_size)
     return WeightedReward([Term("pickscore", 1.0, scorer)], device)
+
+
+def count_flops(tiny: bool, prompts: list[str]) -> dict[str, float]:
+    """FLOPs of the scorer's CLIP forwards, counted without weights (meta device) as fdfo.bench.count_flops counts
+    the transformer: the image tower (+ projection) per image at the crop size, and the text tower (+ projection) per
+    prompt at the length of `prompts` padded together (the scorer pads each chunk to its longest prompt)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fdfo.tiny import tiny_clip_tokenizer
+    from rewards.clip import CLIP_MAX_TOKENS
+
+    tokenizer = tiny_clip_tokenizer()
+    model = clip_model(tiny, tokenizer, "meta")
+    side = model.config.vision_config.image_size
+    ids = tokenizer(prompts, padding=True, truncation=True, max_length=CLIP_MAX_TOKENS, return_tensors="pt").input_ids
+    with torch.no_grad(), FlopCounterMode(display=False) as image:
+        model.get_image_features(pixel_values=torch.zeros(1, 3, side, side, device="meta"))
+    with torch.no_grad(), FlopCounterMode(display=False) as text:
+        # no attention mask: transformers reads its values to build the causal mask, and meta tensors have none;
+        # the attention FLOPs do not depend on the mask
+        model.get_text_features(input_ids=ids.to("meta"))
+    return {"reward_image": float(image.get_total_flops()),
+            "reward_text_per_prompt": float(text.get_total_flops()) / len(prompts)}

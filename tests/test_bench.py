@@ -132,6 +132,9 @@ def test_tiny_pickscore_bench_with_overlap_is_the_same_epoch(monkeypatch, tmp_pa
     assert on["config"]["reward"] == off["config"]["reward"] == "pickscore"
     assert on["config"]["overlap_rewards"] is True and off["config"]["overlap_rewards"] is False
     assert on["phases"]["reward"]["s_per_pair"] > 0 and off["phases"]["reward"]["s_per_pair"] > 0
+    f = on["flops"]  # scoring a pair: 2 images through the image tower, 2 prompts through the text tower
+    assert f["per_pair"]["reward"] == 2 * (f["reward_image"] + f["reward_text_per_prompt"]) > 0
+    assert f["total_per_pair"] == sum(f["per_pair"].values())
     # the CLIP term really scored: 2 pairs x 2 images, finite and distinct (random weights, different images)
     assert set(rewards_on) == {"pickscore", "reward"} and rewards_on["reward"].shape == (4,)
     assert torch.isfinite(rewards_on["reward"]).all() and len(set(rewards_on["reward"].tolist())) == 4
@@ -191,3 +194,31 @@ def test_vit_h14_builder_has_the_published_size():
     assert count(model) == image + text + 1 == 986_109_441  # + logit_scale
     assert round(image / 1e6, 2) == 632.08 and round(text / 1e6, 2) == 354.03 and round(count(model) / 1e6, 2) == 986.11
     assert model.logit_scale.dtype == torch.float32 and model.config.vision_config.image_size == 224
+
+
+def test_reward_flops_on_meta_equal_a_real_forward_of_the_tiny_clip():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fdfo import bench_reward
+    from fdfo.tiny import tiny_clip_tokenizer
+
+    prompts = [f"prompt {i}" for i in range(3)]
+    counted = bench_reward.count_flops(tiny=True, prompts=prompts)
+    tokenizer = tiny_clip_tokenizer()
+    model = bench_reward.clip_model(tiny=True, tokenizer=tokenizer, device="cpu")
+    text = tokenizer(prompts, padding=True, return_tensors="pt")  # with its attention mask, as CLIPScorer calls it
+    with FlopCounterMode(display=False) as image, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model.get_image_features(pixel_values=torch.randn(1, 3, 32, 32))
+    with FlopCounterMode(display=False) as words, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask)
+    assert counted["reward_image"] == image.get_total_flops() > 0
+    assert counted["reward_text_per_prompt"] == words.get_total_flops() / 3 > 0
+
+
+def test_vit_h14_image_flops_match_open_clip():
+    """open_clip's docs/model_profile.csv: ViT-H-14 at 224 px, 334.59 GFLOP per image for the image tower."""
+    from fdfo import bench_reward
+
+    assert bench_reward.count_flops(tiny=False, prompts=["prompt 0"])["reward_image"] / 1e9 == pytest.approx(
+        334.59, abs=0.005)
