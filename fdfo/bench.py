@@ -329,6 +329,7 @@ def run(args: argparse.Namespace) -> dict:
     # timed on the main thread: the whole scoring call, or with overlap its device-side parts (staging, the model
     # forwards, and any wait for the worker's preparation); the worker's own time is hidden behind sampling
     timed = ("stage", "score_components") if args.overlap_rewards else ("components",)
+    processor = type(reward.terms[0].scorer.processor.image_processor).__name__ if args.reward == "pickscore" else None
     first_pair = dist.get_rank() * geom.pairs_per_gpu
     state_dtype = rollout_dtypes(policy)[0]
     activations = training_activation_bytes(policy, cfg, geom)
@@ -367,7 +368,8 @@ def run(args: argparse.Namespace) -> dict:
     return dict(
         env=env,
         config=dict(vars(args)) | dict(world_size=world, pairs_per_gpu=pairs, sample_batch=geom.sample_batch,
-                                       train_batch=geom.train_batch, lora_rank=cfg.lora_rank),
+                                       train_batch=geom.train_batch, lora_rank=cfg.lora_rank,
+                                       reward_processor=processor),
         flops=dict(flops, per_pair=per_pair, total_per_pair=total_flops),
         peak=dict(tflops=peak, source=PEAK_SOURCE, precision=args.precision),
         phases=phases,

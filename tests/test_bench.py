@@ -131,6 +131,10 @@ def test_tiny_pickscore_bench_with_overlap_is_the_same_epoch(monkeypatch, tmp_pa
     off, rewards_off, lora_off, threads_off = _pickscore_epoch(monkeypatch, tmp_path, overlap=False)
     assert on["config"]["reward"] == off["config"]["reward"] == "pickscore"
     assert on["config"]["overlap_rewards"] is True and off["config"]["overlap_rewards"] is False
+    from transformers.utils import is_torchvision_available  # the backend CLIPProcessor.from_pretrained would pick
+
+    assert on["config"]["reward_processor"] == ("CLIPImageProcessor" if is_torchvision_available()
+                                                else "CLIPImageProcessorPil")
     assert on["phases"]["reward"]["s_per_pair"] > 0 and off["phases"]["reward"]["s_per_pair"] > 0
     f = on["flops"]  # scoring a pair: 2 images through the image tower, 2 prompts through the text tower
     assert f["per_pair"]["reward"] == 2 * (f["reward_image"] + f["reward_text_per_prompt"]) > 0
@@ -194,6 +198,15 @@ def test_vit_h14_builder_has_the_published_size():
     assert count(model) == image + text + 1 == 986_109_441  # + logit_scale
     assert round(image / 1e6, 2) == 632.08 and round(text / 1e6, 2) == 354.03 and round(count(model) / 1e6, 2) == 986.11
     assert model.logit_scale.dtype == torch.float32 and model.config.vision_config.image_size == 224
+    # the laion ViT-H/14 preprocessor_config.json: shortest edge 224 bicubic (PIL code 3), centre crop 224, CLIP stats
+    image = bench_reward.clip_processor(tiny=False, tokenizer=tiny_clip_tokenizer()).image_processor
+    assert image.size == {"shortest_edge": 224} and image.crop_size == {"height": 224, "width": 224}
+    assert image.resample == 3 and image.do_resize and image.do_center_crop and image.do_normalize
+    assert list(image.image_mean) == [0.48145466, 0.4578275, 0.40821073]
+    assert list(image.image_std) == [0.26862954, 0.26130258, 0.27577711]
+    pixels = image(images=[torch.rand(3, 512, 384)], do_rescale=False, input_data_format="channels_first",
+                   return_tensors="pt").pixel_values
+    assert pixels.shape == (1, 3, 224, 224)
 
 
 def test_reward_flops_on_meta_equal_a_real_forward_of_the_tiny_clip():
