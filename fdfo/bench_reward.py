@@ -51,14 +51,18 @@ def clip_config(tiny: bool, tokenizer):
 
 def clip_processor(tiny: bool, tokenizer):
     """A `CLIPProcessor` with the ViT-H/14 preprocessing (resize the shortest edge to 224 bicubic, centre crop 224,
-    CLIP mean / std; laion's preprocessor_config.json) or the same at the tiny crop. The PIL image processor is the
-    one transformers picks without torchvision, as for the real checkpoints here."""
+    CLIP mean / std; laion's preprocessor_config.json) or the same at the tiny crop. Its backend is the one
+    `CLIPProcessor.from_pretrained` picks for the real checkpoints: torchvision when installed, else PIL."""
     from transformers import CLIPProcessor
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.utils import is_torchvision_available
 
+    if is_torchvision_available():
+        from transformers.models.clip.image_processing_clip import CLIPImageProcessor as ImageProcessor
+    else:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as ImageProcessor
     side = (TINY_VISION if tiny else VIT_H14_VISION)["image_size"]
-    image_processor = CLIPImageProcessorPil(
+    image_processor = ImageProcessor(
         do_resize=True, size={"shortest_edge": side}, resample=PILImageResampling.BICUBIC, do_center_crop=True,
         crop_size={"height": side, "width": side}, do_normalize=True, image_mean=list(OPENAI_CLIP_MEAN),
         image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True)
