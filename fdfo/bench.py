@@ -3,12 +3,14 @@
 Runs the real phases that train.py runs (sample_phase with its decode and reward, build_training_set, train_phase)
 on random-init models of the real SD3.5-Medium shapes, so nothing is downloaded: the MMDiT-X transformer and the
 16-channel VAE at their published configs (fdfo/tiny.py SD35M_*_CONFIG), fake text embeddings of the real shapes
-(77 CLIP + 128 T5 tokens x 4096, pooled 2048) and a stub reward. Timing is the same work as a real epoch except
-the text encoders and the reward model. --flops-only counts the FLOPs on the meta device (no weights, no GPU)
-with torch's FlopCounterMode.
+(77 CLIP + 128 T5 tokens x 4096, pooled 2048) and a stub reward, or with --reward pickscore a random-init CLIP of
+PickScore's ViT-H/14 shape scored by the repository's own CLIPScorer (fdfo/bench_reward.py; --overlap-rewards turns
+on --reward.overlap-preprocessing). Timing is the same work as a real epoch except the text encoders (and the reward
+model with the stub). --flops-only counts the FLOPs on the meta device (no weights, no GPU) with FlopCounterMode.
 
     python -m fdfo.bench --tiny                     # CPU, tiny shapes, a few seconds
     python -m fdfo.bench --pairs 4 --out b.json     # on a GPU, full shape, 512 px, 40 steps
+    python -m fdfo.bench --pairs 6 --sample-batch 3 --reward pickscore --overlap-rewards
     python -m fdfo.bench --flops-only
 """
 
@@ -63,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep the rollouts on the training device (auto) or in host memory (--train.rollout-device)")
     p.add_argument("--memory-fraction", type=float, default=None,
                    help="cap this process's CUDA memory to this fraction of the GPU (e.g. 24/141: a 24 GB card)")
+    p.add_argument("--reward", choices=["stub", "pickscore"], default="stub",
+                   help="stub: a brightness mean (default); pickscore: a random-init CLIP ViT-H/14 (tiny: a 2-layer "
+                        "CLIP) through rewards.clip.CLIPScorer, fp32, the real preprocessing")
+    p.add_argument("--overlap-rewards", action="store_true",
+                   help="--reward.overlap-preprocessing: prepare a batch's reward inputs while the next one is sampled "
+                        "(needs --reward pickscore and 2 or more sampling batches to overlap anything)")
     p.add_argument("--flops-only", action="store_true", help="only count FLOPs on the meta device at the full shape")
     p.add_argument("--out", default=None, help="write the results as JSON to this file (with --report: the markdown)")
     p.add_argument("--report", default=None, metavar="DIR",
@@ -82,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
         raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    if args.overlap_rewards and args.reward == "stub":
+        raise ValueError("--overlap-rewards needs --reward pickscore: --reward stub has no preprocessing to overlap")
     if args.resolution % 16:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of 16")
     return args
@@ -167,6 +177,13 @@ def count_flops(tiny: bool, resolution: int, lora_rank: int = 32) -> dict[str, f
             "decode_per_image": float(decode.get_total_flops())}
 
 
+def reward_flops(args: argparse.Namespace, prompts: list[str]) -> dict[str, float]:
+    """--reward pickscore: the CLIP's FLOPs per image and per prompt (fdfo/bench_reward.py); the stub: none."""
+    from fdfo import bench_reward
+
+    return bench_reward.count_flops(args.tiny, prompts) if args.reward == "pickscore" else {}
+
+
 def with_lora(transformer: torch.nn.Module, lora_rank: int) -> torch.nn.Module:
     """The LoRA exactly as count_flops adds it (alpha = 2 r, the paper's ratio; alpha does not change FLOPs)."""
     from fdfo.sd3 import add_lora
@@ -177,12 +194,13 @@ def with_lora(transformer: torch.nn.Module, lora_rank: int) -> torch.nn.Module:
 def flops_per_pair(flops: dict[str, float], steps: int, guidance_scale: float, kl_weight: float = 0.0,
                    trained_steps: int | None = None) -> dict:
     """Per pair: sampling 2 T forwards (x2 with CFG), decode 2 images, training 2 K items (K = T unless
-    --timesteps-per-sample; + a forward with KL)."""
+    --timesteps-per-sample; + a forward with KL), scoring 2 (image, prompt) with --reward pickscore (else None)."""
     trained_steps = steps if trained_steps is None else trained_steps
     cfg_factor = 2 if guidance_scale != 1.0 else 1
     train_item = flops["train_item"] * cfg_factor + (flops["fwd_per_image"] * cfg_factor if kl_weight > 0 else 0.0)
+    reward = 2 * (flops["reward_image"] + flops["reward_text_per_prompt"]) if "reward_image" in flops else None
     return {"sample": 2 * steps * cfg_factor * flops["fwd_per_image"], "decode": 2 * flops["decode_per_image"],
-            "reward": None, "exchange": 0.0, "train": 2 * trained_steps * train_item}
+            "reward": reward, "exchange": 0.0, "train": 2 * trained_steps * train_item}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -264,6 +282,7 @@ def bench_config(args: argparse.Namespace) -> Config:
     cfg.train.compile, cfg.train.gradient_checkpointing = args.compile, args.grad_checkpoint
     cfg.train.timesteps_per_sample = args.timesteps_per_sample
     cfg.train.rollout_device = args.rollout_device
+    cfg.reward.overlap_preprocessing = args.overlap_rewards
     timesteps_per_sample(cfg)  # ValueError for an impossible K
     return cfg
 
@@ -282,7 +301,8 @@ def run(args: argparse.Namespace) -> dict:
         args.precision = "fp32"  # CPU autocast in fp16 is not the reference path; fp32 is what train.py runs
     cfg = bench_config(args)
     geom = batch_geometry(cfg, dist.get_world_size())
-    flops = count_flops(args.tiny, args.resolution, cfg.lora_rank)
+    prompts = [f"prompt {i}" for i in range(geom.pairs_per_gpu)]
+    flops = reward_flops(args, prompts) | count_flops(args.tiny, args.resolution, cfg.lora_rank)
     per_pair = flops_per_pair(flops, args.steps, args.guidance_scale, cfg.train.kl_weight,
                               timesteps_per_sample(cfg))
 
@@ -300,8 +320,16 @@ def run(args: argparse.Namespace) -> dict:
     if dist.is_distributed():
         module = torch.nn.parallel.DistributedDataParallel(
             policy.transformer, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
-    reward = StubReward()
-    prompts = [f"prompt {i}" for i in range(geom.pairs_per_gpu)]
+    if args.reward == "pickscore":
+        from fdfo.bench_reward import pickscore_reward
+
+        reward = pickscore_reward(args.tiny, device, cfg.reward.chunk_size)
+    else:
+        reward = StubReward()
+    # timed on the main thread: the whole scoring call, or with overlap its device-side parts (staging, the model
+    # forwards, and any wait for the worker's preparation); the worker's own time is hidden behind sampling
+    timed = ("stage", "score_components") if args.overlap_rewards else ("components",)
+    processor = type(reward.terms[0].scorer.processor.image_processor).__name__ if args.reward == "pickscore" else None
     first_pair = dist.get_rank() * geom.pairs_per_gpu
     state_dtype = rollout_dtypes(policy)[0]
     activations = training_activation_bytes(policy, cfg, geom)
@@ -309,7 +337,8 @@ def run(args: argparse.Namespace) -> dict:
     for epoch in range(args.repeats):
         meter = PhaseMeter(device)
         policy.decode = meter.wrap("decode", SD3Policy.decode.__get__(policy))
-        reward.components = meter.wrap("reward", StubReward.components.__get__(reward))
+        for method in timed:
+            setattr(reward, method, meter.wrap("reward", getattr(type(reward), method).__get__(reward)))
         policy.transformer.eval()
         with meter.phase("sample"):
             samples = sample_phase(policy, reward, cfg, geom, epoch, prompts, first_pair)
@@ -324,13 +353,13 @@ def run(args: argparse.Namespace) -> dict:
     env = env_info(device)
     peak = peak_tflops(env["gpu"], args.precision)
     pairs = geom.pairs_per_gpu
-    phases = {}
+    phases = {}  # the reward's CLIP runs in fp32: no MFU against the bf16/fp16 peak, only its achieved TFLOP/s
     for name in ("sample", "decode", "reward", "exchange", "train"):
         s = meter.seconds.get(name, 0.0) / pairs
         achieved = per_pair[name] / s / 1e12 if per_pair[name] and s > 0 else None
         phases[name] = dict(s_per_pair=s, peak_mem_gb=meter.peak.get(name), flops_per_pair=per_pair[name],
                             achieved_tflops=achieved,
-                            mfu=achieved / peak if achieved is not None and peak else None)
+                            mfu=achieved / peak if achieved is not None and peak and name != "reward" else None)
     total_s = sum(p["s_per_pair"] for p in phases.values())
     total_flops = sum(v for v in per_pair.values() if v)
     peaks = [p["peak_mem_gb"] for p in phases.values() if p["peak_mem_gb"] is not None]
@@ -339,7 +368,8 @@ def run(args: argparse.Namespace) -> dict:
     return dict(
         env=env,
         config=dict(vars(args)) | dict(world_size=world, pairs_per_gpu=pairs, sample_batch=geom.sample_batch,
-                                       train_batch=geom.train_batch, lora_rank=cfg.lora_rank),
+                                       train_batch=geom.train_batch, lora_rank=cfg.lora_rank,
+                                       reward_processor=processor),
         flops=dict(flops, per_pair=per_pair, total_per_pair=total_flops),
         peak=dict(tflops=peak, source=PEAK_SOURCE, precision=args.precision),
         phases=phases,
@@ -357,7 +387,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def flops_record(args: argparse.Namespace) -> dict:
-    flops = count_flops(args.tiny, args.resolution)
+    flops = reward_flops(args, [f"prompt {i}" for i in range(args.pairs)]) | count_flops(args.tiny, args.resolution)
     per_pair = flops_per_pair(flops, args.steps, args.guidance_scale)
     return dict(config=dict(vars(args)), flops=dict(flops, per_pair=per_pair,
                                                     total_per_pair=sum(v for v in per_pair.values() if v)))
@@ -365,6 +395,11 @@ def flops_record(args: argparse.Namespace) -> dict:
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
+
+
+def reward_model(config: dict) -> str:
+    """The report's name for a run's reward: stub, pickscore or "pickscore + overlap" (older JSON: stub)."""
+    return config.get("reward", "stub") + (" + overlap" if config.get("overlap_rewards") else "")
 
 
 def report_markdown(folder: Path) -> str:
@@ -379,7 +414,9 @@ def report_markdown(folder: Path) -> str:
             records.append((path.name, record))
     lines = ["# Benchmarks", "",
              "Measured by `scripts/gpu_check.sh` (`python -m fdfo.bench`: the real phases of one epoch on random-init",
-             "SD3.5-Medium shapes, fake text embeddings, a stub reward; see README \"Performance\"). Seconds per pair",
+             "SD3.5-Medium shapes, fake text embeddings; see README \"Performance\"). Reward model: a stub",
+             "(brightness) or a random-init CLIP ViT-H/14 of PickScore's shape through the real scorer, \"+ overlap\"",
+             "with --reward.overlap-preprocessing (the reward column: the main thread's share). Seconds per pair",
              "per GPU; MFU against the dense bf16/fp16 peak of the GPU's spec sheet (H100/H200: 989 TFLOP/s).", ""]
     if not records:
         lines += ["Not yet measured on a GPU.", ""]
@@ -388,13 +425,14 @@ def report_markdown(folder: Path) -> str:
         lines += [f"- date: {env.get('date')}", f"- GPU: {env.get('gpu') or 'none (CPU)'} x {env.get('world_size')}",
                   f"- torch {env.get('torch')}, diffusers {env.get('diffusers')}, peft {env.get('peft')}, "
                   f"CUDA {env.get('cuda')}", f"- raw JSON: {folder}", "",
-                  "| run | precision | compile | ckpt | pairs x T | sample | decode | reward | exchange | train "
-                  "| total s/pair | MFU | peak GB | rollouts GB/rank | activations GB (estimate) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| run | precision | compile | ckpt | pairs x T (sample batch) | reward model | sample | decode "
+                  "| reward | exchange | train | total s/pair | MFU | peak GB | rollouts GB/rank "
+                  "| activations GB (estimate) |", "|" + "---|" * 16]
         for name, r in records:
             c, ph, t = r["config"], r["phases"], r["total"]
             cells = [name.removesuffix(".json"), c.get("precision"), "yes" if c.get("compile") else "no",
-                     "yes" if c.get("grad_checkpoint") else "no", f"{c.get('pairs_per_gpu')} x {c.get('steps')}"]
+                     "yes" if c.get("grad_checkpoint") else "no",
+                     f"{c.get('pairs_per_gpu')} x {c.get('steps')} ({c.get('sample_batch')})", reward_model(c)]
             cells += [_fmt(ph[k]["s_per_pair"], ".3f") for k in ("sample", "decode", "reward", "exchange", "train")]
             cells += [_fmt(t["s_per_pair"], ".3f"), _fmt(t["mfu"], ".1f", 100.0) + ("%" if t["mfu"] else ""),
                       _fmt(t["peak_mem_gb"], ".1f"), _fmt(r.get("rollout_gb_per_rank"), ".3g"),
@@ -421,7 +459,8 @@ def main(argv: list[str] | None = None) -> dict:
         f = record["flops"]
         print(f"FLOPs: forward {f['fwd_per_image'] / 1e12:.3f} TFLOP per image, training item "
               f"{f['train_item'] / 1e12:.3f} TFLOP, decode {f['decode_per_image'] / 1e12:.3f} TFLOP per image; "
-              f"{f['total_per_pair'] / 1e12:.1f} TFLOP per pair")
+              + (f"reward {f['per_pair']['reward'] / 1e12:.3f} TFLOP per pair; " if f["per_pair"]["reward"] else "")
+              + f"{f['total_per_pair'] / 1e12:.1f} TFLOP per pair")
         if "total" in record:
             for name, p in record["phases"].items():
                 mem = f", peak {p['peak_mem_gb']:.1f} GB" if p["peak_mem_gb"] is not None else ""

@@ -54,6 +54,8 @@ if [ $DRY -eq 1 ]; then
   BENCH=("$PY" -m fdfo.bench --tiny --device cpu)
   part bench-tiny-fp32 120 "${BENCH[@]}" --out "$RES/bench-tiny-fp32.json"
   part bench-tiny-ckpt 120 "${BENCH[@]}" --grad-checkpoint --out "$RES/bench-tiny-ckpt.json"
+  part bench-tiny-pickscore-overlap 120 "${BENCH[@]}" --reward pickscore --overlap-rewards --sample-batch 1 \
+    --out "$RES/bench-tiny-pickscore-overlap.json"
   part train-torchrun 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py --preset smoke \
     --num-epochs 1 --total-pairs-per-epoch 4 --sample.num-solver-steps 3 --image-log-freq 0 \
     --run-dir "$RES/tmp-train-run"
@@ -68,6 +70,13 @@ fi
 #    sample batch 6, train batch 6), 2 epochs with the second measured
 BENCH=("$PY" -m fdfo.bench --pairs 6 --gradient-steps 2 --sample-batch 6 --train-batch 6 --steps 40 --resolution 512)
 part bench-fp16 110 "${BENCH[@]}" --precision fp16 --out "$RES/bench-fp16.json"
+#    the same with a real reward shape: a random-init CLIP ViT-H/14 (PickScore's) through the real scorer, without and
+#    with --reward.overlap-preprocessing; sampling batches of 3 (2 per epoch), since a single batch has no next batch
+#    to overlap its preparation with
+part bench-fp16-pickscore 90 "${BENCH[@]}" --precision fp16 --reward pickscore --sample-batch 3 \
+  --out "$RES/bench-fp16-pickscore.json"
+part bench-fp16-pickscore-overlap 90 "${BENCH[@]}" --precision fp16 --reward pickscore --overlap-rewards \
+  --sample-batch 3 --out "$RES/bench-fp16-pickscore-overlap.json"
 part bench-bf16 110 "${BENCH[@]}" --precision bf16 --out "$RES/bench-bf16.json"
 part bench-fp16-compile 200 "${BENCH[@]}" --precision fp16 --compile --out "$RES/bench-fp16-compile.json"
 part bench-fp16-k10 90 "${BENCH[@]}" --precision fp16 --timesteps-per-sample 10 --out "$RES/bench-fp16-k10.json"

@@ -1,6 +1,7 @@
 """fdfo.bench: the FLOP model (against the issue's FlopCounterMode counts of SD3.5-M) and the --tiny CPU run's JSON."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -83,3 +84,154 @@ def test_full_shape_flops_match_the_issue_counts():
     f = bench.count_flops(tiny=False, resolution=512)
     assert f["fwd_per_image"] / 1e12 == pytest.approx(2.247, rel=0.05)
     assert f["train_item"] / 1e12 == pytest.approx(4.769, rel=0.05)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --reward pickscore [--overlap-rewards]
+
+
+def _pickscore_epoch(monkeypatch, tmp_path, overlap: bool) -> tuple[dict, dict, dict, set]:
+    """One tiny bench epoch with the tiny PickScore-shaped reward and two sampling batches (so the overlap has a batch
+    to prepare while the next is sampled): (JSON record, rewards, trained LoRA tensors, threads that prepared)."""
+    import threading
+
+    from rewards import WeightedReward
+
+    seen: dict = {}
+    threads: set = set()
+    sample_phase, train_phase = bench.sample_phase, bench.train_phase
+    prepare = WeightedReward.prepare_components
+
+    def sample_hook(policy, *args):
+        samples = sample_phase(policy, *args)
+        seen["rewards"] = {k: v.clone() for k, v in samples.rewards.items()}
+        return samples
+
+    def train_hook(policy, *args):
+        out = train_phase(policy, *args)
+        seen["lora"] = {k: v.detach().clone() for k, v in policy.transformer.named_parameters() if v.requires_grad}
+        return out
+
+    def prepare_hook(self, *args):
+        threads.add(threading.current_thread().name)
+        return prepare(self, *args)
+
+    out = tmp_path / f"overlap{overlap}.json"
+    with monkeypatch.context() as patch:  # undone on return: the next call wraps the originals again
+        patch.setattr(bench, "sample_phase", sample_hook)
+        patch.setattr(bench, "train_phase", train_hook)
+        patch.setattr(WeightedReward, "prepare_components", prepare_hook)
+        bench.main(["--tiny", "--reward", "pickscore", "--sample-batch", "1", "--steps", "2", "--gradient-steps", "1",
+                    "--out", str(out)] + (["--overlap-rewards"] if overlap else []))
+    return json.loads(out.read_text()), seen["rewards"], seen["lora"], threads
+
+
+def test_tiny_pickscore_bench_with_overlap_is_the_same_epoch(monkeypatch, tmp_path):
+    on, rewards_on, lora_on, threads_on = _pickscore_epoch(monkeypatch, tmp_path, overlap=True)
+    off, rewards_off, lora_off, threads_off = _pickscore_epoch(monkeypatch, tmp_path, overlap=False)
+    assert on["config"]["reward"] == off["config"]["reward"] == "pickscore"
+    assert on["config"]["overlap_rewards"] is True and off["config"]["overlap_rewards"] is False
+    from transformers.utils import is_torchvision_available  # the backend CLIPProcessor.from_pretrained would pick
+
+    assert on["config"]["reward_processor"] == ("CLIPImageProcessor" if is_torchvision_available()
+                                                else "CLIPImageProcessorPil")
+    assert on["phases"]["reward"]["s_per_pair"] > 0 and off["phases"]["reward"]["s_per_pair"] > 0
+    f = on["flops"]  # scoring a pair: 2 images through the image tower, 2 prompts through the text tower
+    assert f["per_pair"]["reward"] == 2 * (f["reward_image"] + f["reward_text_per_prompt"]) > 0
+    assert f["total_per_pair"] == sum(f["per_pair"].values())
+    # the CLIP term really scored: 2 pairs x 2 images, finite and distinct (random weights, different images)
+    assert set(rewards_on) == {"pickscore", "reward"} and rewards_on["reward"].shape == (4,)
+    assert torch.isfinite(rewards_on["reward"]).all() and len(set(rewards_on["reward"].tolist())) == 4
+    # the preparation ran in the worker thread with --overlap-rewards, on the main thread without
+    assert {name.split("_")[0] for name in threads_on} == {"reward-prepare"}
+    assert threads_off == {threading.main_thread().name}
+    # and the epoch is the same bit for bit: rewards and the trained adapter
+    assert rewards_on.keys() == rewards_off.keys()
+    for key in rewards_on:
+        assert torch.equal(rewards_on[key], rewards_off[key]), key
+    assert lora_on.keys() == lora_off.keys() and len(lora_on) > 0
+    for key in lora_on:
+        assert torch.equal(lora_on[key], lora_off[key]), key
+
+
+def test_overlap_with_the_stub_reward_is_refused_and_the_choice_is_recorded(tiny_record):
+    with pytest.raises(ValueError, match="--overlap-rewards needs --reward pickscore: --reward stub has no"):
+        bench.parse_args(["--tiny", "--overlap-rewards"])
+    assert tiny_record["config"]["reward"] == "stub" and tiny_record["config"]["overlap_rewards"] is False
+
+
+def test_report_tells_the_reward_models_apart(tiny_record, tmp_path):
+    for name, extra in (("a", {}), ("b", dict(reward="pickscore")), ("c", dict(reward="pickscore",
+                                                                               overlap_rewards=True))):
+        record = dict(tiny_record, config=dict(tiny_record["config"], **extra))
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    rows = [line for line in bench.report_markdown(tmp_path).splitlines() if line.startswith("| ")][1:]
+    # columns: run, precision, compile, ckpt, pairs x T (sample batch), reward model, ...
+    assert [row.split(" | ")[4:6] for row in rows] == [["2 x 4 (2)", "stub"], ["2 x 4 (2)", "pickscore"],
+                                                       ["2 x 4 (2)", "pickscore + overlap"]]
+
+
+def _vit_params(width: int, mlp: int, layers: int) -> int:
+    """Parameters of `layers` pre-LN transformer blocks: q, k, v, out projections with biases, two LayerNorms, and a
+    two-layer MLP with biases."""
+    return layers * (4 * (width * width + width) + 2 * 2 * width + (width * mlp + mlp) + (mlp * width + width))
+
+
+def test_vit_h14_builder_has_the_published_size():
+    """CLIP ViT-H/14 by hand: 986,109,441 parameters; open_clip's docs/model_profile.csv lists ViT-H-14 as 986.11 M
+    (image tower 632.08 M, text tower 354.03 M)."""
+    from fdfo import bench_reward
+    from fdfo.tiny import tiny_clip_tokenizer
+
+    model = bench_reward.clip_model(tiny=False, tokenizer=tiny_clip_tokenizer(), device="meta")
+
+    def count(*modules):
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    # vision: 14 x 14 patch conv without bias, class token, 16 x 16 + 1 positions, LN before and after the
+    # 32 blocks, projection 1280 -> 1024 without bias
+    image = 3 * 14 * 14 * 1280 + 1280 + 257 * 1280 + 2 * 1280 + _vit_params(1280, 5120, 32) + 2 * 1280 + 1280 * 1024
+    # text: 49408 token and 77 position embeddings, 24 blocks, final LN, projection 1024 -> 1024 without bias
+    text = 49408 * 1024 + 77 * 1024 + _vit_params(1024, 4096, 24) + 2 * 1024 + 1024 * 1024
+    assert count(model.vision_model, model.visual_projection) == image == 632_076_800
+    assert count(model.text_model, model.text_projection) == text == 354_032_640
+    assert count(model) == image + text + 1 == 986_109_441  # + logit_scale
+    assert round(image / 1e6, 2) == 632.08 and round(text / 1e6, 2) == 354.03 and round(count(model) / 1e6, 2) == 986.11
+    assert model.logit_scale.dtype == torch.float32 and model.config.vision_config.image_size == 224
+    # the laion ViT-H/14 preprocessor_config.json: shortest edge 224 bicubic (PIL code 3), centre crop 224, CLIP stats
+    image = bench_reward.clip_processor(tiny=False, tokenizer=tiny_clip_tokenizer()).image_processor
+    assert image.size == {"shortest_edge": 224} and image.crop_size == {"height": 224, "width": 224}
+    assert image.resample == 3 and image.do_resize and image.do_center_crop and image.do_normalize
+    assert list(image.image_mean) == [0.48145466, 0.4578275, 0.40821073]
+    assert list(image.image_std) == [0.26862954, 0.26130258, 0.27577711]
+    pixels = image(images=[torch.rand(3, 512, 384)], do_rescale=False, input_data_format="channels_first",
+                   return_tensors="pt").pixel_values
+    assert pixels.shape == (1, 3, 224, 224)
+
+
+def test_reward_flops_on_meta_equal_a_real_forward_of_the_tiny_clip():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fdfo import bench_reward
+    from fdfo.tiny import tiny_clip_tokenizer
+
+    prompts = [f"prompt {i}" for i in range(3)]
+    counted = bench_reward.count_flops(tiny=True, prompts=prompts)
+    tokenizer = tiny_clip_tokenizer()
+    model = bench_reward.clip_model(tiny=True, tokenizer=tokenizer, device="cpu")
+    text = tokenizer(prompts, padding=True, return_tensors="pt")  # with its attention mask, as CLIPScorer calls it
+    with FlopCounterMode(display=False) as image, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model.get_image_features(pixel_values=torch.randn(1, 3, 32, 32))
+    with FlopCounterMode(display=False) as words, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask)
+    assert counted["reward_image"] == image.get_total_flops() > 0
+    assert counted["reward_text_per_prompt"] == words.get_total_flops() / 3 > 0
+
+
+def test_vit_h14_image_flops_match_open_clip():
+    """open_clip's docs/model_profile.csv: ViT-H-14 at 224 px, 334.59 GFLOP per image for the image tower."""
+    from fdfo import bench_reward
+
+    assert bench_reward.count_flops(tiny=False, prompts=["prompt 0"])["reward_image"] / 1e9 == pytest.approx(
+        334.59, abs=0.005)
