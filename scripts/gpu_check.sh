@@ -70,16 +70,9 @@ fi
 #    sample batch 6, train batch 6), 2 epochs with the second measured
 BENCH=("$PY" -m fdfo.bench --pairs 6 --gradient-steps 2 --sample-batch 6 --train-batch 6 --steps 40 --resolution 512)
 part bench-fp16 110 "${BENCH[@]}" --precision fp16 --out "$RES/bench-fp16.json"
-#    the same with a real reward shape: a random-init CLIP ViT-H/14 (PickScore's) through the real scorer, without and
-#    with --reward.overlap-preprocessing; sampling batches of 3 (2 per epoch), since a single batch has no next batch
-#    to overlap its preparation with
-part bench-fp16-pickscore 90 "${BENCH[@]}" --precision fp16 --reward pickscore --sample-batch 3 \
-  --out "$RES/bench-fp16-pickscore.json"
-part bench-fp16-pickscore-overlap 90 "${BENCH[@]}" --precision fp16 --reward pickscore --overlap-rewards \
-  --sample-batch 3 --out "$RES/bench-fp16-pickscore-overlap.json"
-part bench-bf16 110 "${BENCH[@]}" --precision bf16 --out "$RES/bench-bf16.json"
 part bench-fp16-compile 200 "${BENCH[@]}" --precision fp16 --compile --out "$RES/bench-fp16-compile.json"
 part bench-fp16-k10 90 "${BENCH[@]}" --precision fp16 --timesteps-per-sample 10 --out "$RES/bench-fp16-k10.json"
+part bench-bf16 110 "${BENCH[@]}" --precision bf16 --out "$RES/bench-bf16.json"
 
 # 2. a short real training run (train.py, NCCL through torchrun) on random-init SD3.5-M shapes, no download;
 #    bf16 so that random weights cannot overflow fp16 and make every reward non-finite
@@ -92,14 +85,23 @@ cp "$RUN/run/log.jsonl" "$RES/train-random-sd35m.log.jsonl" 2>/dev/null
 rm -rf "$RUN"
 
 # 3. the GPU-only tests (tiny pipeline: fp16 / bf16 training and exact resume, NCCL under torchrun, generation equal
-#    to the diffusers pipeline on CUDA)
-part pytest-gpu 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider
+#    to the diffusers pipeline on CUDA, the reward overlap on CUDA; at full SD3.5-M shapes: the activation estimate
+#    against CUDA memory)
+part pytest-gpu 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider
 
 # 4. the lowmem24 preset's settings under a 24 GB cap (24/141 of an H200): micro-batches of 2, gradient
 #    checkpointing, rollouts in host memory (the bench has no text encoders or reward model: those are offloaded
 #    while training and are not part of this check)
 part bench-lowmem24 100 "${BENCH[@]}" --precision fp16 --grad-checkpoint --sample-batch 2 --train-batch 2 \
   --rollout-device cpu --repeats 1 --memory-fraction 0.17 --out "$RES/bench-lowmem24.json"
+
+# 5. a real reward shape: a random-init CLIP ViT-H/14 (PickScore's) through the real scorer, without and with
+#    --reward.overlap-preprocessing; sampling batches of 3 (2 per epoch), since a single batch has no next batch to
+#    overlap its preparation with
+part bench-fp16-pickscore 90 "${BENCH[@]}" --precision fp16 --reward pickscore --sample-batch 3 \
+  --out "$RES/bench-fp16-pickscore.json"
+part bench-fp16-pickscore-overlap 90 "${BENCH[@]}" --precision fp16 --reward pickscore --overlap-rewards \
+  --sample-batch 3 --out "$RES/bench-fp16-pickscore-overlap.json"
 
 part report 60 "$PY" -m fdfo.bench --report "$RES" --out "$RES/benchmarks.md"
 cp "$RES/benchmarks.md" docs/benchmarks.md 2>/dev/null && echo "wrote docs/benchmarks.md (commit it with the results)"
