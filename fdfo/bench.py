@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from fdfo import distributed as dist
+from fdfo.bench_side import holding, side_model_bytes
 from fdfo.config import Config, batch_geometry
 from fdfo.memory import TEXT_TOKENS, training_activation_bytes
 from fdfo.phases import (
@@ -71,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap-rewards", action="store_true",
                    help="--reward.overlap-preprocessing: prepare a batch's reward inputs while the next one is sampled "
                         "(needs --reward pickscore and 2 or more sampling batches to overlap anything)")
+    p.add_argument("--hold-side-models", action="store_true",
+                   help="hold a device buffer the size of SD3.5-M's text encoders (bf16) and, with the stub reward, "
+                        "PickScore (fp32) through each sampling phase, freed for training as lowmem24 offloads them "
+                        "(fdfo/bench_side.py); for memory-cap checks")
     p.add_argument("--flops-only", action="store_true", help="only count FLOPs on the meta device at the full shape")
     p.add_argument("--out", default=None, help="write the results as JSON to this file (with --report: the markdown)")
     p.add_argument("--report", default=None, metavar="DIR",
@@ -333,6 +338,7 @@ def run(args: argparse.Namespace) -> dict:
     first_pair = dist.get_rank() * geom.pairs_per_gpu
     state_dtype = rollout_dtypes(policy)[0]
     activations = training_activation_bytes(policy, cfg, geom)
+    side = side_model_bytes(args.tiny, with_pickscore=args.reward == "stub") if args.hold_side_models else {}
     velocity_bytes = None
     for epoch in range(args.repeats):
         meter = PhaseMeter(device)
@@ -340,7 +346,7 @@ def run(args: argparse.Namespace) -> dict:
         for method in timed:
             setattr(reward, method, meter.wrap("reward", getattr(type(reward), method).__get__(reward)))
         policy.transformer.eval()
-        with meter.phase("sample"):
+        with meter.phase("sample"), holding(sum(side.values()), device):  # released for training, as lowmem24 does
             samples = sample_phase(policy, reward, cfg, geom, epoch, prompts, first_pair)
         velocity_bytes = samples.velocities.element_size()
         with meter.phase("exchange"):
@@ -383,6 +389,7 @@ def run(args: argparse.Namespace) -> dict:
                                                 torch.finfo(state_dtype).bits // 8,
                                                 velocity_bytes),
         activation_gb_estimate=activations / 1e9,
+        side_models_gb={k: v / 1e9 for k, v in side.items()},
     )
 
 

@@ -235,3 +235,61 @@ def test_vit_h14_image_flops_match_open_clip():
 
     assert bench_reward.count_flops(tiny=False, prompts=["prompt 0"])["reward_image"] / 1e9 == pytest.approx(
         334.59, abs=0.005)
+
+
+def _clip_text_params(vocab, width, mlp, layers, projection, positions=77):
+    """CLIPTextModelWithProjection by hand: token + position embeddings; per layer q, k, v, out (weights and biases),
+    two LayerNorms and the MLP; the final LayerNorm; the projection (no bias)."""
+    per_layer = 4 * (width * width + width) + 2 * 2 * width + (width * mlp + mlp) + (mlp * width + width)
+    return vocab * width + positions * width + layers * per_layer + 2 * width + width * projection
+
+
+def _t5_encoder_params(vocab, d_model, inner, d_ff, layers, heads, buckets=32):
+    """T5EncoderModel (gated GELU) by hand: the shared embedding; per layer q, k, v, o (no biases), wi_0, wi_1, wo and
+    two RMSNorm weights; the relative position bias of the first layer; the final RMSNorm."""
+    per_layer = 4 * d_model * inner + 3 * d_model * d_ff + 2 * d_model
+    return vocab * d_model + layers * per_layer + buckets * heads + d_model
+
+
+def test_side_models_have_the_published_sizes():
+    """SD3.5-M's text encoders: CLIP-L/14 123.65 M, OpenCLIP bigG/14 694.66 M, T5 v1.1 XXL encoder 4.762 B parameters;
+    held in bf16 (11.16 GB), PickScore in fp32 (3.94 GB)."""
+    from fdfo.bench_side import parameter_count, side_model_bytes, text_encoders
+
+    expected = [_clip_text_params(49408, 768, 3072, 12, 768), _clip_text_params(49408, 1280, 5120, 32, 1280),
+                _t5_encoder_params(32128, 4096, 64 * 64, 10240, 24, 64)]
+    assert [parameter_count(m) for m in text_encoders(False)] == expected == [123_650_304, 694_659_840,
+                                                                             4_762_310_656]
+    sizes = side_model_bytes(False, with_pickscore=True)
+    assert sizes == {"text_encoders": 2 * sum(expected), "pickscore": 4 * 986_109_441}
+
+
+def test_holding_keeps_its_buffer_for_the_block_only():
+    import weakref
+
+    from fdfo.bench_side import holding
+
+    context = holding(64, torch.device("cpu"))
+    buffer = context.__enter__()
+    alive = weakref.ref(buffer)
+    del buffer  # as a `with` without `as` does
+    assert alive() is not None and alive().numel() == 64
+    context.__exit__(None, None, None)
+    assert alive() is None
+
+
+def test_tiny_bench_holds_the_side_models_while_sampling(monkeypatch, tmp_path):
+    from fdfo import bench_side
+
+    held = []
+    real = bench_side.holding
+
+    def spy(nbytes, device):
+        held.append(nbytes)
+        return real(nbytes, device)
+
+    monkeypatch.setattr(bench, "holding", spy)
+    record = bench.main(["--tiny", "--hold-side-models", "--out", str(tmp_path / "b.json")])
+    sizes = bench_side.side_model_bytes(True, with_pickscore=True)
+    assert record["side_models_gb"] == {k: v / 1e9 for k, v in sizes.items()}
+    assert held == [sum(sizes.values())]  # one sampling phase (--tiny runs one epoch)
