@@ -53,7 +53,7 @@ part() {
 if [ $DRY -eq 1 ]; then
   BENCH=("$PY" -m fdfo.bench --tiny --device cpu)
   part bench-tiny-fp32 120 "${BENCH[@]}" --out "$RES/bench-tiny-fp32.json"
-  part bench-tiny-ckpt 120 "${BENCH[@]}" --grad-checkpoint --out "$RES/bench-tiny-ckpt.json"
+  part bench-tiny-ckpt 120 "${BENCH[@]}" --grad-checkpoint --hold-side-models --out "$RES/bench-tiny-ckpt.json"
   part bench-tiny-pickscore-overlap 120 "${BENCH[@]}" --reward pickscore --overlap-rewards --sample-batch 1 \
     --out "$RES/bench-tiny-pickscore-overlap.json"
   part train-torchrun 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py --preset smoke \
