@@ -95,6 +95,13 @@ def cat_rows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+def sampling_batches(prompts: list[str], geom: Geometry, epoch: int):
+    """(start, the batch's prompts) over this rank's prompts in sampling batches, with the epoch's progress bar."""
+    for start in tqdm.trange(0, len(prompts), geom.sample_batch, desc=f"epoch {epoch} sample", leave=False,
+                             disable=dist.get_rank() != 0):
+        yield start, prompts[start:start + geom.sample_batch]
+
+
 def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompts: list[str],
                  first_pair: int) -> EpochSamples:
     """Sample `geom.pairs_per_gpu` pairs for global pairs first_pair.. of this epoch, decode and score them (with
@@ -106,9 +113,7 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
     rollout_device = torch.device("cpu") if cfg.train.rollout_device == "cpu" else device
     batches = []
     with batch_scorer(reward, device, cfg.reward.overlap_preprocessing) as scorer:
-        for start in tqdm.trange(0, len(prompts), geom.sample_batch, desc=f"epoch {epoch} sample", leave=False,
-                                 disable=dist.get_rank() != 0):
-            batch_prompts = prompts[start:start + geom.sample_batch]
+        for start, batch_prompts in sampling_batches(prompts, geom, epoch):
             pairs = range(first_pair + start, first_pair + start + len(batch_prompts))
             x1 = randn_per_sample([generator(device, cfg.seed, NOISE_STREAM, epoch, i, 0) for i in pairs], shape,
                                   device)

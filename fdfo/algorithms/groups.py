@@ -8,12 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import tqdm
 
 from fdfo import distributed as dist
 from fdfo.config import Config, Geometry
 from fdfo.errors import RunError
-from fdfo.phases import cat_rows, item_steps
+from fdfo.phases import cat_rows, item_steps, sampling_batches
 from fdfo.rng import generator, randn_per_sample
 from fdfo.scoring import batch_scorer
 
@@ -50,9 +49,7 @@ def sample_groups(policy, reward, cfg: Config, geom: Geometry, epoch: int, promp
     rollout_device = torch.device("cpu") if cfg.train.rollout_device == "cpu" else device
     batches = []
     with batch_scorer(reward, device, cfg.reward.overlap_preprocessing) as scorer:
-        for start in tqdm.trange(0, len(prompts), geom.sample_batch, desc=f"epoch {epoch} sample", leave=False,
-                                 disable=dist.get_rank() != 0):
-            batch_prompts = prompts[start:start + geom.sample_batch]
+        for start, batch_prompts in sampling_batches(prompts, geom, epoch):
             gens = [generator(device, cfg.seed, GROUP_STREAM, epoch, i, g)
                     for i in range(first_pair + start, first_pair + start + len(batch_prompts)) for g in range(group)]
             x1 = randn_per_sample(gens, shape, device)
