@@ -143,7 +143,6 @@ def count_saved(module: torch.nn.Module, blocks: list[torch.nn.Module], run) -> 
     return count
 
 
-
 def sd3_activation_bytes(config: dict, *, batch: int, latent_side: int, text_tokens: int, model_dtype: torch.dtype,
                          amp_dtype: torch.dtype | None, lora_rank: int, guidance: bool = False,
                          checkpointing: bool = False, float32_ops: frozenset[str] = FLOAT32_OPS) -> int:
