@@ -182,6 +182,11 @@ def count_flops(tiny: bool, resolution: int, lora_rank: int = 32) -> dict[str, f
             "decode_per_image": float(decode.get_total_flops())}
 
 
+def bench_prompts(count: int) -> list[str]:
+    """The bench's prompts (what they say does not matter; their token count enters the reward's text FLOPs)."""
+    return [f"prompt {i}" for i in range(count)]
+
+
 def reward_flops(args: argparse.Namespace, prompts: list[str]) -> dict[str, float]:
     """--reward pickscore: the CLIP's FLOPs per image and per prompt (fdfo/bench_reward.py); the stub: none."""
     from fdfo import bench_reward
@@ -306,7 +311,7 @@ def run(args: argparse.Namespace) -> dict:
         args.precision = "fp32"  # CPU autocast in fp16 is not the reference path; fp32 is what train.py runs
     cfg = bench_config(args)
     geom = batch_geometry(cfg, dist.get_world_size())
-    prompts = [f"prompt {i}" for i in range(geom.pairs_per_gpu)]
+    prompts = bench_prompts(geom.pairs_per_gpu)
     flops = reward_flops(args, prompts) | count_flops(args.tiny, args.resolution, cfg.lora_rank)
     per_pair = flops_per_pair(flops, args.steps, args.guidance_scale, cfg.train.kl_weight,
                               timesteps_per_sample(cfg))
@@ -394,7 +399,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def flops_record(args: argparse.Namespace) -> dict:
-    flops = reward_flops(args, [f"prompt {i}" for i in range(args.pairs)]) | count_flops(args.tiny, args.resolution)
+    flops = reward_flops(args, bench_prompts(args.pairs)) | count_flops(args.tiny, args.resolution)
     per_pair = flops_per_pair(flops, args.steps, args.guidance_scale)
     return dict(config=dict(vars(args)), flops=dict(flops, per_pair=per_pair,
                                                     total_per_pair=sum(v for v in per_pair.values() if v)))
