@@ -82,7 +82,8 @@ def test_the_checker_finds_broken_links(tmp_path):
         "[ok](docs/a.md) [ok](docs/a.md#6-defaults-the-published-runs) [ok](docs/a.md#use-trainpy-cpu) "
         "[ok](docs/a.md#notes-1) [ok](#top) [web](https://example.com/x.md)\n\n# Top\n\n"
         "[gone](docs/missing.md) [bad anchor](docs/a.md#nope) [out](../outside.md)\n\n"
-        "`[code](docs/missing.md)`\n\n```\n[fenced](docs/missing.md)\n```\n\n<!-- [comment](docs/missing.md) -->\n",
+        "`[code](docs/missing.md)`\n\n```\n[fenced](docs/missing.md)\n```\n\n~~~\n[fenced](docs/missing.md)\n~~~\n\n"
+        "<!-- [comment](docs/missing.md) -->\n",
         encoding="utf-8")
     problems, checked = broken_links(_doc_files(tmp_path), tmp_path)
     assert checked == 8
