@@ -85,3 +85,21 @@ def replace_file(tmp: Path, path: Path) -> bool:
         raise
     fsync_path(path.parent)
     return existed
+
+
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> bool:
+    """`fig.savefig` to `path` whole (temporary file, fsync, rename); True if it replaced an existing file. A full
+    disk is a RunError naming the file; no temporary file is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full(path) from None
+        raise
+    return replace_file(tmp, path)
