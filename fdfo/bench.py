@@ -116,6 +116,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--guidance-scale {args.guidance_scale} must be a finite number (1 disables CFG)")
     if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
         raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    on_cpu = args.device is None and (args.tiny or not torch.cuda.is_available()) or \
+        args.device is not None and torch.device(args.device).type == "cpu"
+    if args.memory_fraction is not None and on_cpu:
+        raise ValueError("--memory-fraction caps CUDA memory and does nothing on a CPU; leave it out, or run on a GPU "
+                         "(--device cuda)")
     if args.overlap_rewards and args.reward == "stub":
         raise ValueError("--overlap-rewards needs --reward pickscore: --reward stub has no preprocessing to overlap")
     if args.timesteps_per_sample is not None and not 1 <= args.timesteps_per_sample <= args.steps:

@@ -325,6 +325,8 @@ BAD_FLAGS = [
     (["--timesteps-per-sample", "41"], "--timesteps-per-sample 41 must be between 1 and --steps 40"),
     (["--memory-fraction", "nan"], r"--memory-fraction must be in \(0, 1\], got nan"),
     (["--out", ""], "--out is empty; give a file path"),
+    (["--tiny", "--memory-fraction", "0.5"], "--memory-fraction caps CUDA memory and does nothing on a CPU"),
+    (["--device", "cpu", "--memory-fraction", "0.5"], "--memory-fraction caps CUDA memory"),
 ]
 
 

@@ -178,3 +178,11 @@ def test_an_earlier_export_is_replaced_whole_and_a_failed_one_leaves_it(tmp_path
     with pytest.raises(SystemExit):
         main([str(tmp_path / "a"), str(tmp_path / "new" / "out")])
     assert not (tmp_path / "new" / "out").exists()  # a folder the failed export created is removed too
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_read_only_out_dir(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    proc = run_export(str(tmp_path / "missing"), str(tmp_path / "ro"))
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: OUT_DIR '{tmp_path / 'ro'}': the folder '{tmp_path / 'ro'}' is not writable\n"
