@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -26,9 +27,11 @@ from pathlib import Path
 import torch
 
 from fdfo import distributed as dist
+from fdfo.bench_report import report_markdown  # noqa: F401  (python -m fdfo.bench --report; tests use it here)
 from fdfo.bench_side import holding, side_model_bytes
 from fdfo.config import Config, batch_geometry
 from fdfo.memory import TEXT_TOKENS, training_activation_bytes
+from fdfo.outputs import check_output_path, write_text
 from fdfo.phases import (
     build_training_set,
     rollout_dtypes,
@@ -42,6 +45,7 @@ from fdfo.phases import (
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 PEAK_SOURCE = "NVIDIA spec sheet, dense bf16/fp16 tensor-core peak (no sparsity); MFU = achieved / peak"
 PAPER_PAIRS_PER_EPOCH = 432
+REPORT_OUT = "docs/benchmarks.md"  # --report's default --out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,10 +85,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report", default=None, metavar="DIR",
                    help="no run: summarise the bench JSON files in DIR (and DIR/status.txt) as markdown into --out")
     args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag checked, and the output path, before anything is built or measured; ValueError naming the bench's
+    own flag (not train.py's) and what it allows. Fills in the defaults that depend on --tiny."""
+    from fdfo.cli import check_device
+
     if args.report is not None:
         if not Path(args.report).is_dir():
-            raise FileNotFoundError(f"--report {args.report}: no such folder of bench JSON files")
-        return args
+            raise FileNotFoundError(f"--report {args.report!r}: no such folder of bench JSON files")
+        args.out = str(check_output_path("--out", args.out if args.out is not None else REPORT_OUT, folder=False))
+        return
+    if args.out is not None:
+        check_output_path("--out", args.out, folder=False)
+    check_device("--device", args.device)
     defaults = dict(pairs=2, steps=4, resolution=64, repeats=1) if args.tiny else dict(pairs=4, steps=40,
                                                                                        resolution=512, repeats=2)
     for key, value in defaults.items():
@@ -93,13 +110,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("pairs", "steps", "repeats", "gradient_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.resolution < 16 or args.resolution % 16:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of 16, at least 16 (e.g. 64 or 512)")
+    if not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance-scale {args.guidance_scale} must be a finite number (1 disables CFG)")
     if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
         raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    on_cpu = args.device is None and (args.tiny or not torch.cuda.is_available()) or \
+        args.device is not None and torch.device(args.device).type == "cpu"
+    if args.memory_fraction is not None and on_cpu:
+        raise ValueError("--memory-fraction caps CUDA memory and does nothing on a CPU; leave it out, or run on a GPU "
+                         "(--device cuda)")
     if args.overlap_rewards and args.reward == "stub":
         raise ValueError("--overlap-rewards needs --reward pickscore: --reward stub has no preprocessing to overlap")
-    if args.resolution % 16:
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of 16")
-    return args
+    if args.timesteps_per_sample is not None and not 1 <= args.timesteps_per_sample <= args.steps:
+        raise ValueError(f"--timesteps-per-sample {args.timesteps_per_sample} must be between 1 and --steps "
+                         f"{args.steps}")
+    # the geometry train.py would derive, checked here with the bench's flag names: 2 x pairs samples split into
+    # --gradient-steps equal optimizer steps (train.py would round --pairs down; the bench measures what is asked)
+    multiple = args.gradient_steps // math.gcd(2, args.gradient_steps)
+    if args.pairs % multiple:
+        raise ValueError(f"--pairs {args.pairs} must be a multiple of {multiple} for --gradient-steps "
+                         f"{args.gradient_steps} (the 2 x {args.pairs} samples split into equal optimizer steps)")
+    per_step = 2 * args.pairs // args.gradient_steps
+    for flag, value, n, what in (("--sample-batch", args.sample_batch, args.pairs, f"--pairs {args.pairs}"),
+                                 ("--train-batch", args.train_batch, per_step, f"the {per_step} samples per optimizer "
+                                  "step (2 x --pairs / --gradient-steps)")):
+        if value is not None and (value < 1 or n % value):
+            divisors = [d for d in range(1, n + 1) if n % d == 0]
+            raise ValueError(f"{flag} {value} must divide {what}; valid values: {divisors}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -405,87 +444,54 @@ def flops_record(args: argparse.Namespace) -> dict:
                                                     total_per_pair=sum(v for v in per_pair.values() if v)))
 
 
-def _fmt(value, spec: str, scale: float = 1.0) -> str:
-    return "-" if value is None else format(value * scale, spec)
+def flop_text(flops: float) -> str:
+    """FLOPs in the unit that shows them (TFLOP for the full shapes, GFLOP or MFLOP for --tiny's)."""
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.4g} {unit}"
+    return f"{flops:.4g} FLOP"
 
 
-def reward_model(config: dict) -> str:
-    """The report's name for a run's reward: stub, pickscore or "pickscore + overlap" (older JSON: stub)."""
-    return config.get("reward", "stub") + (" + overlap" if config.get("overlap_rewards") else "")
-
-
-def report_markdown(folder: Path) -> str:
-    """docs/benchmarks.md from a folder of bench JSON files (one table row each) and the check's status.txt."""
-    records = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if "total" in record:
-            records.append((path.name, record))
-    lines = ["# Benchmarks", "",
-             "Measured by `scripts/gpu_check.sh` (`python -m fdfo.bench`: the real phases of one epoch on random-init",
-             "SD3.5-Medium shapes, fake text embeddings; see README \"Performance\"). Reward model: a stub",
-             "(brightness) or a random-init CLIP ViT-H/14 of PickScore's shape through the real scorer, \"+ overlap\"",
-             "with --reward.overlap-preprocessing (the reward column: the main thread's share). Seconds per pair",
-             "per GPU; MFU against the dense bf16/fp16 peak of the GPU's spec sheet (H100/H200: 989 TFLOP/s).", ""]
-    if not records:
-        lines += ["Not yet measured on a GPU.", ""]
-    else:
-        env = records[0][1]["env"]
-        lines += [f"- date: {env.get('date')}", f"- GPU: {env.get('gpu') or 'none (CPU)'} x {env.get('world_size')}",
-                  f"- torch {env.get('torch')}, diffusers {env.get('diffusers')}, peft {env.get('peft')}, "
-                  f"CUDA {env.get('cuda')}", f"- raw JSON: {folder}", "",
-                  "| run | precision | compile | ckpt | pairs x T (sample batch) | reward model | sample | decode "
-                  "| reward | exchange | train | total s/pair | MFU | peak GB | rollouts GB/rank "
-                  "| activations GB (estimate) |", "|" + "---|" * 16]
-        for name, r in records:
-            c, ph, t = r["config"], r["phases"], r["total"]
-            cells = [name.removesuffix(".json"), c.get("precision"), "yes" if c.get("compile") else "no",
-                     "yes" if c.get("grad_checkpoint") else "no",
-                     f"{c.get('pairs_per_gpu')} x {c.get('steps')} ({c.get('sample_batch')})", reward_model(c)]
-            cells += [_fmt(ph[k]["s_per_pair"], ".3f") for k in ("sample", "decode", "reward", "exchange", "train")]
-            cells += [_fmt(t["s_per_pair"], ".3f"), _fmt(t["mfu"], ".1f", 100.0) + ("%" if t["mfu"] else ""),
-                      _fmt(t["peak_mem_gb"], ".1f"), _fmt(r.get("rollout_gb_per_rank"), ".3g"),
-                      _fmt(r.get("activation_gb_estimate"), ".3g")]
-            lines.append("| " + " | ".join(str(x) for x in cells) + " |")
-        lines.append("")
-    status = folder / "status.txt"
-    if status.exists():
-        lines += ["## Check status", "", "```", status.read_text().rstrip(), "```", ""]
-    return "\n".join(lines)
+def print_summary(record: dict) -> None:
+    """The run's numbers in a few lines; on a CPU without the GPU-only ones (GPU-seconds, MFU, peak memory)."""
+    f = record["flops"]
+    print(f"FLOPs: forward {flop_text(f['fwd_per_image'])} per image, training item {flop_text(f['train_item'])}, "
+          f"decode {flop_text(f['decode_per_image'])} per image; "
+          + (f"reward {flop_text(f['per_pair']['reward'])} per pair; " if f["per_pair"]["reward"] else "")
+          + f"{flop_text(f['total_per_pair'])} per pair")
+    if "total" not in record:
+        return
+    for name, p in record["phases"].items():
+        mem = f", peak {p['peak_mem_gb']:.1f} GB" if p["peak_mem_gb"] is not None else ""
+        mfu = f", MFU {p['mfu']:.1%}" if p["mfu"] is not None else ""
+        print(f"{name:>8}: {p['s_per_pair']:.3f} s/pair{mfu}{mem}")
+    t, world = record["total"], record["env"]["world_size"]
+    if record["env"]["gpu"] is not None:
+        spent = f" ({t['gpu_s_per_pair']:.3f} GPU-s/pair)"
+    else:  # CPU: process-seconds, and only when several processes share the work
+        spent = f" ({t['gpu_s_per_pair']:.3f} CPU-process-s/pair over {world} processes)" if world > 1 else ""
+    mfu = f", MFU {t['mfu']:.1%}" if t["mfu"] is not None else ""
+    print(f"   total: {t['s_per_pair']:.3f} s/pair{spent}{mfu}; rollouts {record['rollout_gb_per_rank']:.3g} GB per "
+          f"rank; training activations {record['activation_gb_estimate']:.3g} GB per micro-batch (estimate, "
+          f"fdfo/memory.py)")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    args = parse_args(argv)  # every flag and the output path checked before any work
     if args.report is not None:
-        text = report_markdown(Path(args.report))
-        out = Path(args.out or "docs/benchmarks.md")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
-        return {"report": text}
+        skipped: list[tuple[str, str]] = []
+        text = report_markdown(Path(args.report), skipped)
+        for name, why in skipped:
+            print(f"skipped {Path(args.report) / name}: {why}")
+        write_text(args.out, text)
+        print(f"wrote {args.out}")
+        return {"report": text, "skipped": skipped}
     record = flops_record(args) if args.flops_only else run(args)
     if dist.get_rank() == 0:
-        f = record["flops"]
-        print(f"FLOPs: forward {f['fwd_per_image'] / 1e12:.3f} TFLOP per image, training item "
-              f"{f['train_item'] / 1e12:.3f} TFLOP, decode {f['decode_per_image'] / 1e12:.3f} TFLOP per image; "
-              + (f"reward {f['per_pair']['reward'] / 1e12:.3f} TFLOP per pair; " if f["per_pair"]["reward"] else "")
-              + f"{f['total_per_pair'] / 1e12:.1f} TFLOP per pair")
-        if "total" in record:
-            for name, p in record["phases"].items():
-                mem = f", peak {p['peak_mem_gb']:.1f} GB" if p["peak_mem_gb"] is not None else ""
-                mfu = f", MFU {p['mfu']:.1%}" if p["mfu"] is not None else ""
-                print(f"{name:>8}: {p['s_per_pair']:.3f} s/pair{mfu}{mem}")
-            t = record["total"]
-            mfu = f", MFU {t['mfu']:.1%}" if t["mfu"] is not None else ""
-            print(f"   total: {t['s_per_pair']:.3f} s/pair ({t['gpu_s_per_pair']:.3f} GPU-s/pair){mfu}; "
-                  f"rollouts {record['rollout_gb_per_rank']:.3g} GB per rank; training activations "
-                  f"{record['activation_gb_estimate']:.3g} GB per micro-batch (estimate, fdfo/memory.py)")
+        print_summary(record)
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(record, indent=1, default=str) + "\n")
+            replaced = write_text(args.out, json.dumps(record, indent=1, default=str) + "\n")
+            print(f"{'replaced' if replaced else 'wrote'} {args.out}")
     return record
 
 

@@ -12,11 +12,16 @@ alpha = rank, i.e. with the wrong scale whenever alpha != rank. The export renam
 `transformer.<module>.lora_A.weight` keys and stores rank, alpha and targets as the adapter metadata that
 `load_lora_weights` reads, through diffusers' own `save_lora_weights`. The file gets the permissions the umask gives
 new files (safetensors itself creates it readable by its owner only).
+
+OUT_DIR is checked before the adapter is read (it must be a folder, or creatable, and writable). The file is written
+under a temporary name and renamed into place, so an earlier export in OUT_DIR is replaced whole (the message says
+so) and a failed export (a full disk, Ctrl-C) leaves it as it was.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -24,8 +29,10 @@ from typing import Annotated
 import tyro
 
 from fdfo.cli import guarded
+from fdfo.outputs import check_output_path, disk_full, replace_file
 
 PEFT_PREFIX = "base_model.model."
+EXPORT_FILE = "pytorch_lora_weights.safetensors"  # the name save_lora_weights gives it and load_lora_weights reads
 # LoraConfig fields that decide what the adapter computes; the rest of adapter_config.json is bookkeeping.
 METADATA_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
                    "lora_bias", "fan_in_fan_out", "exclude_modules", "layers_to_transform", "layers_pattern")
@@ -60,29 +67,54 @@ def _umask() -> int:
 
 def export(checkpoint: str, out_dir: str | Path) -> Path:
     """Write `out_dir/pytorch_lora_weights.safetensors` (diffusers format) for `checkpoint`; returns the file."""
-    from diffusers import StableDiffusion3Pipeline
-
     from fdfo.generation import read_adapter
     from fdfo.hub import resolve_checkpoint
 
+    out_dir = check_output_path("OUT_DIR", out_dir, folder=True)  # before anything is resolved, downloaded or read
+    if (out_dir / EXPORT_FILE).is_dir():
+        raise ValueError(f"OUT_DIR {str(out_dir)!r} holds a folder named {EXPORT_FILE}; remove it or choose another "
+                         "OUT_DIR")
     ckpt = resolve_checkpoint(checkpoint)
     if ckpt.adapter_dir is None:
         raise ValueError("nothing to export: the checkpoint is the base model; pass a checkpoint folder or address")
     adapter = read_adapter(ckpt)  # PEFT or diffusers form; tensors keyed by transformer module
     tensors = {k: v.contiguous() for k, v in adapter.state.items()}
     metadata = lora_metadata(adapter.config)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    StableDiffusion3Pipeline.save_lora_weights(out_dir, transformer_lora_layers=tensors,
-                                               transformer_lora_adapter_metadata=metadata)
-    path = out_dir / "pytorch_lora_weights.safetensors"
-    path.chmod(0o666 & ~_umask())
-    print(f"wrote {path}: {len(tensors)} tensors, rank {metadata['r']}, alpha {metadata['lora_alpha']:g}, from "
-          f"{ckpt.description}")
+    path = out_dir / EXPORT_FILE
+    replaced = save(tensors, metadata, path)
+    print(f"{'replaced' if replaced else 'wrote'} {path}{' (the earlier export there)' if replaced else ''}: "
+          f"{len(tensors)} tensors, rank {metadata['r']}, alpha {metadata['lora_alpha']:g}, from {ckpt.description}")
     if ckpt.guidance_scale is not None:
         print(f"it was trained with guidance scale {ckpt.guidance_scale:g} (from its {ckpt.guidance_source}): sample "
               f"with pipe(..., guidance_scale={ckpt.guidance_scale:g})")
     return path
+
+
+def save(tensors: dict, metadata: dict, path: Path) -> bool:
+    """`save_lora_weights` into a temporary folder beside `path`, then one rename onto `path`; True if an earlier
+    file was replaced. On any failure nothing is left behind (not even a folder this call created)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from fdfo.files import fsync_path, is_disk_full
+
+    created = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".export-tmp-{os.getpid()}"
+    try:
+        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=tensors,
+                                                   transformer_lora_adapter_metadata=metadata)
+        written = tmp / EXPORT_FILE
+        written.chmod(0o666 & ~_umask())
+        fsync_path(written)
+        return replace_file(written, path)
+    except BaseException as e:
+        if created:
+            shutil.rmtree(path.parent, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full(path) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass
@@ -90,11 +122,11 @@ class ExportConfig:
     checkpoint: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CHECKPOINT")]
     """Checkpoint to export: Hugging Face folder address, hf:ORG/REPO[/SUB], local PEFT folder, run or checkpoint."""
     out_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="OUT_DIR")]
-    """Folder to write pytorch_lora_weights.safetensors to (created if needed)."""
+    """Folder to write pytorch_lora_weights.safetensors to (created if needed; an earlier export there is replaced)."""
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = tyro.cli(ExportConfig, args=argv, description=__doc__)
+    cfg = tyro.cli(ExportConfig, args=argv, prog="python -m fdfo.export", description=__doc__)
     guarded(lambda: export(cfg.checkpoint, cfg.out_dir))
 
 

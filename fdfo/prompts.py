@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from fdfo.files import write_text_atomic
 from fdfo.rng import derive_seed
 
 PROMPT_SET_DIR = Path("prompt_sets")
@@ -216,12 +215,17 @@ FETCHERS = {"pickscore_train": fetch_pickscore_train, "hpdv2": fetch_hpdv2}
 def download(name: str, out_dir: str | Path = PROMPT_SET_DIR, revision: str | None = None) -> Path:
     """Fetch and verify the named set and write it to `out_dir/<file>` (pickscore_train.txt or hpdv2.json); returns
     the path. A download that fails a check writes nothing."""
+    from fdfo.outputs import check_output_path, write_text
+
     if name not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {name!r}; choose one of {', '.join(PROMPT_SETS)}.")
+    folder = check_output_path("--out-dir", out_dir, folder=True)  # before the download, not after it
+    path = folder / PROMPT_SETS[name].file
+    if path.is_dir():
+        raise ValueError(f"--out-dir {str(folder)!r} holds a folder named {path.name}; remove it or choose another "
+                         "--out-dir")
     text = FETCHERS[name](revision)
-    path = Path(out_dir) / PROMPT_SETS[name].file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text)  # a failed download leaves no half file
+    write_text(path, text)  # a failed download leaves no half file
     return path
 
 
@@ -238,9 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run() -> None:
+        existed = (Path(args.out_dir) / PROMPT_SETS[args.name].file).is_file()
         path = download(args.name, args.out_dir, args.revision)
         count = len(load_prompt_set(str(path)))
-        print(f"wrote {path} ({count:,} prompts)")
+        print(f"{'replaced' if existed else 'wrote'} {path} ({count:,} prompts)")
 
     guarded(run)
 

@@ -293,3 +293,106 @@ def test_tiny_bench_holds_the_side_models_while_sampling(monkeypatch, tmp_path):
     sizes = bench_side.side_model_bytes(True, with_pickscore=True)
     assert record["side_models_gb"] == {k: v / 1e9 for k, v in sizes.items()}
     assert held == [sum(sizes.values())]  # one sampling phase (--tiny runs one epoch)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input refused before any work, with the bench's own flag names; outputs written whole; --report's skipped files
+
+
+def test_an_unwritable_out_is_one_line_before_any_work(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "fdfo.bench", "--tiny", "--out", str(tmp_path)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and proc.stdout == ""  # no FLOPs line: nothing was counted or measured
+    assert proc.stderr == f"error: --out {str(tmp_path)!r} is a folder; give a file path\n"
+
+
+BAD_FLAGS = [
+    (["--resolution", "0"], "--resolution 0 must be a multiple of 16, at least 16"),
+    (["--resolution=-32"], "--resolution -32 must be a multiple of 16, at least 16"),
+    (["--resolution", "40"], "--resolution 40 must be a multiple of 16"),
+    (["--guidance-scale", "nan"], "--guidance-scale nan must be a finite number"),
+    (["--guidance-scale=-inf"], "--guidance-scale -inf must be a finite number"),
+    (["--device", "cuda"], "--device 'cuda': CUDA is not available on this machine; use --device cpu"),
+    (["--pairs", "3"], "--pairs 3 must be a multiple of 2 for --gradient-steps 4"),
+    (["--sample-batch", "3"], r"--sample-batch 3 must divide --pairs 4; valid values: \[1, 2, 4\]"),
+    (["--pairs", "4", "--train-batch", "0"], r"--train-batch 0 must divide the 2 samples per optimizer step"),
+    (["--timesteps-per-sample", "41"], "--timesteps-per-sample 41 must be between 1 and --steps 40"),
+    (["--memory-fraction", "nan"], r"--memory-fraction must be in \(0, 1\], got nan"),
+    (["--out", ""], "--out is empty; give a file path"),
+    (["--tiny", "--memory-fraction", "0.5"], "--memory-fraction caps CUDA memory and does nothing on a CPU"),
+    (["--device", "cpu", "--memory-fraction", "0.5"], "--memory-fraction caps CUDA memory"),
+]
+
+
+def test_every_flag_is_checked_with_the_bench_names(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("the bench ran"))
+    monkeypatch.setattr(bench, "flops_record", lambda args: pytest.fail("the FLOPs were counted"))
+    for flags, message in BAD_FLAGS:
+        with pytest.raises(ValueError, match=message) as error:
+            bench.main(flags)
+        assert "--sample." not in str(error.value) and "--train." not in str(error.value), flags
+    (tmp_path / "file").write_text("")
+    for flags, message in ([["--flops-only", "--out", str(tmp_path)], "is a folder; give a file path"],
+                           [["--out", str(tmp_path / "file" / "b.json")], "'.*file' is a file, not a folder"],
+                           [["--report", str(tmp_path), "--out", str(tmp_path)], "--out .* is a folder"],
+                           [["--report", str(tmp_path / "file")], "--report .*: no such folder"]):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            bench.main(flags)
+    # a read-only folder (os.access stands in: the tests may run as root, which may write anywhere)
+    from fdfo import outputs
+
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match="--out .*cannot be created: the folder .* is not writable"):
+        bench.main(["--report", str(tmp_path), "--out", str(tmp_path / "new" / "report.md")])
+
+
+def test_cpu_summary_has_no_gpu_numbers(tiny_record, capsys):
+    bench.print_summary(tiny_record)
+    cpu = capsys.readouterr().out
+    assert "GPU" not in cpu and "TFLOP" not in cpu and "MFU" not in cpu and "peak" not in cpu
+    f = tiny_record["flops"]
+    assert f"forward {f['fwd_per_image'] / 1e6:.4g} MFLOP per image" in cpu
+    assert f"   total: {tiny_record['total']['s_per_pair']:.3f} s/pair; rollouts" in cpu
+    gpu = dict(tiny_record, env=dict(tiny_record["env"], gpu="NVIDIA H200"),
+               total=dict(tiny_record["total"], mfu=0.25))
+    bench.print_summary(gpu)
+    assert "GPU-s/pair), MFU 25.0%" in capsys.readouterr().out
+    assert bench.flop_text(2.247e12) == "2.247 TFLOP" and bench.flop_text(5.0e9) == "5 GFLOP"
+
+
+def test_out_is_written_whole_and_replaced(tiny_record, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "run", lambda args: tiny_record)
+    out = tmp_path / "b.json"
+    bench.main(["--tiny", "--out", str(out)])
+    assert capsys.readouterr().out.endswith(f"wrote {out}\n") and json.loads(out.read_text()) == tiny_record
+    bench.main(["--tiny", "--out", str(out)])
+    assert capsys.readouterr().out.endswith(f"replaced {out}\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["b.json"]  # no temporary file left
+
+
+def test_report_names_the_files_it_skips(tiny_record, tmp_path, capsys):
+    (tmp_path / "good.json").write_text(json.dumps(tiny_record))
+    (tmp_path / "flops.json").write_text(json.dumps({"config": {}, "flops": {}}))
+    (tmp_path / "broken.json").write_text('{"total": ')
+    (tmp_path / "partial.json").write_text(json.dumps({"total": {}, "config": {}}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    out = tmp_path / "report" / "benchmarks.md"
+    result = bench.main(["--report", str(tmp_path), "--out", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"skipped {tmp_path / 'broken.json'}: not JSON (Expecting value: line 1 column 11 (char 10))",
+        f"skipped {tmp_path / 'flops.json'}: not a measured bench record (no \"total\"; a --flops-only count)",
+        f"skipped {tmp_path / 'list.json'}: not a measured bench record (no \"total\"; something else)",
+        f"skipped {tmp_path / 'partial.json'}: a bench record without the fields the table shows (KeyError: "
+        "'phases')",
+        f"wrote {out}"]
+    assert len(result["skipped"]) == 4
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 and rows[1].startswith("| good | fp32 |")

@@ -88,14 +88,138 @@ def test_quick_cli_writes_json_and_plot(tmp_path, capsys):
           "--out", str(tmp_path)])
     result = json.loads((tmp_path / "result.json").read_text())
     assert (tmp_path / "curves.png").stat().st_size > 0
-    assert [c["evaluations"] for c in result["curve"]] == [0, 128]
+    assert [c["evaluations"] for c in result["curve"]] == [0, 128] and result["diverged"] is None
     assert set(result["final"]) == {"evaluations", "reward", "modes", "spread", "pairwise"}
     assert -1 <= result["cosine"]["expected"] <= 1
-    assert json.loads(capsys.readouterr().out.splitlines()[0])["final"] == result["final"]
+    first, wrote = capsys.readouterr().out.splitlines()
+    curve = result["curve"]
+    assert first == (f"quick check: fdfo on the 2-D toy flow (1 prompt, smooth reward) went from reward "
+                     f"{curve[0]['reward']:.4f} to {curve[1]['reward']:.4f} in 128 reward evaluations, update "
+                     f"direction at cosine {result['cosine']['expected']:.2f} to the true gradient; this 2-point "
+                     "curve only shows that the tool works and is not a result (docs/toy.md has the comparison of "
+                     "the methods).")
+    assert wrote == f"wrote {tmp_path}/result.json and {tmp_path}/curves.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "result.json"]  # no temporary files
 
 
 def test_user_errors_name_the_flag():
     with pytest.raises(ValueError, match="--samples-per-epoch .* multiple of --group"):
         run(ToyConfig(algorithm="flow_grpo", samples_per_epoch=12, group=8))
-    with pytest.raises(ValueError, match="--clip must be > 0"):
+    with pytest.raises(ValueError, match="--clip must be a finite number > 0"):
         run(ToyConfig(clip=0.0))
+
+
+BAD_NUMBERS = [
+    (dict(lr=float("nan")), "--lr must be a finite number > 0, got nan"),
+    (dict(lr=float("inf")), "--lr must be a finite number > 0, got inf"),
+    (dict(lr=-1e-3), "--lr must be a finite number > 0, got -0.001"),
+    (dict(mode_std=float("inf")), "--mode-std must be a finite number > 0, got inf"),
+    (dict(mode_std=0.0), "--mode-std must be a finite number > 0, got 0.0"),
+    (dict(churn=-0.1), r"--churn must be a finite number >= 0 \(0: no churn\), got -0.1"),
+    (dict(churn=float("nan")), "--churn must be a finite number >= 0"),
+    (dict(kl=float("inf")), r"--kl must be a finite number >= 0 \(0: no KL term\), got inf"),
+    (dict(kl=-0.5), "--kl must be a finite number >= 0"),
+    (dict(clip=float("nan")), "--clip must be a finite number > 0, got nan"),
+    (dict(nft_beta=float("-inf")), "--nft-beta must be a finite number > 0"),
+    (dict(cosine_batches=-1), r"--cosine-batches must be >= 0 \(0: no direction measurement\), got -1"),
+    (dict(eval_per_prompt=1), "--eval-per-prompt must be >= 2 .*pairwise.*, got 1"),
+    (dict(steps=1), "--steps must be >= 2"),
+    (dict(samples_per_epoch=7), "--samples-per-epoch must be even"),
+    (dict(algorithm="diffusion_nft", group=1, samples_per_epoch=8), "--group must be >= 2 for --algorithm"),
+]
+
+
+def test_every_number_is_checked_before_any_work(monkeypatch):
+    from fdfo.toy import run as toy_run
+
+    monkeypatch.setattr(toy_run, "make_context", lambda cfg: pytest.fail("the run started"))
+    for knobs, message in BAD_NUMBERS:
+        with pytest.raises(ValueError, match=message):
+            run(ToyConfig(**knobs))
+
+
+def test_sizes_that_do_not_fit_are_refused_with_an_estimate(monkeypatch):
+    from fdfo.toy import checks
+    from fdfo.toy import run as toy_run
+
+    # the estimate by hand for the defaults (4 modes, d = 2, width 128, T = 10, 64 samples per epoch, 32 evaluation
+    # samples, 1 prompt): per (state, step) 4 bytes x (4 x 4 x 2 + 8 x 128 + 8 x 2) = 4288; training 64 x 10 states;
+    # 23,056 parameters x 4 copies + the 4 x 2 mode centres, in float32
+    need, phase = checks.memory_estimate(ToyConfig())
+    assert need == 64 * 10 * 4288 + 4 * (4 * 23_056 + 8) and phase.startswith("training")
+    need, phase = checks.memory_estimate(ToyConfig(prompts=64, eval_per_prompt=4096))
+    assert phase.startswith("evaluation") and need > 64 * 4096 * 4096 * 4  # the [prompts, n, n] pairwise distances
+    monkeypatch.setattr(toy_run, "make_context", lambda cfg: pytest.fail("the run started"))
+    monkeypatch.setattr(checks, "available_memory", lambda: 2**30)  # this machine, as far as the check knows: 1 GiB
+    # 1600 x 10 states x 4 x (4 x 50 x 100,000 + 8 x 128 + 8 x 100,000) bytes + 4 x (4 x 25,622,544 parameters
+    # + 50 x 100,000 centres) = 1,331,695,496,704 bytes = 1,240.2 GiB
+    with pytest.raises(ValueError, match=r"these sizes need about 1,240\.2 GiB of memory \(training: "
+                                         r"--samples-per-epoch x --steps states\), more than the 1\.0 GiB available; "
+                                         r"lower --dim, --modes"):
+        run(ToyConfig(dim=100_000, modes=50, samples_per_epoch=1600))
+    monkeypatch.undo()
+    assert checks.available_memory() > 0  # read from /proc/meminfo (or the physical memory)
+
+
+def test_a_diverging_run_says_so_exits_non_zero_and_writes_strict_json(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--lr", "1e30", "--evaluations", "128", "--samples-per-epoch", "32", "--eval-every", "1", "--hidden",
+              "16", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == f"wrote {tmp_path}/result.json and {tmp_path}/curves.png\n"
+    assert err == ("error: the run diverged at 32 evaluations: the evaluated reward became NaN or infinite "
+                   "(result.json keeps the curve up to there). Lower --lr (now 1e+30) or the trust region "
+                   "(--clip 0.03).\n")
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    result = json.loads((tmp_path / "result.json").read_text(), parse_constant=refuse)
+    assert result["diverged"] == 32 and result["final"] == {"evaluations": 32, "reward": None, "modes": None,
+                                                            "spread": None, "pairwise": None}
+    assert result["curve"][0]["reward"] < 0 and len(result["curve"]) == 2
+
+
+def test_cli_checks_out_and_shows_the_module_in_usage(tmp_path, capsys, monkeypatch):
+    from fdfo.toy import run as toy_run
+    from fdfo.toy import sweep
+
+    monkeypatch.setattr(toy_run, "make_context", lambda cfg: pytest.fail("the run started"))
+    (tmp_path / "file").write_text("")
+    for module, args in ((main, ["--out", str(tmp_path / "file")]), (sweep.main, ["--out", str(tmp_path / "file")])):
+        with pytest.raises(SystemExit) as e:
+            module(args)
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"error: --out {str(tmp_path / 'file')!r} is a file; give a folder path\n"
+    for module, name in ((main, "fdfo.toy"), (sweep.main, "fdfo.toy.sweep")):
+        with pytest.raises(SystemExit):
+            module(["--help"])
+        assert f"usage: python -m {name} [-h]" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sweep.main(["--out", str(tmp_path / "s"), "--settings", "3d"])
+    assert "error: --settings 3d: no such setting; choose from 2d 2d_quantised d256" in capsys.readouterr().err
+
+
+def test_sweep_records_a_diverged_run_and_never_selects_it(tmp_path, monkeypatch, capsys):
+    from fdfo.toy import sweep
+
+    base = ToyConfig(samples_per_epoch=32, evaluations=64, eval_per_prompt=8, eval_every=1, hidden=16)
+    monkeypatch.setattr(sweep, "SETTINGS", {"tiny": base})
+    monkeypatch.setattr(sweep, "GRID", {"fdfo": [{"lr": 1e30}, {"lr": 1e-3}], "backprop": [{"lr": 1e30}]})
+    sweep.main(["--out", str(tmp_path), "--settings", "tiny", "--cosine-batches", "0"])
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    summary = json.loads((tmp_path / "tiny.json").read_text(), parse_constant=refuse)
+    fdfo_grid = summary["tuning"]["fdfo"]["grid"]
+    assert fdfo_grid[0]["mean"] is None and fdfo_grid[0]["diverged"] == [32, 32]
+    assert fdfo_grid[1]["diverged"] == [None, None] and summary["settings"]["fdfo"] == {"lr": 1e-3}
+    backprop = summary["table"]["backprop"]  # its only setting diverges on every fresh seed
+    assert backprop["diverged"] == [32, 32, 32] and backprop["final_reward_mean"] is None
+    assert backprop["final_reward_per_seed"] == [None, None, None]
+    assert summary["table"]["fdfo"]["diverged"] == [None, None, None]
+    capsys.readouterr()
+    sweep.main(["--out", str(tmp_path), "--settings", "tiny", "--report-only"])
+    rows = capsys.readouterr().out.splitlines()
+    assert any(r.startswith("| backprop | lr 1e+30 | diverged (- / - / -) |") for r in rows), rows

@@ -3,7 +3,6 @@ and optionally measure how well its update direction matches the true gradient o
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,7 +10,9 @@ from typing import Literal
 
 import torch
 
+from fdfo.outputs import check_output_path, save_figure, write_text
 from fdfo.toy import methods
+from fdfo.toy.checks import check, finite_or_none, strict_json
 from fdfo.toy.flows import REWARDS, ResidualNet, bump_reward, make_problem, model_velocity
 
 Algorithm = Literal["fdfo", "flow_grpo", "diffusion_nft", "backprop"]
@@ -66,23 +67,6 @@ class ToyConfig:
     """Samples for the reference gradient of the expected reward (backprop through the Euler sampler)."""
     out: str = ""
     """Folder for result.json and curves.png (nothing is written when empty)."""
-
-
-def check(cfg: ToyConfig) -> None:
-    positive = ("dim", "prompts", "modes", "steps", "evaluations", "samples_per_epoch", "grad_steps", "group",
-                "hidden", "eval_per_prompt", "eval_every", "true_grad_samples")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.samples_per_epoch % 2:
-        raise ValueError(f"--samples-per-epoch must be even (FDFO pairs), got {cfg.samples_per_epoch}")
-    if cfg.algorithm in ("flow_grpo", "diffusion_nft") and cfg.samples_per_epoch % cfg.group:
-        raise ValueError(f"--samples-per-epoch ({cfg.samples_per_epoch}) must be a multiple of --group ({cfg.group})")
-    if cfg.steps < 2:
-        raise ValueError(f"--steps must be >= 2, got {cfg.steps}")
-    for name in ("lr", "clip", "nft_beta", "mode_std"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
 
 
 def make_context(cfg: ToyConfig) -> methods.Context:
@@ -160,8 +144,12 @@ def direction_cosines(ctx: methods.Context, cfg: ToyConfig) -> dict[str, float]:
 
 
 def run(cfg: ToyConfig) -> dict:
-    """Train and evaluate one method; returns (and writes to cfg.out, if set) a JSON-ready dict."""
+    """Train and evaluate one method; returns (and writes to cfg.out, if set) a JSON-ready dict without non-finite
+    numbers. A run whose evaluated reward becomes NaN or infinite stops there: its last curve point has null metrics
+    and `result["diverged"]` is the number of reward evaluations spent (None for a run that did not diverge)."""
     check(cfg)
+    if cfg.out:
+        check_output_path("--out", cfg.out, folder=True)
     ctx = make_context(cfg)
     result: dict = {"config": asdict(cfg)}
     if cfg.cosine_batches:
@@ -169,25 +157,29 @@ def run(cfg: ToyConfig) -> dict:
     optimizer = torch.optim.Adam([p for p in ctx.net.parameters() if p.requires_grad], lr=cfg.lr)
     epochs = math.ceil(cfg.evaluations / cfg.samples_per_epoch)
     curve = [{"evaluations": 0, **evaluate(ctx, cfg.eval_per_prompt, cfg.reward)}]
+    diverged = None
     for epoch in range(epochs):
         methods.train_epoch(ctx, cfg.algorithm, optimizer, cfg.samples_per_epoch, cfg.grad_steps, epoch)
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
+            spent = (epoch + 1) * cfg.samples_per_epoch
             metrics = evaluate(ctx, cfg.eval_per_prompt, cfg.reward)
-            if not math.isfinite(metrics["reward"]):
-                metrics["reward"] = float("-inf")  # diverged; keep the record, stop spending
-                curve.append({"evaluations": (epoch + 1) * cfg.samples_per_epoch, **metrics})
+            if not math.isfinite(metrics["reward"]):  # keep the record, stop spending; the metrics mean nothing
+                curve.append({"evaluations": spent, **{key: None for key in metrics}})
+                diverged = spent
                 break
-            curve.append({"evaluations": (epoch + 1) * cfg.samples_per_epoch, **metrics})
+            curve.append({"evaluations": spent, **metrics})
     result["curve"] = curve
     result["final"] = curve[-1]
+    result["diverged"] = diverged
+    result = finite_or_none(result)
     if cfg.out:
         write(result, Path(cfg.out))
     return result
 
 
 def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    """result.json (strict JSON) and curves.png, each written whole under a temporary name and renamed."""
+    write_text(out / "result.json", strict_json(result))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,10 +189,13 @@ def write(result: dict, out: Path) -> None:
     evals = [c["evaluations"] for c in curve]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, key in zip(axes, ("reward", "modes", "pairwise")):
-        ax.plot(evals, [c[key] for c in curve])
+        ax.plot(evals, [math.nan if c[key] is None else c[key] for c in curve])
         ax.set_xlabel("reward evaluations")
         ax.set_title(key)
-    fig.suptitle(result["config"]["algorithm"])
+    title = result["config"]["algorithm"]
+    fig.suptitle(title if result.get("diverged") is None else f"{title}: diverged at {result['diverged']} evaluations")
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
+    try:
+        save_figure(fig, out / "curves.png", dpi=100)
+    finally:
+        plt.close(fig)

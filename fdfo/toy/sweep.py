@@ -3,19 +3,25 @@ then run the chosen settings on fresh seeds: 2-D with one prompt (smooth reward,
 and d = 256 with 64 prompts.
 
 `OMP_NUM_THREADS=1 python -m fdfo.toy.sweep --out runs/toy_sweep` (about 10 CPU-minutes); writes <setting>.json and
-<setting>.png per setting. Selection: the highest mean final reward over the tuning seeds.
+<setting>.png per setting. Selection: the highest mean final reward over the tuning seeds. A run that diverges (its
+evaluated reward became NaN or infinite) is recorded as diverged (its final reward null, `diverged` the evaluations it
+had spent) and is never selected; the JSON files are strict JSON (null, never NaN).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fdfo.cli import guarded
+from fdfo.outputs import check_output_path, save_figure, write_text
+from fdfo.toy.checks import finite_or_none, strict_json
 from fdfo.toy.run import ToyConfig, run
 
 SETTINGS = {
@@ -36,6 +42,7 @@ GRID = {
 TUNE_SEEDS = (100, 101)
 FRESH_SEEDS = (0, 1, 2)
 LEVELS = (0.25, 0.5, 0.75)
+KEPT = ("tune_finals", "mean", "diverged")  # the tuning record's fields beside the knobs
 
 
 @dataclass
@@ -50,12 +57,18 @@ class SweepConfig:
     """Recompute the tables and plots from the JSON files already in --out instead of running."""
 
 
-def _final(result: dict) -> float:
+def _final(result: dict) -> float | None:
+    """The final reward; None for a run that diverged."""
     return result["final"]["reward"]
 
 
+def _mean(values: list[float | None]) -> float | None:
+    """The mean, or None when a run diverged (a setting that diverges on a tuning seed is never chosen)."""
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
 def evals_to_reach(curve: list[dict], level: float) -> int | None:
-    return next((c["evaluations"] for c in curve if c["reward"] >= level), None)
+    return next((c["evaluations"] for c in curve if c["reward"] is not None and c["reward"] >= level), None)
 
 
 def sweep_setting(name: str, base: ToyConfig, cosine_batches: int) -> dict:
@@ -63,18 +76,21 @@ def sweep_setting(name: str, base: ToyConfig, cosine_batches: int) -> dict:
     for algorithm, grid in GRID.items():
         scores = []
         for knobs in grid:
-            finals = [_final(run(dataclasses.replace(base, algorithm=algorithm, seed=s, **knobs))) for s in TUNE_SEEDS]
-            scores.append({**knobs, "tune_finals": finals, "mean": sum(finals) / len(finals)})
+            runs = [run(dataclasses.replace(base, algorithm=algorithm, seed=s, **knobs)) for s in TUNE_SEEDS]
+            finals = [_final(r) for r in runs]
+            scores.append({**knobs, "tune_finals": finals, "mean": _mean(finals),
+                           "diverged": [r["diverged"] for r in runs]})
             print(name, algorithm, scores[-1], flush=True)
-        best = max(scores, key=lambda s: s["mean"])
+        best = max(scores, key=lambda s: -math.inf if s["mean"] is None else s["mean"])
         tuned[algorithm] = {"grid": scores, "best": best}
-        knobs = {k: v for k, v in best.items() if k not in ("tune_finals", "mean")}
+        knobs = {k: v for k, v in best.items() if k not in KEPT}
         fresh[algorithm] = [run(dataclasses.replace(base, algorithm=algorithm, seed=s, cosine_batches=cosine_batches,
                                                     **knobs)) for s in FRESH_SEEDS]
     summary = {"base": dataclasses.asdict(base), "tuning": tuned,
                "curves": {a: [r["curve"] for r in runs] for a, runs in fresh.items()},
-               "cosine": {a: [r["cosine"] for r in runs] for a, runs in fresh.items()},
-               "settings": {a: {k: v for k, v in t["best"].items() if k not in ("tune_finals", "mean")}
+               "cosine": {a: [r.get("cosine") for r in runs] for a, runs in fresh.items()},
+               "diverged": {a: [r["diverged"] for r in runs] for a, runs in fresh.items()},
+               "settings": {a: {k: v for k, v in t["best"].items() if k not in KEPT}
                             for a, t in tuned.items()}}
     summary["table"] = tabulate(summary)
     return summary
@@ -87,7 +103,7 @@ def tabulate(summary: dict) -> dict:
     best_possible = 0.0 if summary["base"]["reward"] == "smooth" else 1.0
     table = {}
     for algorithm, curves in summary["curves"].items():
-        finals = torch.tensor([c[-1]["reward"] for c in curves])
+        finals = torch.tensor([math.nan if c[-1]["reward"] is None else c[-1]["reward"] for c in curves])
         reach = {}
         for f in LEVELS:
             reach[str(f)] = [evals_to_reach(c, c[0]["reward"] + f * (best_possible - c[0]["reward"])) for c in curves]
@@ -96,14 +112,18 @@ def tabulate(summary: dict) -> dict:
             "start_reward_per_seed": [c[0]["reward"] for c in curves],
             "final_reward_mean": finals.mean().item(), "final_reward_std": finals.std().item(),
             "final_reward_per_seed": finals.tolist(), "evals_to_reach": reach,
+            "diverged": summary.get("diverged", {}).get(algorithm, [None] * len(curves)),
             **{key: [c[-1][key] for c in curves] for key in ("modes", "spread", "pairwise")},
             "cosine": summary["cosine"][algorithm],
         }
-    return table
+    return finite_or_none(table)  # a diverged seed: its final reward, and the mean and std, are null
 
 
 def markdown(summary: dict) -> str:
     """The fresh-seed table of one setting as markdown (docs/toy.md pastes it)."""
+    def _num(value, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
     def fmt(values: list, digits: int = 2) -> str:
         return " / ".join("-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in values)
 
@@ -113,8 +133,11 @@ def markdown(summary: dict) -> str:
     for algorithm, row in summary["table"].items():
         reach = "; ".join(fmt(row["evals_to_reach"][str(f)]) for f in LEVELS)
         knobs = ", ".join(f"{k} {v:g}" for k, v in row["settings"].items())
-        cos = " / ".join(f"{c['expected']:.3f} ({c['per_batch_mean']:.2f})" for c in row["cosine"])
-        lines.append(f"| {algorithm} | {knobs} | {row['final_reward_mean']:.3f} ± {row['final_reward_std']:.3f} "
+        cos = " / ".join(f"{_num(c['expected'], 3)} ({_num(c['per_batch_mean'], 2)})" if c else "-"
+                         for c in row["cosine"])
+        mean = "diverged" if row["final_reward_mean"] is None else \
+            f"{row['final_reward_mean']:.3f} ± {_num(row['final_reward_std'], 3)}"
+        lines.append(f"| {algorithm} | {knobs} | {mean} "
                      f"({fmt(row['final_reward_per_seed'], 3)}) | {reach} | {fmt(row['modes'], 1)} | "
                      f"{fmt(row['spread'])} | {fmt(row['pairwise'])} | {cos} |")
     return "\n".join(lines)
@@ -133,7 +156,7 @@ def plot(name: str, summary: dict, path: Path) -> None:
             # a diverged run stops early and has a non-finite last reward: it blanks the mean from there on
             values = torch.full((len(curves), len(evals)), float("nan"))
             for i, curve in enumerate(curves):
-                values[i, : len(curve)] = torch.tensor([c[key] for c in curve])
+                values[i, : len(curve)] = torch.tensor([math.nan if c[key] is None else c[key] for c in curve])
             values[~torch.isfinite(values)] = float("nan")
             mean, std = values.mean(0), values.std(0)
             ax.plot(evals, mean, label=algorithm)
@@ -143,30 +166,45 @@ def plot(name: str, summary: dict, path: Path) -> None:
     axes[0].legend()
     fig.suptitle(f"toy {name}: mean and std over {len(FRESH_SEEDS)} fresh seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=90)
+    finally:
+        plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import tyro
 
-    cfg = tyro.cli(SweepConfig, description=__doc__)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = tyro.cli(SweepConfig, args=argv, prog="python -m fdfo.toy.sweep", description=__doc__)
+    guarded(lambda: sweep(cfg))
+
+
+def sweep(cfg: SweepConfig) -> None:
+    unknown = [name for name in cfg.settings if name not in SETTINGS]
+    if unknown:
+        raise ValueError(f"--settings {' '.join(unknown)}: no such setting; choose from {' '.join(SETTINGS)}")
+    if cfg.cosine_batches < 0:
+        raise ValueError(f"--cosine-batches must be >= 0 (0: no direction measurement), got {cfg.cosine_batches}")
+    out = check_output_path("--out", cfg.out, folder=True)
+    if cfg.report_only:
+        missing = [name for name in cfg.settings if not (out / f"{name}.json").is_file()]
+        if missing:
+            raise FileNotFoundError(f"--report-only: {', '.join(str(out / f'{m}.json') for m in missing)} not found; "
+                                    "run the sweep first (without --report-only)")
     for name in cfg.settings:
         if cfg.report_only:
             summary = json.loads((out / f"{name}.json").read_text())
             summary["table"] = tabulate(summary)
-            (out / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+            write_text(out / f"{name}.json", strict_json(summary))
             plot(name, summary, out / f"{name}.png")
             print(f"### {name}\n\n{markdown(summary)}\n")
             continue
         t0 = time.process_time()
         summary = sweep_setting(name, SETTINGS[name], cfg.cosine_batches)
         summary["cpu_seconds"] = time.process_time() - t0
-        (out / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_text(out / f"{name}.json", strict_json(summary))
         plot(name, summary, out / f"{name}.png")
-        print(name, json.dumps(summary["table"], indent=1), flush=True)
+        print(name, json.dumps(finite_or_none(summary["table"]), indent=1), flush=True)
 
 
 if __name__ == "__main__":
