@@ -66,3 +66,28 @@ def spo_loss(
 def clip_fraction(ratio: torch.Tensor, clip_range: float) -> torch.Tensor:
     """Fraction of items whose ratio left the trust region, `mean(|rho - 1| > eps)` (a logging statistic)."""
     return ((ratio - 1).abs() > clip_range).float().mean()
+
+
+# Opt-in variant (docs/toy.md, "The trust-region scale"): the log-ratio of spo_loss scaled by c = 1 / (2 rms(dx)),
+# about rms(delta) / 2, so |rho - 1| = eps is a velocity change of about eps (rms per element) along the FD direction,
+# whatever the branch separation; the default's edge is a change of about eps * rms(delta) / 2.
+def spo_loss_velocity_region(
+    v: torch.Tensor,
+    v_ref: torch.Tensor,
+    dx: torch.Tensor,
+    dR: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`spo_loss` with the trust region in velocity units: rho = exp(c (l - l_ref)), c = 1 / (2 sqrt(mean(dx^2))).
+
+    Same shapes and loss form as `spo_loss` (L = -dR rho + |dR|/(2 eps) (rho - 1)^2). For v = v_ref - t dx / rms(dx),
+    a change of rms t along the FD direction, log rho = t - t^2 / (2 rms(dx)) ~ t. An item with dx = 0 (a dropped pair,
+    identical branches) has no direction: c = 0, rho = 1, and with its dR = 0 a zero loss and gradient.
+    """
+    v, v_ref, dx, dR = v.float(), v_ref.float(), dx.float(), dR.float()
+    msq = _sample_mean(dx.square())
+    scale = torch.where(msq > 0, 0.5 / msq.sqrt().clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    log_ratio = (-_sample_mean((v - (v_ref - dx)).square()) + msq) * scale
+    ratio = torch.exp(log_ratio)
+    loss = -dR * ratio + dR.abs() / (2 * clip_range) * (ratio - 1).square()
+    return loss, ratio

@@ -15,6 +15,7 @@ import tqdm
 
 from fdfo import distributed as dist
 from fdfo.config import Config, Geometry
+from fdfo.diagnostics import epoch_diagnostics, pair_mean_square, ratio_deviation
 from fdfo.errors import RunError
 from fdfo.objective import clip_fraction, pair_targets, spo_loss
 from fdfo.rng import generator, randn_per_sample
@@ -173,6 +174,12 @@ class TrainingSet:
     cond: dict[str, torch.Tensor]  # [Q, ...]
     steps: list[torch.Tensor]
     invalid_pairs: int
+    # diagnostics (fdfo/diagnostics.py), never read by training: mean(delta^2) of the epoch's valid pairs (all ranks)
+    # `[P_valid]`; |rho - 1| / eps of each row once trained `[N]`; whether the pair of each row of every rank is valid,
+    # in the rank order of a gather of ratio_dev `[W * N]` (CPU)
+    pair_msq: torch.Tensor | None = None
+    ratio_dev: torch.Tensor | None = None
+    gathered_valid: torch.Tensor | None = None
 
 
 def item_steps(num_items: int, cfg: Config, geom: Geometry, epoch: int, rank: int) -> list[torch.Tensor]:
@@ -222,6 +229,7 @@ def build_training_set(samples: EpochSamples, cfg: Config, geom: Geometry, epoch
     sample = torch.searchsorted(own_samples, items // num_timesteps)
     prompt = torch.searchsorted(own_prompts, own_samples // 2)[sample]
     count = len(items) // geom.gradient_steps
+    valid_pair = valid_all.reshape(-1, 2)[:, 0].bool()
     return TrainingSet(
         items=items, states=states, velocities=velocities, sigmas=samples.sigmas,
         timestep=dist.exchange_rows(timesteps.to(device), per_rank_samples)[sample.to(device),
@@ -230,7 +238,16 @@ def build_training_set(samples: EpochSamples, cfg: Config, geom: Geometry, epoch
         dx=dist.exchange_rows(dx, per_rank_samples), dR=dist.exchange_rows(dR, per_rank_samples),
         cond={k: dist.exchange_rows(v, per_rank_prompts) for k, v in samples.cond.items()},
         steps=[torch.arange(j * count, (j + 1) * count, device=device) for j in range(geom.gradient_steps)],
-        invalid_pairs=num_pairs - num_valid)
+        invalid_pairs=num_pairs - num_valid,
+        pair_msq=dist.all_gather_cat(pair_mean_square(samples.final))[valid_pair.to(samples.final.device)].cpu(),
+        ratio_dev=torch.full((len(items),), float("nan"), device=device),
+        gathered_valid=valid_all.bool().cpu()[torch.cat(per_rank) // num_timesteps])
+
+
+def training_diagnostics(data: TrainingSet) -> dict[str, float]:
+    """The epoch's branch-separation and trust-region statistics over all ranks (valid pairs, their trained items);
+    every rank must call it (it gathers)."""
+    return epoch_diagnostics(data.pair_msq, dist.all_gather_cat(data.ratio_dev).cpu()[data.gathered_valid])
 
 
 def train_phase(policy, module, optimizer, scaler, data, cfg: Config, geom: Geometry,
@@ -288,6 +305,8 @@ def _micro_batch(policy, module, scaler, data: TrainingSet, ids: torch.Tensor, c
     loss = policy_loss + cfg.train.kl_weight * kl
     scaler.scale(loss.sum() / step_size).backward()
     clipped = clip_fraction(ratio, cfg.train.clip_range) * len(ids)
+    if data.ratio_dev is not None:
+        data.ratio_dev[ids] = ratio_deviation(ratio, cfg.train.clip_range)
     return torch.stack([loss.sum(), policy_loss.sum(), clipped, kl.sum()]).detach().double()
 
 

@@ -38,6 +38,7 @@ from fdfo.phases import (
     sample_phase,
     timesteps_per_sample,
     train_phase,
+    training_diagnostics,
 )
 from fdfo.prompts import load_prompts, prompt_indices
 from fdfo.resume import (
@@ -134,6 +135,8 @@ def log_epoch(logger, samples: EpochSamples | GroupSamples, data, epoch: int, ti
         record[f"{name}_std"] = float(values.std()) if len(values) > 1 else 0.0
     record["loss"] = sum(r["loss"] for r in records) / len(records)
     record["clipfrac"] = sum(r["clipfrac"] for r in records) / len(records)
+    if getattr(data, "ratio_dev", None) is not None:  # FDFO: branch separation and trust region (docs/toy.md)
+        record |= training_diagnostics(data)
     record |= {f"time_{k}": round(v, 3) for k, v in times.items()}
     logger.log(record)
     if cfg.image_log_freq > 0 and epoch % cfg.image_log_freq == 0:

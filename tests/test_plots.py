@@ -1,13 +1,19 @@
-"""The reward curve: the PNG is a real image, and the lines drawn carry exactly the log's numbers."""
+"""The reward curve: the PNG is a real image, the lines drawn carry exactly the log's numbers (rewards, clip fraction,
+diagnostics), and `python -m fdfo.plots` takes a run folder or a log and reports bad input in one line."""
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fdfo.plots import read_epoch_records, reward_figure, reward_series, write_reward_curve
+from fdfo.plots import main, read_epoch_records, reward_figure, reward_series, write_reward_curve
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_log(path, records, tail=""):
@@ -104,3 +110,83 @@ def test_series_of_plain_records():
     _same(series["reward"]["mean"], [1.0, math.nan])  # a bool or a string is not a number
     _same(series["redness"]["mean"], [0.25, math.nan])
     _same(series["clipfrac"]["value"], [0.1, math.nan])
+
+
+def test_diagnostic_panels_carry_the_logged_numbers():
+    diag = [dict(branch_rms_p25=0.1, branch_rms_p50=0.2, branch_rms_p75=0.3, dx_sq_mean=0.05, ratio_dev_p50=0.5,
+                 ratio_dev_p90=1.5),
+            dict(branch_rms_p25=0.2, branch_rms_p50=0.4, branch_rms_p75=0.6, dx_sq_mean=0.2, ratio_dev_p50=0.25,
+                 ratio_dev_p90=3.0),
+            dict()]  # an epoch logged without them (e.g. before the diagnostics existed)
+    records = [_epoch(e, 0.1 * e, 0.01, 0.0) | d for e, d in enumerate(diag)]
+    series = reward_series(records)
+    assert list(series) == ["reward", "clipfrac", "branch_rms", "ratio_dev", "dx_sq_mean"]  # dx_sq is no reward
+    lines = _lines(reward_figure(series))
+    nan = math.nan
+    expected = dict(branch_rms_p25=[0.1, 0.2, nan], branch_rms_p50=[0.2, 0.4, nan], branch_rms_p75=[0.3, 0.6, nan],
+                    dx_sq_mean=[0.05, 0.2, nan], ratio_dev_p50=[0.5, 0.25, nan], ratio_dev_p90=[1.5, 3.0, nan])
+    for key, values in expected.items():
+        _same(lines[key].get_xdata(), [0, 1, 2])
+        _same(lines[key].get_ydata(), values)
+    assert set(reward_series(records[2:])) == {"reward", "clipfrac"}  # no diagnostics: no extra panels
+
+
+def _cli(argv, capsys):
+    """(exit status, stdout, stderr) of `python -m fdfo.plots argv`, run in-process."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_accepts_a_run_folder_or_a_log(tmp_path, capsys):
+    run = tmp_path / "00001-fdfo"
+    run.mkdir()
+    _write_log(run / "log.jsonl", [_step(0, 1), _epoch(0, 0.5, 0.1, 0.0)])
+    assert _cli([str(run)], capsys) == (0, f"wrote {run / 'reward_curve.png'}\n", "")
+    with Image.open(run / "reward_curve.png") as image:
+        image.verify()
+    assert _cli([str(run / "log.jsonl"), str(tmp_path / "other.png")], capsys)[0] == 0
+    assert (tmp_path / "other.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "not found; pass a run folder of train.py or a log.jsonl file"),
+    ("empty folder", "has no log.jsonl"),
+    ("no epoch", "holds no epoch record yet"),
+    ("binary", "holds no epoch record yet"),
+    ("out is a folder", "is a folder; pass a file name"),
+    ("out folder missing", "does not exist"),
+    ("no argument", "the following arguments are required: run"),
+    ("three arguments", "unrecognized arguments"),
+    ("unknown flag", "unrecognized arguments: --bogus"),
+])
+def test_cli_bad_input_is_one_error_line(tmp_path, capsys, case, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_log(run / "log.jsonl", [_epoch(0, 0.5, 0.1, 0.0)])
+    (tmp_path / "empty").mkdir()
+    _write_log(tmp_path / "steps.jsonl", [_step(0, 1)])
+    (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)))
+    argv = {"missing": [str(tmp_path / "nope")], "empty folder": [str(tmp_path / "empty")],
+            "no epoch": [str(tmp_path / "steps.jsonl")], "binary": [str(tmp_path / "binary.jsonl")],
+            "out is a folder": [str(run), str(tmp_path / "empty")],
+            "out folder missing": [str(run), str(tmp_path / "no" / "curve.png")],
+            "no argument": [], "three arguments": [str(run), "a.png", "b.png"],
+            "unknown flag": [str(run), "--bogus"]}[case]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, out, err = _cli(argv, capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_module_help_shows_the_module_form():
+    result = subprocess.run([sys.executable, "-m", "fdfo.plots", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("usage: python -m fdfo.plots [-h] run [out]\n")
+    assert "a run folder (its log.jsonl is read) or a log.jsonl file" in result.stdout

@@ -17,7 +17,7 @@ from torch import nn
 
 from fdfo.algorithms import diffusion_nft as nft
 from fdfo.algorithms import flow_grpo as grpo
-from fdfo.objective import pair_targets, spo_loss
+from fdfo.objective import pair_targets, spo_loss, spo_loss_velocity_region
 from fdfo.sampling import churn_step, prior_churn
 from fdfo.toy.flows import ToyProblem, model_velocity
 
@@ -38,6 +38,7 @@ class Hyper:
     nft_beta: float
     group: int
     sde_a: float = 0.7  # §11's a; not a toy flag
+    trust_region: str = "separation"  # FDFO's SPO ratio: spo_loss ("separation") or spo_loss_velocity_region
 
 
 @dataclass
@@ -96,7 +97,8 @@ def fdfo_build(ctx: Context, samples: int) -> Items:
 
 def fdfo_loss(ctx: Context, items: Items) -> torch.Tensor:
     v = model_velocity(ctx.problem, ctx.net, items["state"], items["sigma"], items["prompt"])
-    return spo_loss(v, items["v_ref"], items["dx"], items["dR"], ctx.hyper.clip)[0].mean()
+    loss = spo_loss_velocity_region if ctx.hyper.trust_region == "velocity" else spo_loss
+    return loss(v, items["v_ref"], items["dx"], items["dR"], ctx.hyper.clip)[0].mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -46,6 +46,10 @@ class ToyConfig:
     """Trust region: SPO clip range (fdfo) or PPO clip range (flow_grpo)."""
     churn: float = 0.0025
     """FDFO's churn gamma (prior churn and every step but the last)."""
+    trust_region: Literal["separation", "velocity"] = "separation"
+    """FDFO's SPO trust region. separation: the published ratio, whose edge |rho - 1| = clip moves the velocity by about
+    clip * rms(delta) / 2; velocity (opt-in): the log-ratio scaled so the edge is a velocity change of about clip (rms
+    per element) along the FD direction (docs/toy.md, "The trust-region scale")."""
     kl: float = 0.01
     """Flow-GRPO's KL weight beta."""
     nft_beta: float = 1.0
@@ -71,7 +75,8 @@ class ToyConfig:
 
 def make_context(cfg: ToyConfig) -> methods.Context:
     problem = make_problem(cfg.dim, cfg.prompts, cfg.modes, cfg.mode_std, cfg.seed)
-    hyper = methods.Hyper(lr=cfg.lr, clip=cfg.clip, churn=cfg.churn, kl=cfg.kl, nft_beta=cfg.nft_beta, group=cfg.group)
+    hyper = methods.Hyper(lr=cfg.lr, clip=cfg.clip, churn=cfg.churn, kl=cfg.kl, nft_beta=cfg.nft_beta, group=cfg.group,
+                          trust_region=cfg.trust_region)
     with torch.random.fork_rng():  # seed the network's initialisation without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         net = ResidualNet(cfg.dim, cfg.prompts, cfg.hidden)
