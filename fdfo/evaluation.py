@@ -110,7 +110,8 @@ def image_seed(base: int, prompt: int, num_repeats: int, repeat: int) -> int:
 
 # RewardConfig fields shared with train.py that mean nothing to an evaluation: refused rather than ignored
 TRAINING_ONLY_REWARD_OPTIONS = {"specs": "--reward.specs", "offload": "--reward.offload",
-                                "overlap_preprocessing": "--reward.overlap-preprocessing"}
+                                "overlap_preprocessing": "--reward.overlap-preprocessing",
+                                "vlm_fp32_buffers": "--reward.vlm-fp32-buffers"}  # metrics: always fp32
 
 
 def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
