@@ -4,8 +4,9 @@ the aggregation into one table.
 * The prompt set, in file order, is shuffled by numpy's `np.random.RandomState(prompt_seed).shuffle` and its first
   `num_prompts` are kept; they are numbered j = 0 .. num_prompts - 1 in that order (the published subsets).
 * Image r of prompt j is generated from seed `image_seed + j * num_repeats + r` (each image has its own generator).
-* Every image is rounded to 8 bits, `uint8((x * 255 + 0.5).clamp(0, 255))`, before any metric sees it; the scorers
-  get that / 255, DreamSim and --save-images the same 8-bit image.
+* Every image is rounded to 8 bits, `uint8((x * 255 + 0.5).clamp(0, 255))` evaluated in the pipeline's output dtype
+  (bf16 on CUDA, as the authors round it), before any metric sees it; the scorers get that / 255, DreamSim and
+  --save-images the same 8-bit image.
 * Rank k of W takes prompts j = k, k + W, k + 2W, ...; all repeats of a prompt stay on one rank (diversity needs
   them together). Scores are all-gathered and put back in j order.
 Images therefore depend on (checkpoint, prompt, seed) only, not on the number of GPUs or the batch size, and the
@@ -109,7 +110,8 @@ def image_seed(base: int, prompt: int, num_repeats: int, repeat: int) -> int:
 
 # RewardConfig fields shared with train.py that mean nothing to an evaluation: refused rather than ignored
 TRAINING_ONLY_REWARD_OPTIONS = {"specs": "--reward.specs", "offload": "--reward.offload",
-                                "overlap_preprocessing": "--reward.overlap-preprocessing"}
+                                "overlap_preprocessing": "--reward.overlap-preprocessing",
+                                "vlm_fp32_buffers": "--reward.vlm-fp32-buffers"}  # metrics: always fp32
 
 
 def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
@@ -264,7 +266,7 @@ def generate_and_score(plan: Plan, generator, scorer, embedder, batch_size: int,
             images = generator.generate(prompts, [image_seed(plan.image_seed, j, repeats, r) for j, r in batch])
         else:
             images = torch.zeros(0, 3, generator.resolution, generator.resolution)
-        pixels = to_uint8(images)  # every metric scores the 8-bit image (docs/algorithm.md §8)
+        pixels = to_uint8(images)  # every metric scores the 8-bit image, rounded in the pipeline's dtype (§8)
         if scorer is not None:
             parts = scorer.components(prompts, pixels.float() / 255)
             scores[b * batch_size: b * batch_size + len(batch)] = torch.stack([parts[n] for n in scorer.names], -1)

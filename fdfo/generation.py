@@ -2,7 +2,7 @@
 
     sampler = load_generator("https://huggingface.co/nvidia/finite-difference-flow-optimization/tree/main/"
                              "fdfo-combined-reward-cfg-4.5/epoch-0000100")  # guidance 4.5, from the folder name
-    images = sampler.generate(["a red bicycle", "a cat"], seeds=[0, 1])   # float32 [2, 3, 512, 512] in [0, 1], CPU
+    images = sampler.generate(["a red bicycle", "a cat"], seeds=[0, 1])   # [2, 3, 512, 512] in [0, 1], CPU, bf16
     other = load_generator(None, base=sampler.base)                       # the base model, same pipeline in memory
 
 An image is what diffusers' `StableDiffusion3Pipeline.__call__` returns with its defaults for that prompt and seed
@@ -258,7 +258,8 @@ class BaseModel:
 
 
 class ImageSampler:
-    """Base model + one checkpoint + sampling settings. `generate(prompts, seeds)` -> float32 `[B, 3, H, W]`."""
+    """Base model + one checkpoint + sampling settings. `generate(prompts, seeds)` -> `[B, 3, H, W]` in the pipeline's
+    dtype."""
 
     def __init__(self, base: BaseModel, checkpoint: Checkpoint, adapter: Adapter | None, guidance_scale: float,
                  num_steps: int, resolution: int, guidance_source: str = ""):
@@ -274,7 +275,8 @@ class ImageSampler:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], batch_size: int | None = None) -> torch.Tensor:
-        """Images for `prompts[i]` from `seeds[i]`: float32 `[B, 3, H, W]` in [0, 1] on CPU, each what
+        """Images for `prompts[i]` from `seeds[i]`: `[B, 3, H, W]` in [0, 1] on CPU in the pipeline's output dtype
+        (bf16 on CUDA, float32 on CPU; round them with fdfo.images.to_uint8, as the metrics do), each what
         `StableDiffusion3Pipeline.__call__` gives for that prompt with `torch.Generator().manual_seed(seeds[i] %
         2**31)`. batch_size: images per pipeline call (default: all at once); it does not change the images."""
         if len(prompts) != len(seeds):
@@ -289,7 +291,7 @@ class ImageSampler:
             out = self.base.pipe(prompt=list(prompts[i:i + step]), generator=generators,
                                  num_inference_steps=self.num_steps, guidance_scale=self.guidance_scale,
                                  height=self.resolution, width=self.resolution, output_type="pt")
-            images.append(out.images.float().cpu())
+            images.append(out.images.cpu())  # the pipeline's dtype: fdfo.images.to_uint8 rounds in it (§8)
         return torch.cat(images)
 
 

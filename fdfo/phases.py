@@ -31,7 +31,7 @@ TIMESTEP_STREAM = 0x4B54  # --train.timesteps-per-sample draws; far from the sma
 class EpochSamples:
     """One rank's rollouts, interleaved a0, b0, ...: B = 2 * pairs_per_gpu samples, P = pairs_per_gpu prompts."""
 
-    states: torch.Tensor | None  # [B, K, C, h, w] in the model's dtype; None once handed to build_training_set
+    states: torch.Tensor | None  # [B, K, C, h, w] in the network's input dtype; None once handed to build_training_set
     velocities: torch.Tensor | None  # [B, K, C, h, w] (see rollout_dtypes)
     sigmas: torch.Tensor  # [T]
     final: torch.Tensor  # [B, C, h, w]
@@ -64,16 +64,21 @@ def kept_timesteps(cfg: Config, epoch: int, pair: int) -> torch.Tensor:
 
 
 def rollout_dtypes(policy) -> tuple[torch.dtype, tuple[torch.dtype, ...]]:
-    """How rollouts are stored: states in the model's dtype, velocities in the first lossless 16-bit candidate.
+    """How rollouts are stored: states in the dtype the network's first layer computes in, velocities in the first
+    lossless 16-bit candidate.
 
-    The network only ever sees a state as `x.to(policy.dtype)`, so storing that cast changes nothing in training.
-    A velocity is the network output cast to float32 (or, with CFG, a float32 combination of two outputs): it is kept
-    in 16 bits only when that round-trips exactly (`_lossless`), so training sees bit-identical values either way.
+    States: `policy.input_dtype` (fp16 under the default fp16 autocast, bf16 under bf16 autocast, else the model's
+    dtype). The network only ever sees `x.to(policy.input_dtype)` (fdfo/sd3.py), which is also what autocast makes of
+    the authors' fp32 state, so storing that cast changes nothing in training, and training sees what theirs sees.
+    A velocity is the network output cast to float32 (with CFG, under autocast, a combination computed in the output
+    dtype): it is kept in 16 bits only when that round-trips exactly (`_lossless`), so training sees bit-identical
+    values either way.
     """
     model_dtype = getattr(policy, "dtype", torch.float32)
+    state_dtype = getattr(policy, "amp_dtype", None) or model_dtype  # SD3Policy.input_dtype, for any policy object
     candidates = tuple(dt for dt in (getattr(policy, "amp_dtype", None), model_dtype)
                        if dt is not None and dt.itemsize < 4)
-    return model_dtype, candidates
+    return state_dtype, candidates
 
 
 def _lossless(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
@@ -163,7 +168,7 @@ class TrainingSet:
     """
 
     items: torch.Tensor  # [N] global item ids (CPU), for inspection and tests
-    states: torch.Tensor  # [N, C, h, w] in the model's dtype, on the device (host memory: --train.rollout-device)
+    states: torch.Tensor  # [N, C, h, w] in the network's input dtype, on the device (or --train.rollout-device)
     velocities: torch.Tensor  # [N, C, h, w]
     sigmas: torch.Tensor  # [T]
     timestep: torch.Tensor  # [N] index into sigmas

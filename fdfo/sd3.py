@@ -153,11 +153,18 @@ class SD3Policy:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents `[B, C, h, w]` -> images `[B, 3, 8h, 8w]` float32 in [0, 1]."""
+        """Latents `[B, C, h, w]` -> images `[B, 3, 8h, 8w]` float32 in [0, 1] (training rollouts, §6).
+
+        `latent / scaling_factor + shift_factor` in float32, then the VAE and the postprocessing `x / 2 + 0.5`,
+        clamped, under the training autocast as the authors run them (fp16 by default: the VAE's first layer sees
+        fp16 latents, and the images come out with fp16 values); without autocast in the VAE's own dtype.
+        """
         vae = self.pipe.vae
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        latents = latents.float() / vae.config.scaling_factor + vae.config.shift_factor
+        with self.autocast():
+            images = vae.decode(latents if self.amp_dtype is not None else latents.to(vae.dtype), return_dict=False)[0]
+            images = (images / 2 + 0.5).clamp(0, 1)
+        return images.float()
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         factor = self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
@@ -189,11 +196,21 @@ class SD3Policy:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the transformer's first layer computes in: the autocast dtype when there is one (the authors keep
+        states in fp32 and autocast rounds them to fp16 on entry), else the model's. A state rounded to it is exactly
+        what the network sees, so rollouts store states in this dtype (fdfo/phases.py:rollout_dtypes)."""
+        return self.amp_dtype or self.dtype
+
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
                  module: torch.nn.Module | None = None) -> torch.Tensor:
         """v(x, sigma, cond) in float32, with CFG `v_u + g (v_c - v_u)` when g != 1 (docs/algorithm.md §2).
 
         The timestep `1000 * sigma` stays float32 whatever the model dtype (§1: bf16 would move it by up to ~2).
+        The state enters as `x.to(self.input_dtype)`: under autocast exactly the value autocast would give the first
+        layer from an fp32 state (fp16(x) by default, not bf16(x)). Under autocast the CFG combination is computed in
+        the network's output dtype, as the authors do (it is then exactly representable in that dtype).
 
         module: the network to call (e.g. the DDP wrapper while training); default the LoRA transformer.
         """
@@ -207,13 +224,14 @@ class SD3Policy:
             embeds = torch.cat([neg["embeds"].expand(batch, -1, -1), embeds])
             pooled = torch.cat([neg["pooled"].expand(batch, -1), pooled])
         with self.autocast():
-            v = module(hidden_states=x.to(self.dtype), timestep=sigma.float() * 1000,
+            v = module(hidden_states=x.to(self.input_dtype), timestep=sigma.float() * 1000,
                        encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
-        v = v.float()
-        if self.guidance_scale != 1.0:
-            v_uncond, v_cond = v.chunk(2)
-            v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
-        return v
+            if self.amp_dtype is None:
+                v = v.float()
+            if self.guidance_scale != 1.0:
+                v_uncond, v_cond = v.chunk(2)
+                v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+        return v.float()
 
     def base_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """Velocity of the frozen base model (adapter disabled), for the optional KL-like term."""

@@ -105,8 +105,10 @@ def rollout_memory_note(policy, cfg: Config, geom: Geometry) -> str:
     """One line: the rollout memory each rank holds for training (states and velocities of its own items)."""
     state_dtype, velocity_dtypes = rollout_dtypes(policy)
     state_bytes = torch.finfo(state_dtype).bits // 8
-    # velocities are kept in 16 bits only when that is lossless, which CFG (a float32 combination) rules out
-    velocity_bytes = 2 if velocity_dtypes and cfg.sample.guidance_scale == 1.0 else 4
+    # velocities are kept in 16 bits only when that is lossless: CFG rules it out unless it runs under autocast (where
+    # the combination is computed in the 16-bit output dtype, fdfo/sd3.py)
+    lossless = cfg.sample.guidance_scale == 1.0 or getattr(policy, "amp_dtype", None) is not None
+    velocity_bytes = 2 if velocity_dtypes and lossless else 4
     latent = policy.latent_shape(cfg.sample.resolution)
     k = timesteps_per_sample(cfg)
     if cfg.algorithm != "fdfo":
@@ -223,10 +225,7 @@ def setup(cfg: Config, locks: list) -> Run:
             dist.print0(f"resume: {line} (applied from the next step)")
     module = policy.transformer
     if dist.is_distributed():
-        # Every LoRA parameter is in the graph: the last block's add_q_proj LoRA gets an exact zero gradient (that
-        # block drops its context output), not None (tests/test_numerics.py), so DDP needs no unused-parameter search.
-        module = torch.nn.parallel.DistributedDataParallel(
-            policy.transformer, device_ids=[device] if device.type == "cuda" else None)
+        module = dist.wrap_ddp(policy.transformer, device)  # gradients only: buffers are not broadcast
     run_dir = prepare_run_dir(cfg, locks)  # only now: a model that fails to load leaves no empty run folder behind
     return Run(cfg, geom, prompts, policy, reward, optimizer, scaler, module, run_dir,
                open_logger(cfg, geom, run_dir, counters["epoch"]), counters["epoch"], counters["global_step"], nft=nft)

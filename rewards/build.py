@@ -139,12 +139,14 @@ def _scorer(spec: TermSpec, cfg: RewardConfig, device: torch.device, loaded: dic
                 model_option=model_option,
                 processor_option=processor_option,
                 what=what,
+                float_preprocessing=not evaluation,  # §7 training: float on the device; §8 metrics: the processor
             )
         return loaded[spec.kind]
     question = spec.question or (VLM_METRIC_QUESTIONS if evaluation else VLM_KINDS)[spec.kind]
     if "vlm" not in loaded:
         fsdp = resolve_vlm_fsdp(cfg.vlm_fsdp)
         loaded["vlm"] = VLMScorer.load(
-            cfg.vlm_model, device=device, chunk_size=cfg.chunk_size, question=question, fsdp=fsdp
+            cfg.vlm_model, device=device, chunk_size=cfg.chunk_size, question=question, fsdp=fsdp,
+            bf16_buffers=not evaluation and not cfg.vlm_fp32_buffers,  # §7: the authors' training VLM; metrics fp32
         )
     return loaded["vlm"].with_question(question, processor_resize=evaluation)

@@ -4,6 +4,11 @@ All four score an (image, prompt) pair as `exp(logit_scale) * cos(text_embedding
 checkpoint's own `logit_scale`, in fp32, the prompt truncated at 77 tokens. PickScore and HPSv2 take their processor
 from the laion ViT-H/14 repository (both are fine-tunes of that model and use its preprocessing); the two plain CLIP
 metrics use their own repository's processor.
+
+Images reach the model one of two ways. The training reward (§7) preprocesses the float images on their device with
+`clip_preprocess`: what the processor's torchvision backend computes on float input (bicubic resize with antialias,
+centre crop, CLIP normalisation), whether or not torchvision is installed, and never through 8 bits. The evaluation
+metrics (§8) score 8-bit images and hand them to the processor itself.
 """
 
 from __future__ import annotations
@@ -29,18 +34,46 @@ def clip_score(text_embeds: torch.Tensor, image_embeds: torch.Tensor, logit_scal
     return logit_scale.float().exp() * (text * image).sum(dim=-1)
 
 
+# docs/algorithm.md §7: CLIPImageProcessor's torchvision backend on float input, written out with torch alone.
+def clip_preprocess(images: torch.Tensor, shortest_edge: int, crop: tuple[int, int], mean: Sequence[float],
+                    std: Sequence[float]) -> torch.Tensor:
+    """Float images `[B, 3, H, W]` in [0, 1] -> CLIP `pixel_values` `[B, 3, crop_h, crop_w]` float32, where `images` is.
+
+    Bicubic resize with antialias (align_corners False) so that the short side is `shortest_edge` and the long side
+    `int(shortest_edge * long / short)`; centre crop at top `int((h - crop_h) / 2)`, left likewise; `(x - mean) / std`
+    per channel. No 8-bit step and no clamp after the resize (the bicubic kernel may overshoot [0, 1] slightly).
+    """
+    images = images.float()
+    height, width = images.shape[-2:]
+    short, long = min(height, width), max(height, width)
+    new_long = int(shortest_edge * long / short)
+    size = (shortest_edge, new_long) if height <= width else (new_long, shortest_edge)
+    if size != (height, width):
+        images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+    crop_h, crop_w = crop
+    if crop_h > size[0] or crop_w > size[1]:
+        raise ValueError(f"CLIP preprocessing: a {crop_h}x{crop_w} crop does not fit a {size[0]}x{size[1]} image")
+    top, left = int((size[0] - crop_h) / 2.0), int((size[1] - crop_w) / 2.0)
+    images = images[..., top:top + crop_h, left:left + crop_w]
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device)[:, None, None]
+    return (images - mean_t) / std_t
+
+
 class CLIPScorer:
     """A `CLIPModel` + `CLIPProcessor` scoring `exp(logit_scale) * cos` per (prompt, image) pair.
 
-    Images go to the processor as float [0, 1] arrays with `do_rescale=False`. Without torchvision transformers
-    uses its PIL image processor, whose resize step works on an 8-bit copy of the image; that rounding is the same
-    for every call, so scores stay deterministic and independent of batching.
+    float_preprocessing True (the training reward, §7): `clip_preprocess` on the device with the processor's sizes,
+    mean and std. False (the evaluation metrics, §8): the images go to the processor as float [0, 1] arrays with
+    `do_rescale=False`; without torchvision transformers uses its PIL image processor, whose resize works on an
+    8-bit copy (exact for the metrics' 8-bit images). Either way scores are deterministic and independent of batching.
     """
 
-    def __init__(self, model, processor, chunk_size: int):
+    def __init__(self, model, processor, chunk_size: int, float_preprocessing: bool = False):
         self.model = model.float().eval()
         self.processor = processor
         self.chunk_size = chunk_size
+        self.float_preprocessing = float_preprocessing
 
     @classmethod
     def load(
@@ -53,15 +86,17 @@ class CLIPScorer:
         model_option: str,
         processor_option: str,
         what: str,
+        float_preprocessing: bool = False,
     ) -> "CLIPScorer":
-        """Load from hub ids or folders; `*_option` name the `RewardConfig` fields for the not-found message."""
+        """Load from hub ids or folders; `*_option` name the `RewardConfig` fields for the not-found message.
+        float_preprocessing: the training reward's on-device float path (see the class)."""
         from transformers import CLIPModel, CLIPProcessor
 
         processor = load_pretrained(CLIPProcessor.from_pretrained, processor_id, processor_option, f"{what} processor")
         model = load_pretrained(
             lambda path: CLIPModel.from_pretrained(path, dtype=torch.float32), model_id, model_option, f"{what} model"
         )
-        return cls(model.to(device), processor, chunk_size)
+        return cls(model.to(device), processor, chunk_size, float_preprocessing)
 
     @property
     def device(self) -> torch.device:
@@ -78,15 +113,20 @@ class CLIPScorer:
         return self.score(self.prepare(prompts, self.stage(images))).to(images.device)
 
     def stage(self, images: torch.Tensor) -> torch.Tensor:
-        """The device-side part of the preprocessing: `[B, 3, H, W]` float32 clamped to [0, 1], where `images` is;
-        `prepare` reads it on the host."""
-        return images.detach().float().clamp(0, 1)
+        """The device-side part of the preprocessing, where `images` is: float32 clamped to [0, 1], and with
+        float_preprocessing the whole `clip_preprocess` (`pixel_values`); `prepare` reads it on the host."""
+        images = images.detach().float().clamp(0, 1)
+        if not self.float_preprocessing:
+            return images
+        ip = self.processor.image_processor
+        crop = (ip.crop_size["height"], ip.crop_size["width"])
+        return clip_preprocess(images, ip.size["shortest_edge"], crop, ip.image_mean, ip.image_std)
 
     @torch.no_grad()
     def prepare(self, prompts: Sequence[str], staged: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """The CPU part for `stage(images)` (on the host or the device): per chunk of `chunk_size`, the processor's
-        `pixel_values` and the tokenizer's `input_ids` / `attention_mask`, on CPU. No model, no device work, no
-        randomness: safe to run in a worker thread."""
+        """The CPU part for `stage(images)` (on the host or the device): per chunk of `chunk_size`, the `pixel_values`
+        (the processor's, on CPU; with float_preprocessing the staged ones, where they are) and the tokenizer's
+        `input_ids` / `attention_mask`. No model, no device work, no randomness: safe to run in a worker thread."""
         return [self._chunk_inputs(list(prompts[s]), staged[s]) for s in chunk_slices(len(prompts), self.chunk_size)]
 
     @torch.no_grad()
@@ -96,12 +136,15 @@ class CLIPScorer:
         return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float32, device=self.device)
 
     def _chunk_inputs(self, prompts: list[str], staged: torch.Tensor) -> dict[str, torch.Tensor]:
-        pixels = self.processor.image_processor(
-            images=list(staged.cpu()),
-            do_rescale=False,
-            input_data_format="channels_first",
-            return_tensors="pt",
-        ).pixel_values
+        if self.float_preprocessing:  # already the pixel values
+            pixels = staged
+        else:
+            pixels = self.processor.image_processor(
+                images=list(staged.cpu()),
+                do_rescale=False,
+                input_data_format="channels_first",
+                return_tensors="pt",
+            ).pixel_values
         text = self.processor.tokenizer(
             prompts, padding=True, truncation=True, max_length=CLIP_MAX_TOKENS, return_tensors="pt"
         )

@@ -39,6 +39,10 @@ vlm_photo, vlm (needs a question), brightness, redness. A VLM question may conta
     """Shard the VLM with FSDP across ranks to save memory; default: on when the world size is > 1 (a single \
 process never shards). With sharding, all ranks score together and the VLM is not offloaded."""
 
+    vlm_fp32_buffers: bool = False
+    """Training reward only: keep the VLM's buffers (the rotary inv_freq) in fp32. Default: bf16, as the authors' \
+FSDP mixed-precision policy makes them in training (their evaluation VLM, and metrics.py here, keep fp32)."""
+
     offload: bool = False
     """Move the reward models to CPU between scoring phases (they come back on the next scoring call)."""
 

@@ -45,6 +45,17 @@ def resize_for_vlm(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor
     return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=False)
 
 
+def bf16_buffers_(model: torch.nn.Module) -> torch.nn.Module:
+    """§7: the authors' training VLM runs under FSDP with a mixed-precision policy whose buffer dtype is bf16, also on
+    one GPU, which casts every floating buffer to bf16: Qwen2.5-VL's rotary `inv_freq` (language model and vision
+    tower) then holds bf16-rounded frequencies. Cast them in place the same way; returns `model`."""
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point():
+                module._buffers[name] = buffer.to(torch.bfloat16)
+    return model
+
+
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token id lists to `input_ids [B, L]` and `attention_mask [B, L]` (1 on real tokens)."""
     length = max(len(seq) for seq in sequences)
@@ -95,11 +106,14 @@ class VLMScorer:
 
     @classmethod
     def load(
-        cls, model_id: str, *, device: torch.device | str, chunk_size: int, question: str, fsdp: bool = False
+        cls, model_id: str, *, device: torch.device | str, chunk_size: int, question: str, fsdp: bool = False,
+        bf16_buffers: bool = False,
     ) -> "VLMScorer":
         """Load tokenizer, image processor and model (bf16 on CUDA, fp32 otherwise) from a hub id or a folder.
 
-        With `fsdp` the model is read to CPU and then sharded across ranks (see `rewards.sharding`).
+        With `fsdp` the model is read to CPU and then sharded across ranks (see `rewards.sharding`). bf16_buffers:
+        the training reward's buffers in bf16, as the authors' FSDP mixed-precision policy makes them
+        (`bf16_buffers_`); the evaluation metrics keep them in fp32.
         """
         from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -114,6 +128,8 @@ class VLMScorer:
             "vlm_model",
             "VLM",
         ).eval()
+        if bf16_buffers:
+            bf16_buffers_(model)
         model = shard_vlm(model, device) if fsdp else model.to(device)
         return cls(model, tokenizer, image_processor, question, chunk_size, chat_template, sharded=fsdp)
 

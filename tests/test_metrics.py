@@ -269,7 +269,8 @@ def test_user_errors_before_anything_loads(monkeypatch):
     assert str(error.value) == INSTALL_HINT
     assert check_config(EvalConfig(metrics=("clip_l14", "vlm_photo"))) == (["clip_l14", "vlm_photo"], False)
     for option, flag in (("specs", "--reward.specs"), ("offload", "--reward.offload"),
-                         ("overlap_preprocessing", "--reward.overlap-preprocessing")):
+                         ("overlap_preprocessing", "--reward.overlap-preprocessing"),
+                         ("vlm_fp32_buffers", "--reward.vlm-fp32-buffers")):
         value = ("pickscore:1.0",) if option == "specs" else True
         with pytest.raises(ValueError, match=f"{flag} .* is a train.py option; metrics.py computes the --metrics"):
             check_config(EvalConfig(reward=RewardConfig(**{option: value})))

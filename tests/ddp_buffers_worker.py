@@ -1,0 +1,35 @@
+"""Run as 2 gloo processes (RANK / WORLD_SIZE / MASTER_* set) by tests/test_numerics_authors.py: a module with a
+buffer, wrapped by fdfo.distributed.wrap_ddp; each rank then sets its own buffer value, runs forward + backward, and
+prints one JSON line with the buffer it used and its averaged gradient."""
+
+import json
+
+import torch
+
+from fdfo import distributed
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        self.register_buffer("scale", torch.ones(2))
+
+    def forward(self, x):
+        return (self.weight * self.scale * x).sum()
+
+
+def main():
+    device = distributed.init("cpu")
+    rank = distributed.get_rank()
+    module = Scaled()
+    ddp = distributed.wrap_ddp(module, device)
+    with torch.no_grad():
+        module.scale.fill_(rank + 1.0)  # ranks' buffers differ after wrapping (DDP synced them once, at wrapping)
+    ddp(torch.ones(2)).backward()
+    print(json.dumps({"rank": rank, "scale": module.scale.tolist(), "grad": module.weight.grad.tolist()}), flush=True)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
