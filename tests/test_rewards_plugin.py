@@ -223,3 +223,55 @@ def test_jpeg_compressibility_is_minus_the_quality_95_size_in_kb():
     scores = JpegCompressibility()(["a", "b"], images)
     assert scores.dtype == torch.float32 and scores.tolist() == pytest.approx(expected, abs=1e-6)
     assert scores[1] > scores[0]
+
+
+AESTHETIC_CHILD = textwrap.dedent(
+    """
+    import json, torch
+    from rewards import RewardConfig, build_from_specs
+    images = torch.randint(0, 256, (3, 3, 40, 40), generator=torch.Generator().manual_seed(0)).float() / 255
+    reward = build_from_specs(["plugin:1:rewards/examples/aesthetic.py:Aesthetic"], RewardConfig(), "cpu")
+    print(json.dumps(reward.components(["a", "b", "c"], images)["aesthetic"].tolist()))
+    """
+)
+
+
+@pytest.mark.slow  # ~10 s: a subprocess (the hub reads its cache settings at import) and two tiny CLIP loads
+def test_aesthetic_example_loads_a_clip_and_a_head_from_the_hub_offline(tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from rewards.examples.aesthetic import AestheticHead
+    from tests.tiny_rewards import build_fake_hf_cache, save_tiny_clip
+
+    torch.manual_seed(7)
+    state = {k: torch.randn_like(v) * 0.3 for k, v in AestheticHead(16).state_dict().items()}  # tiny CLIP: 16-d
+
+    def head(folder):
+        folder.mkdir(parents=True)
+        torch.save(state, folder / "aesthetic-model.pth")
+
+    def clip(folder):
+        save_tiny_clip(folder, seed=3)
+
+    cache = build_fake_hf_cache(tmp_path / "hub", {"openai/clip-vit-large-patch14": clip,
+                                                   "trl-lib/ddpo-aesthetic-predictor": head})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home"),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", AESTHETIC_CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+
+    # independently: the CLIP from its folder, its image embedding normalised, the five Linear layers by hand
+    root = cache / "models--openai--clip-vit-large-patch14"
+    folder = root / "snapshots" / (root / "refs/main").read_text()
+    images = torch.randint(0, 256, (3, 3, 40, 40), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    pixels = CLIPProcessor.from_pretrained(folder).image_processor(images=list(images), return_tensors="pt",
+                                                                   input_data_format="channels_first").pixel_values
+    with torch.no_grad():
+        x = CLIPModel.from_pretrained(folder).get_image_features(pixel_values=pixels).pooler_output
+        x = x / x.norm(dim=-1, keepdim=True)
+        for i in (0, 2, 4, 6, 7):
+            x = x @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
+    assert scores == pytest.approx(x.squeeze(-1).tolist(), abs=1e-5)
+    assert max(scores) - min(scores) > 1e-3  # the images are told apart
