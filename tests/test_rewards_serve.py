@@ -253,3 +253,23 @@ def test_a_server_that_dies_mid_run_stops_it_and_a_rerun_resumes_bit_for_bit(tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     logged = [r for r in read_log(tmp_path / "b") if "reward_mean" in r]
     assert [r["epoch"] for r in logged] == [0, 1] and all("redness_mean" in r and "remote_mean" in r for r in logged)
+
+
+@pytest.mark.slow  # two torchrun workers and a server process: about a minute on two busy cores
+def test_two_training_processes_share_one_server(tmp_path):
+    with server_process(["redness:1"]) as (process, url):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(ROOT / "train.py"), "--preset", "smoke", "--run-dir", str(tmp_path / "run"), "--num-epochs", "2",
+             "--save-freq", "1", "--total-pairs-per-epoch", "8", "--sample.num-solver-steps", "3",
+             "--image-log-freq", "0",
+             "--reward.specs", f"remote:1:{url}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        process.kill()
+        process.wait(timeout=60)
+        served = process.stderr.read()
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [r for r in read_log(tmp_path / "run") if "reward_mean" in r]
+    assert [r["epoch"] for r in logged] == [0, 1]
+    assert all(r["remote_mean"] == pytest.approx(r["redness_mean"]) and r["invalid_pairs"] == 0 for r in logged)
+    assert served.count('"POST /score HTTP/1.1" 200') == 2 * 2  # each rank's sampling batch, each epoch
