@@ -155,6 +155,8 @@ def test_plugin_forms_factory_module_and_names(plugin, monkeypatch):
     twice = build_metrics(["brightness", f"plugin:1:{plugin}:Greenness", f"plugin:1:{plugin}:Greenness"],
                           RewardConfig(), "cpu")
     assert twice.names == ("brightness", "greenness", "greenness_2")
+    with pytest.raises(ValueError, match="metrics are raw scores, unweighted; write the weight as 1"):
+        build_metrics([f"plugin:0.5:{plugin}:Greenness"], RewardConfig(), "cpu")
 
 
 @pytest.mark.parametrize("target, error, fragments", [
@@ -194,6 +196,9 @@ def test_a_bad_plugin_stops_train_py_before_the_run_folder_exists(tmp_path, plug
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "has no attribute 'Missing'" in errors[0] and not run_dir.exists()
+    with pytest.raises(ValueError, match="has no attribute 'Missing'"):  # found by the flag checks, before any load
+        missing = RewardConfig(specs=(f"plugin:1:{plugin}:Missing",))
+        check_config(dataclasses.replace(tiny_config(run_dir), reward=missing))
 
 
 def test_a_wrong_answer_stops_training_before_sd3_loads(tmp_path, plugin, monkeypatch):
