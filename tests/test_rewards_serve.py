@@ -87,6 +87,11 @@ def test_served_scores_equal_the_in_process_reward(clip_cfg):
     for name in ("pickscore", "redness"):
         assert torch.equal(got[name], want[name]), name  # 8-bit inputs: exactly the same numbers
     assert torch.equal(got["remote"], want["reward"]) and torch.equal(got["reward"], 2 * want["reward"])
+    floats = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # sent as 8 bits, rounded half up
+    with serving(["redness:1"]) as url:
+        got = build_from_specs([f"remote:1:{url}"], RewardConfig(), "cpu").components(prompts, floats)
+    rounded = torch.floor(floats.double() * 255 + 0.5).float() / 255
+    assert torch.equal(got["redness"], build_from_specs(["redness:1"], RewardConfig(), "cpu")(prompts, rounded))
 
 
 def test_the_server_batches_queued_requests_and_answers_each_its_own_rows():
@@ -110,10 +115,10 @@ def test_the_server_batches_queued_requests_and_answers_each_its_own_rows():
     def ask(i):
         answers[i] = batcher.score(*requests_[i])
 
-    threads = [threading.Thread(target=ask, args=(0,))]
+    threads = [threading.Thread(target=ask, args=(0,), daemon=True)]
     threads[0].start()
     assert entered.wait(timeout=60)  # the worker is scoring request 0; the other three queue up meanwhile
-    threads += [threading.Thread(target=ask, args=(i,)) for i in (1, 2, 3)]
+    threads += [threading.Thread(target=ask, args=(i,), daemon=True) for i in (1, 2, 3)]
     for thread in threads[1:]:
         thread.start()
     for _ in range(6000):  # bounded: at most a minute
@@ -123,6 +128,7 @@ def test_the_server_batches_queued_requests_and_answers_each_its_own_rows():
     release.set()
     for thread in threads:
         thread.join(timeout=60)
+    assert all(answer is not None for answer in answers)
     batcher.stop()
     assert seen[0] == requests_[0][0] and sorted(map(len, seen[1:])) == [9]  # 2 + 3 + 4 images in one call
     for (prompts, pixels), answer in zip(requests_, answers):
@@ -172,6 +178,41 @@ class _Liar(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+class _Busy(_Liar):
+    """Answers the first score request with 503, the next ones properly (one score per image)."""
+
+    def do_POST(self):  # noqa: N802
+        count = int(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["shape"][0])
+        self.server.posts += 1
+        if self.server.posts == 1:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self._send(json.dumps({"scores": {"x": [0.5] * count, "reward": [0.5] * count}}).encode())
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_busy_server_is_retried(retries):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Busy)
+    server.posts = 0
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        reward = build_from_specs([f"remote:1:{url}"], RewardConfig(remote_retries=retries), "cpu")
+        if retries == 0:
+            with pytest.raises(RewardServerDown, match=r"did not answer \(HTTP 503"):
+                reward.components(["a", "b"], eight_bit(2))
+        else:
+            assert reward.components(["a", "b"], eight_bit(2))["x"].tolist() == [0.5, 0.5]
+        assert server.posts == 1 + retries
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)
 
 
 @pytest.mark.parametrize("malformed, message", [(False, "answered 1 x scores for 2 images"),
