@@ -343,8 +343,15 @@ def check_config(cfg: Config) -> None:
         need(_finite(b.noise_level) and b.noise_level > 0, "--baseline.noise-level", b.noise_level, "> 0")
         need(_finite(b.nft_beta) and b.nft_beta > 0, "--baseline.nft-beta", b.nft_beta, "> 0")
         need(_finite(b.ema_decay) and 0 <= b.ema_decay < 1, "--baseline.ema-decay", b.ema_decay, "in [0, 1)")
+    r = cfg.reward
+    need(_finite(r.remote_timeout) and r.remote_timeout > 0, "--reward.remote-timeout", r.remote_timeout, "> 0")
+    need(r.remote_retries >= 0, "--reward.remote-retries", r.remote_retries, ">= 0")
     if problems:
         raise ValueError("; ".join(problems))
+    from rewards.build import check_specs, training_specs
+
+    # every spec parses, plug-ins import, reward servers answer: before any model loads or the run folder exists
+    check_specs(training_specs(cfg.reward_preset, cfg.reward), cfg.reward)
 
 
 def _finite(x: float) -> bool:

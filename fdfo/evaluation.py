@@ -34,9 +34,10 @@ from fdfo.files import nearest_existing, write_json_atomic
 from fdfo.images import to_uint8, uint8_to_pil
 from fdfo.prompts import load_prompt_set
 from rewards import EVAL_METRICS, RewardConfig, build_metrics
+from rewards.build import EXTERNAL_KINDS, SMOKE_METRICS, check_specs, metric_specs
 
 DIVERSITY = "dreamsim_diversity"
-METRICS = (*EVAL_METRICS, DIVERSITY)
+METRICS = (*EVAL_METRICS, *SMOKE_METRICS, DIVERSITY)
 
 
 @dataclass
@@ -52,7 +53,8 @@ https://huggingface.co/<org>/<repo>/tree/main/<folder> URL or hf:<org>/<repo>/<s
     """Images per prompt, each with its own seed (dreamsim_diversity needs >= 2)."""
     metrics: tuple[str, ...] = ("pickscore", "hpsv2", "clip_h14", "clip_l14")
     """Metrics to compute: pickscore, hpsv2, clip_h14, clip_l14, vlm_alignment, vlm_quality, vlm_photo, \
-dreamsim_diversity."""
+dreamsim_diversity; redness, brightness (analytic, no download: smoke runs); your own reward \
+"plugin:1:my_rewards.py:Aesthetic" or a reward server "remote:1:http://127.0.0.1:8000" (docs/rewards.md)."""
     pretrained_model: str | None = None
     """Hugging Face id or local folder of the SD3 pipeline the LoRA belongs to; default: the one recorded in our run \
 checkpoints, else stabilityai/stable-diffusion-3.5-medium."""
@@ -118,10 +120,11 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
     """User errors before anything loads. Returns the reward-model metrics and whether diversity is asked for."""
     check_device("--device", cfg.device)
     metrics = list(cfg.metrics)
-    unknown = [name for name in metrics if name not in METRICS]
+    unknown = [name for name in metrics if name not in METRICS and name.split(":", 1)[0] not in EXTERNAL_KINDS]
     if unknown or not metrics:
         raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; --metrics takes one or more of "
-                         f"{', '.join(METRICS)}.")
+                         f"{', '.join(METRICS)}, or a plug-in \"plugin:1:file.py:Attr\" / a reward server "
+                         f"\"remote:1:URL\".")
     if len(set(metrics)) != len(metrics):
         raise ValueError(f"--metrics names a metric twice: {' '.join(metrics)}.")
     if cfg.num_repeats < 1:
@@ -148,7 +151,10 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
         check_output_path("--out", Path(cfg.out), folder=False)
     if cfg.save_images:
         check_output_path("--save-images", Path(cfg.save_images), folder=True)
-    return [name for name in metrics if name != DIVERSITY], DIVERSITY in metrics
+    reward_names = [name for name in metrics if name != DIVERSITY]
+    if reward_names:
+        check_specs(metric_specs(reward_names), cfg.reward)  # parsed, plug-ins imported, reward servers answering
+    return reward_names, DIVERSITY in metrics
 
 
 def check_output_path(flag: str, path: Path, folder: bool) -> None:

@@ -52,6 +52,7 @@ from fdfo.rng import derive_seed
 from fdfo.runlog import NullLogger, RunLogger
 from fdfo.safety import RunLock, SignalGuard, check_weights, watch_parent
 from fdfo.sd3 import SD3Policy
+from rewards.remote import RewardServerDown
 
 INIT_STREAM = 3
 CHECKPOINT_FORMAT = 1
@@ -199,12 +200,12 @@ def setup(cfg: Config, locks: list) -> Run:
                              f"or pass --resume-from another one.")
         check_adapter_fits(cfg, resume)
         applied = check_resume_settings(cfg, geom, resume)
+    reward = build_reward_model(cfg, device)  # first: a plug-in that answers wrongly fails before SD3 loads
     policy = build_policy(cfg, device)
     policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
     dist.print0(rollout_memory_note(policy, cfg, geom))
     if dist.get_rank() == 0:  # a meta-device forward (about a second at full size): once is enough
         dist.print0(activation_note(policy, cfg, geom))
-    reward = build_reward_model(cfg, device)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=policy.amp_dtype == torch.float16)
@@ -299,6 +300,9 @@ def train(cfg: Config) -> Path:
     except Interrupted as e:
         e.hint = resume_hint(cfg, run.run_dir if run is not None else None)
         raise
+    except RewardServerDown as e:  # like a pre-emption: the last checkpoint is intact
+        raise RewardServerDown(f"{e}; start the server again and "
+                               f"{resume_hint(cfg, run.run_dir if run is not None else None)}") from None
     finally:
         try:
             if run is not None:

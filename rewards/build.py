@@ -1,6 +1,8 @@
-"""Reward kinds, presets and "kind:weight[:question]" specs (docs/algorithm.md §7-§8), and building them into rewards.
+"""Reward kinds, presets and "kind:weight[:rest]" specs (docs/algorithm.md §7-§8), and building them into rewards.
 
-Every model is loaded once per build: two CLIP terms of one kind share a model, all VLM terms share one VLM.
+Every model is loaded once per build: two CLIP terms of one kind share a model, all VLM terms share one VLM. Users'
+own rewards are "plugin:WEIGHT:file.py:Attr" / "plugin:WEIGHT:module:Attr" (rewards/plugin.py) and rewards served
+elsewhere "remote:WEIGHT:URL" (rewards/remote.py, rewards/serve.py); docs/rewards.md.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 from rewards.analytic import Brightness, Redness
 from rewards.clip import CLIPScorer
 from rewards.config import RewardConfig
+from rewards.plugin import build_plugin, load_attribute, split_target
+from rewards.remote import RemoteScorer
 from rewards.sharding import resolve_vlm_fsdp
 from rewards.vlm import ALIGNMENT_QUESTION, EVAL_ALIGNMENT_QUESTION, PHOTO_QUESTION, QUALITY_QUESTION, VLMScorer
 from rewards.weighted import Term, WeightedReward
@@ -39,7 +43,8 @@ VLM_METRIC_QUESTIONS = {
     "vlm_photo": PHOTO_QUESTION,
 }
 ANALYTIC_KINDS = {"brightness": Brightness, "redness": Redness}
-KINDS = (*CLIP_KINDS, *VLM_KINDS, *ANALYTIC_KINDS)
+EXTERNAL_KINDS = ("plugin", "remote")  # "plugin:W:file.py:Attr" or "plugin:W:module:Attr"; "remote:W:URL"
+KINDS = (*CLIP_KINDS, *VLM_KINDS, *ANALYTIC_KINDS, *EXTERNAL_KINDS)
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "pickscore": ("pickscore:1.0",),
@@ -49,10 +54,12 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "redness": ("redness:1.0",),  # analytic, no model: the CPU smoke preset
 }
 EVAL_METRICS = ("pickscore", "hpsv2", "clip_h14", "clip_l14", "vlm_alignment", "vlm_quality", "vlm_photo")
+SMOKE_METRICS = tuple(ANALYTIC_KINDS)  # no model, no download: metrics.py's table, intervals and --compare on CPU
 
 _SPEC_FORMAT = (
     '"kind:weight" or "kind:weight:question", e.g. "pickscore:1.0" or "vlm:0.5:Is there a dog in this image?", '
-    f"with kind one of {', '.join(KINDS)}"
+    f"with kind one of {', '.join(KINDS[:-2])}; or a plug-in \"plugin:weight:file.py:Attr\" / "
+    '"plugin:weight:my_pkg.rewards:Attr", or a reward server "remote:weight:http://127.0.0.1:8000"'
 )
 
 
@@ -61,6 +68,7 @@ class TermSpec:
     kind: str
     weight: float
     question: str | None = None  # VLM kinds only; None: the kind's default question
+    target: str | None = None  # plugin: "file.py:Attr" or "module:Attr"; remote: the URL
 
 
 def parse_spec(spec: str) -> TermSpec:
@@ -78,6 +86,8 @@ def parse_spec(spec: str) -> TermSpec:
         weight = math.nan
     if not math.isfinite(weight):
         raise ValueError(f"Bad reward spec {spec!r}: weight {weight_text!r} is not a finite number; {_SPEC_FORMAT}.")
+    if kind in EXTERNAL_KINDS:
+        return _external_spec(spec, kind, weight, question)
     if question is not None and kind not in VLM_KINDS:
         raise ValueError(f"Bad reward spec {spec!r}: only VLM kinds ({', '.join(VLM_KINDS)}) take a question.")
     if question == "" or (kind == "vlm" and question is None):
@@ -85,22 +95,71 @@ def parse_spec(spec: str) -> TermSpec:
     return TermSpec(kind, weight, question)
 
 
+def _external_spec(spec: str, kind: str, weight: float, rest: str | None) -> TermSpec:
+    if kind == "plugin":
+        split_target(spec, rest or "")  # raises for a malformed "file.py:Attr" / "module:Attr"
+        return TermSpec(kind, weight, target=rest)
+    if not rest or not rest.startswith(("http://", "https://")) or len(rest.split("://", 1)[1]) == 0:
+        raise ValueError(f'Bad reward spec {spec!r}: a reward server is "remote:WEIGHT:URL" with an http:// or '
+                         f'https:// URL, e.g. "remote:1.0:http://127.0.0.1:8000".')
+    return TermSpec(kind, weight, target=rest)
+
+
+def check_specs(specs: Sequence[str], cfg: RewardConfig | None = None) -> list[TermSpec]:
+    """The checks that need no model, run before anything loads or is created: every spec parses, every plug-in's
+    module imports and has its callable attribute, every reward server answers its health check."""
+    parsed = [parse_spec(spec) for spec in specs]
+    cfg = cfg or RewardConfig()
+    for text, spec in zip(specs, parsed):
+        if spec.kind == "plugin":
+            load_attribute(text, *split_target(text, spec.target))
+        elif spec.kind == "remote":
+            RemoteScorer(spec.target, text, cfg.remote_timeout, cfg.remote_retries, cfg.chunk_size).connect()
+    return parsed
+
+
+def training_specs(preset: str, cfg: RewardConfig) -> tuple[str, ...]:
+    """The specs a training run uses: `cfg.specs` if given, else the named preset's."""
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown reward preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    return tuple(cfg.specs) or PRESETS[preset]
+
+
 def build_reward(preset: str, cfg: RewardConfig, device: torch.device | str) -> WeightedReward:
     """The training reward: `cfg.specs` if given, else the named preset (pickscore, vlm_alignment, combined,
     brightness). Models load from the ids / folders in `cfg` onto `device`."""
-    if preset not in PRESETS:
-        raise ValueError(f"Unknown reward preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    return build_from_specs(cfg.specs or PRESETS[preset], cfg, device)
+    return build_from_specs(training_specs(preset, cfg), cfg, device)
+
+
+def metric_specs(names: Sequence[str]) -> list[str]:
+    """Metric names (`EVAL_METRICS`, `SMOKE_METRICS`) and plug-in / server specs ("plugin:1:file.py:Attr",
+    "remote:1:URL", the training syntax) -> weight-1 specs; ValueError for anything else. A metric is a raw score,
+    so the weight of a spec must be 1 (it would otherwise be ignored)."""
+    specs, unknown = [], []
+    for name in names:
+        kind = name.split(":", 1)[0].strip()
+        if kind in EXTERNAL_KINDS:
+            spec = parse_spec(name)
+            if spec.weight != 1.0:
+                raise ValueError(f"metric {name!r}: metrics are raw scores, unweighted; write the weight as 1, e.g. "
+                                 f"{kind}:1:{spec.target}.")
+            specs.append(name)
+        elif name in EVAL_METRICS or name in SMOKE_METRICS:
+            specs.append(f"{name}:1.0")
+        else:
+            unknown.append(name)
+    if unknown or not names:
+        raise ValueError(f"Unknown reward metric(s) {unknown or list(names)}; choose from "
+                         f"{', '.join(EVAL_METRICS + SMOKE_METRICS)}, or a plug-in \"plugin:1:file.py:Attr\" or a "
+                         f'reward server "remote:1:URL".')
+    return specs
 
 
 def build_metrics(names: Sequence[str], cfg: RewardConfig, device: torch.device | str) -> WeightedReward:
-    """Evaluation metrics by name (`EVAL_METRICS`), each a weight-1 term: read them from `.components()`.
+    """Evaluation metrics by name or spec (`metric_specs`), each a weight-1 term: read them from `.components()`.
 
     VLM metrics ask the §8 questions and feed 8-bit images through the processor's default resize."""
-    unknown = [name for name in names if name not in EVAL_METRICS]
-    if unknown or not names:
-        raise ValueError(f"Unknown reward metric(s) {unknown or list(names)}; choose from {', '.join(EVAL_METRICS)}.")
-    return build_from_specs([f"{name}:1.0" for name in names], cfg, device, evaluation=True)
+    return build_from_specs(metric_specs(names), cfg, device, evaluation=True)
 
 
 def build_from_specs(
@@ -118,14 +177,25 @@ def build_from_specs(
     device = torch.device(device)
     loaded: dict[str, object] = {}  # kind ("vlm" for all VLM kinds) -> scorer, so every model loads once
     terms, seen = [], {}
-    for spec in parsed:
-        seen[spec.kind] = seen.get(spec.kind, 0) + 1
-        name = spec.kind if seen[spec.kind] == 1 else f"{spec.kind}_{seen[spec.kind]}"
-        terms.append(Term(name, spec.weight, _scorer(spec, cfg, device, loaded, evaluation)))
+    for text, spec in zip(specs, parsed):
+        scorer = _scorer(text, spec, cfg, device, loaded, evaluation)
+        kind = scorer.name if spec.kind in EXTERNAL_KINDS else spec.kind  # a plug-in's own name, or "remote"
+        seen[kind] = seen.get(kind, 0) + 1
+        terms.append(Term(kind if seen[kind] == 1 else f"{kind}_{seen[kind]}", spec.weight, scorer))
+    names = [n for term in terms for n in (term.name, *getattr(term.scorer, "component_names", ()))]
+    twice = sorted({n for n in names if names.count(n) > 1} | ({"reward"} & set(names)))
+    if twice:
+        raise ValueError(f"reward specs {list(specs)} give the score name(s) {', '.join(twice)} twice (a plug-in's "
+                         f"name or a server's term equals another term's; 'reward' is the weighted sum): rename one.")
     return WeightedReward(terms, device, offload=cfg.offload)
 
 
-def _scorer(spec: TermSpec, cfg: RewardConfig, device: torch.device, loaded: dict[str, object], evaluation: bool):
+def _scorer(text: str, spec: TermSpec, cfg: RewardConfig, device: torch.device, loaded: dict[str, object],
+            evaluation: bool):
+    if spec.kind == "plugin":
+        return build_plugin(text, spec.target, device, cfg.chunk_size)
+    if spec.kind == "remote":
+        return RemoteScorer(spec.target, text, cfg.remote_timeout, cfg.remote_retries, cfg.chunk_size).connect()
     if spec.kind in ANALYTIC_KINDS:
         return ANALYTIC_KINDS[spec.kind]()
     if spec.kind in CLIP_KINDS:

@@ -12,7 +12,9 @@ class RewardConfig:
     specs: tuple[str, ...] = ()
     """Custom reward terms overriding the preset, each "kind:weight" or "kind:weight:question", e.g. \
 "pickscore:1.0" "vlm_alignment:0.1". Kinds: pickscore, hpsv2, clip_h14, clip_l14, vlm_alignment, vlm_quality, \
-vlm_photo, vlm (needs a question), brightness, redness. A VLM question may contain {prompt}, replaced by the caption."""
+vlm_photo, vlm (needs a question), brightness, redness. A VLM question may contain {prompt}, replaced by the caption. \
+Your own reward: "plugin:0.5:my_rewards.py:Aesthetic" or "plugin:0.5:my_pkg.rewards:Aesthetic"; a reward server \
+(python -m rewards.serve): "remote:1.0:http://127.0.0.1:8000" (docs/rewards.md)."""
 
     pickscore_model: str = "yuvalkirstain/PickScore_v1"
     """PickScore CLIP model (hub id or local folder)."""
@@ -45,6 +47,13 @@ FSDP mixed-precision policy makes them in training (their evaluation VLM, and me
 
     offload: bool = False
     """Move the reward models to CPU between scoring phases (they come back on the next scoring call)."""
+
+    remote_timeout: float = 600.0
+    """Seconds a remote: reward server may take to answer one request of --reward.chunk-size images."""
+
+    remote_retries: int = 5
+    """Retries of a remote: request after a connection error, a timeout or HTTP 503 (waiting 1, 2, 4, ... s, at most \
+30 s each); a server still down after them stops the run like a pre-emption (rerun to resume)."""
 
     overlap_preprocessing: bool = False
     """Training only: run the reward models' CPU preprocessing of each sampling batch (device-to-host copy, image \

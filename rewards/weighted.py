@@ -38,7 +38,7 @@ class WeightedReward:
     """
 
     def __init__(self, terms: Sequence[Term], device: torch.device | str, offload: bool = False):
-        names = [term.name for term in terms]
+        names = [n for term in terms for n in (term.name, *getattr(term.scorer, "component_names", ()))]
         assert terms and len(set(names)) == len(names) and "reward" not in names, names
         self.terms = tuple(terms)
         self.device = torch.device(device)
@@ -47,8 +47,9 @@ class WeightedReward:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Term names in order: the keys of `components` besides "reward"."""
-        return tuple(term.name for term in self.terms)
+        """Term names in order, each followed by its scorer's `component_names` (a reward server's terms): the keys of
+        `components` besides "reward"."""
+        return tuple(n for term in self.terms for n in (term.name, *getattr(term.scorer, "component_names", ())))
 
     def __call__(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
         """The weighted sum, float32 `[B]` on `images.device`."""
@@ -77,7 +78,9 @@ class WeightedReward:
         """The model forwards of `prepare_components`'s inputs: `components`' dict, each float32 on `device`."""
         if self._offloaded:
             self.to(self.device)
-        scores = {term.name: _score(term.scorer, prepared[term.name]).float().to(device) for term in self.terms}
+        scores = {}
+        for term in self.terms:
+            scores |= _named(term, _score(term.scorer, prepared[term.name]), device)
         total = torch.zeros_like(scores[self.terms[0].name])
         for term in self.terms:
             total = total + term.weight * scores[term.name]
@@ -109,3 +112,12 @@ def _prepare(scorer: Scorer, prompts: Sequence[str], images: torch.Tensor) -> ob
 
 def _score(scorer: Scorer, inputs: object) -> torch.Tensor:
     return scorer.score(inputs) if hasattr(scorer, "score") else scorer(*inputs)
+
+
+def _named(term: Term, scores: torch.Tensor | dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """{term name: score [B]}; a scorer with `component_names` (rewards/remote.py) answers {component: [B], ...,
+    "reward": its weighted sum}: the sum is the term's score and each component is kept under its own name."""
+    if not isinstance(scores, dict):
+        return {term.name: scores.float().to(device)}
+    parts = {term.name: scores["reward"]} | {n: scores[n] for n in term.scorer.component_names}
+    return {k: v.float().to(device) for k, v in parts.items()}
