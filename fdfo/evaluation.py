@@ -132,6 +132,9 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
             raise ValueError(INSTALL_HINT)
     if cfg.num_prompts is not None and cfg.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {cfg.num_prompts}.")
+    flag, prompt_seed = ("--seed", cfg.seed) if cfg.seed is not None else ("--prompt-seed", cfg.prompt_seed)
+    if not 0 <= prompt_seed < 2**32:  # the seed of numpy's shuffle (select_prompts)
+        raise ValueError(f"{flag} {prompt_seed} is invalid: it must be in [0, 2**32 - 1].")
     defaults = RewardConfig()
     for option, flag in TRAINING_ONLY_REWARD_OPTIONS.items():
         if getattr(cfg.reward, option) != getattr(defaults, option):
@@ -139,9 +142,10 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
                              f"--metrics it is given and would ignore it: leave it out.")
     if cfg.batch_size < 1 or cfg.num_steps < 1:
         raise ValueError(f"--batch-size and --num-steps must be >= 1, got {cfg.batch_size} and {cfg.num_steps}.")
-    from fdfo.generation import check_resolution
+    from fdfo.generation import check_guidance_scale, check_resolution
 
     check_resolution(cfg.resolution)
+    check_guidance_scale(cfg.guidance_scale)
     if cfg.out:
         check_output_path("--out", Path(cfg.out), folder=False)
     if cfg.save_images:
@@ -192,17 +196,21 @@ def evaluate(cfg: EvalConfig) -> dict:
     Returns the results (the same dict on every rank). With --compare, both checkpoints are scored on the same
     prompts and seeds (one base model in memory) and the results hold both and their paired differences."""
     from fdfo.generation import describe, load_generator
+    from fdfo.hub import resolve_checkpoint
 
     start = time.perf_counter()
     reward_names, want_diversity = check_config(cfg)
     plan = make_plan(cfg)
 
     device = distributed.init(cfg.device)
-    generator = load_generator(cfg.checkpoint, pretrained_model=cfg.pretrained_model, device=device,
+    with distributed.rank0_first():  # both checkpoints found and checked (recorded SHA-256) before any model loads
+        checkpoint = resolve_checkpoint(cfg.checkpoint)
+        compare = resolve_checkpoint(cfg.compare) if cfg.compare is not None else None
+    generator = load_generator(checkpoint, pretrained_model=cfg.pretrained_model, device=device,
                                guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, resolution=cfg.resolution)
     other = None
     if cfg.compare is not None:
-        other = load_generator(None if cfg.compare == "base" else cfg.compare, base=generator.base, device=device,
+        other = load_generator(compare, base=generator.base, device=device,
                                guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, resolution=cfg.resolution)
     scorer = build_metrics(reward_names, cfg.reward, device) if reward_names else None
     embedder = None

@@ -182,7 +182,7 @@ def generate_grid(cfg) -> Path:
     from tqdm import tqdm
 
     from fdfo.cli import check_device
-    from fdfo.generation import check_resolution, choose_base_model, describe, load_generator
+    from fdfo.generation import check_guidance_scale, check_resolution, choose_base_model, describe, load_generator
     from fdfo.hub import resolve_checkpoint
     from fdfo.prompts import load_prompts
 
@@ -197,6 +197,7 @@ def generate_grid(cfg) -> Path:
     if cfg.num_prompts is not None and cfg.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {cfg.num_prompts}")
     check_resolution(cfg.resolution)
+    check_guidance_scale(cfg.guidance_scale)
     prompts = load_prompts(cfg.prompts) if cfg.prompts else list(BUILTIN_PROMPTS)
     prompts = prompts[:cfg.num_prompts]
     device = dist.init(cfg.device)
