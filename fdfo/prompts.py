@@ -105,7 +105,7 @@ def cut_long_prompts(numbered: list[tuple[int, str]], path: Path, unit: str) -> 
         from fdfo import distributed as dist
 
         number, size = long[0]
-        others = f" (and {len(long) - 1} more {unit}s)" if len(long) > 1 else ""
+        others = f" (and {len(long) - 1} more {unit}{'s' if len(long) > 2 else ''})" if len(long) > 1 else ""
         dist.warn0(f"prompt file {path} {unit} {number}{others} holds {size:,} characters; the text encoders read at "
                    f"most {CLIP_TOKENS} + {T5_TOKENS} tokens, so it is cut to its first {MAX_PROMPT_CHARS:,} "
                    f"characters (what they read is unchanged)")
