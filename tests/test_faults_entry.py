@@ -292,14 +292,20 @@ def test_an_over_long_prompt_is_cut_on_load_with_one_warning(tmp_path, capsys):
 
 
 def test_the_cut_keeps_every_token_the_encoders_read():
+    """The longest prompts the encoders read in full: their longest whole-word token, repeated. A cut below
+    (longest token + a space) x 128 T5 tokens would change what T5 reads."""
     from fdfo import tiny
     from fdfo.sd3 import T5_MAX_LENGTH
 
-    text = " ".join(f"word{i} of a rather long prompt, with commas" for i in range(2000))  # ~90,000 characters
-    cut = text[:prompts.MAX_PROMPT_CHARS]
-    for tokenizer, length in ((tiny.tiny_clip_tokenizer(), 77), (tiny.tiny_t5_tokenizer(), T5_MAX_LENGTH)):
-        ids = [tokenizer(t, max_length=length, truncation=True)["input_ids"] for t in (text, cut)]
-        assert ids[0] == ids[1] and len(ids[0]) == length
+    for tokenizer, length, marker in ((tiny.tiny_clip_tokenizer(), 77, "</w>"),
+                                      (tiny.tiny_t5_tokenizer(), T5_MAX_LENGTH, "\u2581")):
+        words = [w.replace(marker, "") for w in tokenizer.get_vocab()]
+        words = [w for w in words if w.isalpha()]
+        word = max(words, key=len)  # "strawberry", "illustration": one token each
+        text = " ".join([word] * 4000)
+        ids = [tokenizer(t, max_length=length, truncation=True)["input_ids"]
+               for t in (text, text[:prompts.MAX_PROMPT_CHARS])]
+        assert ids[0] == ids[1] and len(ids[0]) == length and len(set(ids[0][1:-1])) == 1, word
 
 
 # -- 9. an exception inside reward code --------------------------------------------------------------------------------
