@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fdfo.files import disk_full_error, fsync_path, is_disk_full
+from fdfo.files import disk_full_error, fsync_path, is_disk_full, make_folder
 
 CHECKPOINT_RE = re.compile(r"^epoch-(\d{7})$")
 RUN_RE = re.compile(r"^(\d{5})-")
@@ -97,7 +97,7 @@ def save_checkpoint(folder: Path, save_adapter, training_state: dict, counters: 
     A failure while writing (a full disk, an interrupt) removes the temporary folder; a full disk becomes a RunError
     that says so, instead of torch's or safetensors' low-level traceback."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(folder.parent)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -29,7 +29,7 @@ import torch
 from fdfo import distributed, stats
 from fdfo.cli import check_device
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
-from fdfo.files import nearest_existing, write_json_atomic
+from fdfo.files import atomic_path, make_folder, nearest_existing, write_json_atomic
 from fdfo.images import to_uint8, uint8_to_pil
 from fdfo.prompts import load_prompt_set
 from rewards import EVAL_METRICS, RewardConfig, build_metrics
@@ -239,7 +239,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if distributed.get_rank() == 0:
         print(format_comparison(results) if other is not None else format_table(results), flush=True)
         if cfg.out:
-            Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+            make_folder(Path(cfg.out).parent)
             write_json_atomic(Path(cfg.out), results)
             print(f"wrote {cfg.out}", flush=True)
     distributed.barrier()
@@ -264,7 +264,7 @@ def generate_and_score(plan: Plan, generator, scorer, embedder, batch_size: int,
     scores = torch.full((per * repeats, columns), math.nan)
     embeddings = []
     if save_dir:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        make_folder(Path(save_dir))
     for b in tqdm(range(num_batches), desc="images", unit="batch", disable=rank != 0):
         batch = tasks[b * batch_size: (b + 1) * batch_size]
         prompts = [plan.prompts[j] for j, _ in batch]
@@ -283,7 +283,8 @@ def generate_and_score(plan: Plan, generator, scorer, embedder, batch_size: int,
             embeddings.append(embedder(pictures))
         if save_dir:
             for (j, r), picture in zip(batch, pictures):
-                picture.save(Path(save_dir) / image_name(j, r))
+                with atomic_path(Path(save_dir) / image_name(j, r), durable=False) as tmp:  # full disk: one line
+                    picture.save(tmp, format="PNG")
     diversity = None
     if embedder is not None:
         diversity = torch.full((per,), math.nan, dtype=torch.float64)
@@ -395,8 +396,8 @@ def format_comparison(results: dict) -> str:
 def write_index(folder: Path, plan: Plan, names: list[str], scores: torch.Tensor, diversity: torch.Tensor | None
                 ) -> None:
     """`folder/index.jsonl`: one line per image with its file, prompt, seed and scores."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "index.jsonl", "w", encoding="utf-8") as handle:
+    make_folder(folder)
+    with atomic_path(folder / "index.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as handle:
         for j, prompt in enumerate(plan.prompts):
             for r in range(plan.num_repeats):
                 record = {"file": image_name(j, r), "prompt": prompt, "prompt_index": j,

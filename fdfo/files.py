@@ -62,23 +62,26 @@ def fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path, what: str | None = None) -> Iterator[Path]:
+def atomic_path(path: Path, what: str | None = None, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary name beside `path` for the caller to write (any writer: text, a PNG from matplotlib or
-    PIL); when the block ends, fsync it, rename it into place and fsync the folder: readers never see a half-written
-    file. On any failure the temporary file is removed; a full disk raises RunError naming `what` (default: the
-    file's name) and the free space, whatever library reported it."""
+    PIL); when the block ends, fsync it (unless not `durable`: many files, each cheap to redo), rename it into place
+    and fsync the folder: readers never see a half-written file. On any failure the temporary file is removed; a
+    full disk raises RunError naming `what` (default: the file's name) and the free space, whatever library reported
+    it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
-        fsync_path(tmp)
+        if durable:
+            fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException as e:  # a full disk, or an interrupt: no stray temporary file
         tmp.unlink(missing_ok=True)
         if isinstance(e, Exception) and is_disk_full(e):
             raise disk_full_error(path.parent, what or path.name) from None
         raise
-    fsync_path(path.parent)
+    if durable:
+        fsync_path(path.parent)
 
 
 def make_folder(path: Path) -> None:
