@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fdfo.files import disk_full_error, fsync_path, is_disk_full
+from fdfo.files import disk_full_error, fsync_path, is_disk_full, make_folder
 
 CHECKPOINT_RE = re.compile(r"^epoch-(\d{7})$")
 RUN_RE = re.compile(r"^(\d{5})-")
@@ -53,7 +54,7 @@ def clean_stale_files(run_dir: Path) -> None:
     `save_checkpoint` (old copy moved aside, new one not yet in place) gets its old, complete copy back.
     """
     run_dir = Path(run_dir)
-    for path in run_dir.glob(".*.tmp-*"):
+    for path in (*run_dir.glob(".*.tmp-*"), *run_dir.glob("images/.*.tmp-*")):
         path.unlink(missing_ok=True)
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
@@ -96,7 +97,7 @@ def save_checkpoint(folder: Path, save_adapter, training_state: dict, counters: 
     A failure while writing (a full disk, an interrupt) removes the temporary folder; a full disk becomes a RunError
     that says so, instead of torch's or safetensors' low-level traceback."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(folder.parent)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -157,13 +158,28 @@ def read_checkpoint(folder: str | Path) -> tuple[dict, dict]:
             raise ValueError(damaged.format(f"state.json {key!r} is {value!r}, not a count >= 0"))
     if not isinstance(state, dict) or not {"optimizer", "scaler"} <= set(state):
         raise ValueError(damaged.format("training_state.pt lacks the optimizer or scaler state"))
-    expected = counters.get("adapter_sha256")
-    if expected is not None:  # checkpoints written before the hash was recorded are trusted as they are
-        actual = sha256_file(folder / "adapter_model.safetensors")
-        if actual != expected:
-            raise ValueError(damaged.format(f"adapter_model.safetensors has SHA-256 {actual[:12]}..., state.json "
-                                            f"recorded {str(expected)[:12]}...: the file was modified or truncated"))
+    if problem := state_problem(folder, counters):
+        raise ValueError(damaged.format(problem))
     return counters, state
+
+
+def state_problem(folder: Path, counters: dict) -> str | None:
+    """What is wrong with a checkpoint's state.json against its folder, or None. Every reader of our checkpoints
+    calls it (train.py's resume, and through fdfo.hub generate.py, metrics.py and fdfo.export): the adapter's
+    SHA-256, when state.json records one (checkpoints without the record, e.g. the published ones, are read as they
+    are), and the guidance scale, when it records one, must be a finite number."""
+    expected = counters.get("adapter_sha256")
+    adapter = Path(folder) / "adapter_model.safetensors"
+    if expected is not None and adapter.is_file():
+        actual = sha256_file(adapter)
+        if actual != expected:
+            return (f"adapter_model.safetensors has SHA-256 {actual[:12]}..., state.json recorded "
+                    f"{str(expected)[:12]}...: the file was modified or truncated")
+    scale = counters.get("guidance_scale")
+    if "guidance_scale" in counters and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                         or not math.isfinite(scale)):
+        return f"state.json 'guidance_scale' is {scale!r}, not a finite number"
+    return None
 
 
 def adapter_settings(folder: Path) -> dict:

@@ -310,6 +310,7 @@ def check_config(cfg: Config) -> None:
             problems.append(f"{flag} {value} is invalid: it must be {allowed}")
 
     s, t = cfg.sample, cfg.train
+    need(cfg.seed >= 0, "--seed", cfg.seed, ">= 0")
     need(cfg.num_epochs >= 1, "--num-epochs", cfg.num_epochs, ">= 1")
     need(cfg.save_freq >= 1, "--save-freq", cfg.save_freq, ">= 1")
     need(cfg.total_pairs_per_epoch >= 1, "--total-pairs-per-epoch", cfg.total_pairs_per_epoch, ">= 1")

@@ -30,7 +30,7 @@ import torch
 from fdfo import distributed, stats
 from fdfo.cli import check_device
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
-from fdfo.files import nearest_existing, write_json_atomic
+from fdfo.files import atomic_path, make_folder, nearest_existing, write_json_atomic
 from fdfo.images import to_uint8, uint8_to_pil
 from fdfo.prompts import load_prompt_set
 from rewards import EVAL_METRICS, RewardConfig, build_metrics
@@ -137,6 +137,9 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
             raise ValueError(INSTALL_HINT)
     if cfg.num_prompts is not None and cfg.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {cfg.num_prompts}.")
+    flag, prompt_seed = ("--seed", cfg.seed) if cfg.seed is not None else ("--prompt-seed", cfg.prompt_seed)
+    if not 0 <= prompt_seed < 2**32:  # the seed of numpy's shuffle (select_prompts)
+        raise ValueError(f"{flag} {prompt_seed} is invalid: it must be in [0, 2**32 - 1].")
     defaults = RewardConfig()
     for option, flag in TRAINING_ONLY_REWARD_OPTIONS.items():
         if getattr(cfg.reward, option) != getattr(defaults, option):
@@ -144,9 +147,10 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
                              f"--metrics it is given and would ignore it: leave it out.")
     if cfg.batch_size < 1 or cfg.num_steps < 1:
         raise ValueError(f"--batch-size and --num-steps must be >= 1, got {cfg.batch_size} and {cfg.num_steps}.")
-    from fdfo.generation import check_resolution
+    from fdfo.generation import check_guidance_scale, check_resolution
 
     check_resolution(cfg.resolution)
+    check_guidance_scale(cfg.guidance_scale)
     if cfg.out:
         check_output_path("--out", Path(cfg.out), folder=False)
     if cfg.save_images:
@@ -200,17 +204,21 @@ def evaluate(cfg: EvalConfig) -> dict:
     Returns the results (the same dict on every rank). With --compare, both checkpoints are scored on the same
     prompts and seeds (one base model in memory) and the results hold both and their paired differences."""
     from fdfo.generation import describe, load_generator
+    from fdfo.hub import resolve_checkpoint
 
     start = time.perf_counter()
     reward_names, want_diversity = check_config(cfg)
     plan = make_plan(cfg)
 
     device = distributed.init(cfg.device)
-    generator = load_generator(cfg.checkpoint, pretrained_model=cfg.pretrained_model, device=device,
+    with distributed.rank0_first():  # both checkpoints found and checked (recorded SHA-256) before any model loads
+        checkpoint = resolve_checkpoint(cfg.checkpoint)
+        compare = resolve_checkpoint(cfg.compare) if cfg.compare is not None else None
+    generator = load_generator(checkpoint, pretrained_model=cfg.pretrained_model, device=device,
                                guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, resolution=cfg.resolution)
     other = None
     if cfg.compare is not None:
-        other = load_generator(None if cfg.compare == "base" else cfg.compare, base=generator.base, device=device,
+        other = load_generator(compare, base=generator.base, device=device,
                                guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, resolution=cfg.resolution)
     scorer = build_metrics(reward_names, cfg.reward, device) if reward_names else None
     embedder = None
@@ -239,7 +247,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if distributed.get_rank() == 0:
         print(format_comparison(results) if other is not None else format_table(results), flush=True)
         if cfg.out:
-            Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+            make_folder(Path(cfg.out).parent)
             write_json_atomic(Path(cfg.out), results)
             print(f"wrote {cfg.out}", flush=True)
     distributed.barrier()
@@ -264,7 +272,7 @@ def generate_and_score(plan: Plan, generator, scorer, embedder, batch_size: int,
     scores = torch.full((per * repeats, columns), math.nan)
     embeddings = []
     if save_dir:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        make_folder(Path(save_dir))
     for b in tqdm(range(num_batches), desc="images", unit="batch", disable=rank != 0):
         batch = tasks[b * batch_size: (b + 1) * batch_size]
         prompts = [plan.prompts[j] for j, _ in batch]
@@ -283,7 +291,8 @@ def generate_and_score(plan: Plan, generator, scorer, embedder, batch_size: int,
             embeddings.append(embedder(pictures))
         if save_dir:
             for (j, r), picture in zip(batch, pictures):
-                picture.save(Path(save_dir) / image_name(j, r))
+                with atomic_path(Path(save_dir) / image_name(j, r), durable=False) as tmp:  # full disk: one line
+                    picture.save(tmp, format="PNG")
     diversity = None
     if embedder is not None:
         diversity = torch.full((per,), math.nan, dtype=torch.float64)
@@ -395,8 +404,8 @@ def format_comparison(results: dict) -> str:
 def write_index(folder: Path, plan: Plan, names: list[str], scores: torch.Tensor, diversity: torch.Tensor | None
                 ) -> None:
     """`folder/index.jsonl`: one line per image with its file, prompt, seed and scores."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "index.jsonl", "w", encoding="utf-8") as handle:
+    make_folder(folder)
+    with atomic_path(folder / "index.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as handle:
         for j, prompt in enumerate(plan.prompts):
             for r in range(plan.num_repeats):
                 record = {"file": image_name(j, r), "prompt": prompt, "prompt_index": j,

@@ -7,9 +7,11 @@ library reports it only as text) becomes a `RunError` naming the file and the fr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from fdfo.errors import RunError
@@ -59,24 +61,46 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path, what: str | None = None, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary name beside `path` for the caller to write (any writer: text, a PNG from matplotlib or
+    PIL); when the block ends, fsync it (unless not `durable`: many files, each cheap to redo), rename it into place
+    and fsync the folder: readers never see a half-written file. On any failure the temporary file is removed; a
+    full disk raises RunError naming `what` (default: the file's name) and the free space, whatever library reported
+    it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        if durable:
+            fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, or an interrupt: no stray temporary file
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full_error(path.parent, what or path.name) from None
+        raise
+    if durable:
+        fsync_path(path.parent)
+
+
+def make_folder(path: Path) -> None:
+    """`mkdir -p`, with a full disk reported like every other write of the run."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(Path(path).parent, f"the folder {Path(path).name}") from None
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write under a temporary name, fsync, rename, fsync the folder: readers never see a half-written file.
 
     A full disk raises RunError naming the file; the temporary file is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # a full disk, or an interrupt: no stray temporary file
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and is_disk_full(e):
-            raise disk_full_error(path.parent, path.name) from None
-        raise
-    fsync_path(path.parent)
 
 
 def write_json_atomic(path: Path, obj: object) -> None:

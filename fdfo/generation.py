@@ -23,6 +23,7 @@ else inferred from the shapes with alpha = rank, as diffusers does).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,6 +53,13 @@ def check_resolution(resolution: int) -> None:
     model's own factor is checked again in `load_generator`)."""
     if resolution < 16 or resolution % 16:
         raise ValueError(f"--resolution must be a positive multiple of 16, got {resolution}.")
+
+
+def check_guidance_scale(value: float | None) -> None:
+    """--guidance-scale before anything loads: a finite number (NaN would sample without CFG under a "nan" label)."""
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"--guidance-scale {value} is invalid: it must be a finite number (1 disables CFG), or left "
+                         f"out for the checkpoint's own.")
 
 
 def choose_base_model(checkpoints: Iterable[Checkpoint], requested: str | None = None) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fdfo import distributed as dist
-from fdfo.files import nearest_existing
+from fdfo.files import atomic_path, make_folder, nearest_existing
 from fdfo.images import to_uint8
 
 # Written for this project: varied subjects, styles and the things text-to-image models get wrong (counting, spatial
@@ -182,7 +182,7 @@ def generate_grid(cfg) -> Path:
     from tqdm import tqdm
 
     from fdfo.cli import check_device
-    from fdfo.generation import check_resolution, choose_base_model, describe, load_generator
+    from fdfo.generation import check_guidance_scale, check_resolution, choose_base_model, describe, load_generator
     from fdfo.hub import resolve_checkpoint
     from fdfo.prompts import load_prompts
 
@@ -197,6 +197,7 @@ def generate_grid(cfg) -> Path:
     if cfg.num_prompts is not None and cfg.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {cfg.num_prompts}")
     check_resolution(cfg.resolution)
+    check_guidance_scale(cfg.guidance_scale)
     prompts = load_prompts(cfg.prompts) if cfg.prompts else list(BUILTIN_PROMPTS)
     prompts = prompts[:cfg.num_prompts]
     device = dist.init(cfg.device)
@@ -221,8 +222,10 @@ def generate_grid(cfg) -> Path:
     if dist.get_rank() == 0:
         layout = GridLayout(len(checkpoints), len(prompts), cfg.grid_rows, cfg.grid_cols, cfg.resolution)
         canvas = draw_grid(torch.stack(blocks), layout, titles, prompts)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        canvas.save(out, **({"quality": 92} if out.suffix.lower() in (".jpg", ".jpeg") else {}))
+        make_folder(out.parent)
+        jpeg = out.suffix.lower() in (".jpg", ".jpeg")
+        with atomic_path(out) as tmp:  # a full disk: one error line, no half image
+            canvas.save(tmp, format="JPEG" if jpeg else "PNG", **({"quality": 92} if jpeg else {}))
         print(f"wrote {out} ({canvas.width} x {canvas.height} px: {len(prompts)} prompt(s) x {per_prompt} image(s) x "
               f"{len(checkpoints)} checkpoint(s))", flush=True)
     dist.barrier()

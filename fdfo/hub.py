@@ -29,7 +29,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdfo.checkpoints import newest_checkpoint_in
+from fdfo.checkpoints import newest_checkpoint_in, state_problem
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT format
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # diffusers format (fdfo.export, save_lora_weights)
@@ -208,6 +208,9 @@ def _checkpoint(folder: Path, description: str, label: str, name_for_cfg: str, r
                                 f"folder holds a PEFT adapter (adapter_config.json + adapter_model.safetensors) or "
                                 f"a diffusers LoRA ({DIFFUSERS_FILE})")
     state = _read_state(folder)
+    if problem := state_problem(folder, state):
+        raise ValueError(f"checkpoint {description} is damaged: {problem} (in {folder}). Use another checkpoint, or "
+                         f"copy or download this one again.")
     scale, source = state.get("guidance_scale"), STATE_FILE
     if scale is None and repo_id is not None and known_guidance_scale(repo_id) is not None:
         scale, source = known_guidance_scale(repo_id), f"repository ({repo_id} is known to use it)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,33 @@ def rollout_gb_per_rank(geom: Geometry, num_timesteps: int, latent_shape: tuple[
     """Rollout memory each rank holds for training (its own items: states + velocities), in GB (1e9 bytes)."""
     items = 2 * geom.pairs_per_gpu * num_timesteps
     return items * math.prod(latent_shape) * (state_bytes + velocity_bytes) / 1e9
+
+
+def check_rollout_memory(cfg: Config, geom: Geometry, device: torch.device) -> None:
+    """Refuse, before any model loads, an FDFO geometry whose rollouts cannot fit where they are kept (the training
+    device, or host memory with --train.rollout-device cpu). The estimate is a lower bound: SD3's 16-channel latents
+    at 1/8 of the resolution, 2 bytes per state and per velocity (the run's own line, printed once the model is loaded,
+    counts the real dtypes)."""
+    if cfg.algorithm != "fdfo":
+        return
+    side = cfg.sample.resolution // 8
+    k = timesteps_per_sample(cfg)
+    gb = rollout_gb_per_rank(geom, k, (16, side, side), 2, 2)
+    host = cfg.train.rollout_device == "cpu" or device.type != "cuda"
+    if host:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # ranks of this node share its host memory
+        need, have = gb * per_node, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+        where = "host memory" + (f" ({per_node} ranks on this node)" if per_node > 1 else "")
+    else:
+        need, have = gb, torch.cuda.get_device_properties(device).total_memory / 1e9
+        where = f"{device}'s memory"
+    if need > have:
+        raise ValueError(
+            f"--total-pairs-per-epoch {cfg.total_pairs_per_epoch}: the epoch's rollouts need at least {need:,.0f} GB "
+            f"({gb:,.3g} GB per rank: {2 * geom.pairs_per_gpu:,} samples x {k} timesteps x 16x{side}x{side} "
+            f"latents x 4 bytes), more than the {have:,.0f} GB of {where}. Lower --total-pairs-per-epoch, "
+            f"--train.timesteps-per-sample or --sample.resolution, or use more GPUs"
+            + ("" if host else ", or keep them in host memory with --train.rollout-device cpu"))
 
 
 def cat_rows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

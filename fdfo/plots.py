@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from fdfo.files import atomic_path
+
 Series = dict[str, list[float]]
 # panel -> quantile keys of fdfo/diagnostics.py drawn in it
 DIAGNOSTICS = {"branch_rms": ("branch_rms_p25", "branch_rms_p50", "branch_rms_p75"),
@@ -135,10 +137,8 @@ def write_reward_curve(log_path: str | os.PathLike, png_path: str | os.PathLike)
         return {}
     series = reward_series(records)
     figure = reward_figure(series, f"{Path(log_path).parent.name}: ")
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, png_path)
+    with atomic_path(Path(png_path)) as tmp:  # a full disk: one error line, no temporary file left
+        figure.savefig(tmp, format="png", dpi=100)
     return series
 
 

@@ -69,6 +69,12 @@ HOW_TO_GET = {
     for s in PROMPT_SETS.values()
 }
 PROMPT_STREAM = 0x5052  # separates the prompt-order seeds from the noise seeds
+# The text encoders read at most 77 CLIP tokens and T5_MAX_LENGTH = 128 T5 tokens (fdfo/sd3.py); a token spans at most
+# 16 characters (sentencepiece's default piece length; CLIP's BPE pieces are shorter), and both tokenisers collapse
+# runs of whitespace: no encoder reads past character 2,048 of a prompt. Longer prompts are cut at 4x that, on load:
+# a 10 MB line would otherwise be tokenised in full at every epoch.
+CLIP_TOKENS, T5_TOKENS = 77, 128
+MAX_PROMPT_CHARS = 8192
 
 
 def load_prompts(path: str | Path, hint: str | None = None) -> list[str]:
@@ -84,10 +90,25 @@ def load_prompts(path: str | Path, hint: str | None = None) -> list[str]:
     except UnicodeDecodeError as err:
         raise ValueError(f"prompt file {path} is not UTF-8 text (byte {err.start}: {err.reason}). Save it as UTF-8, "
                          "one prompt per line.") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
+    numbered = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not numbered:
         raise ValueError(f"prompt file {path} holds no prompts. {hint}")
-    return prompts
+    return cut_long_prompts(numbered, path, "line")
+
+
+def cut_long_prompts(numbered: list[tuple[int, str]], path: Path, unit: str) -> list[str]:
+    """The prompts, each cut to MAX_PROMPT_CHARS characters, with one warning naming the first (and counting the other)
+    over-long ones. Prompts within the limit, i.e. every prompt the text encoders could read in full, are unchanged."""
+    long = [(number, len(prompt)) for number, prompt in numbered if len(prompt) > MAX_PROMPT_CHARS]
+    if long:
+        from fdfo import distributed as dist
+
+        number, size = long[0]
+        others = f" (and {len(long) - 1} more {unit}{'s' if len(long) > 2 else ''})" if len(long) > 1 else ""
+        dist.warn0(f"prompt file {path} {unit} {number}{others} holds {size:,} characters; the text encoders read at "
+                   f"most {CLIP_TOKENS} + {T5_TOKENS} tokens, so it is cut to its first {MAX_PROMPT_CHARS:,} "
+                   f"characters (what they read is unchanged)")
+    return [prompt[:MAX_PROMPT_CHARS] for _, prompt in numbered]
 
 
 def load_prompt_list(path: str | Path, hint: str) -> list[str]:
@@ -103,7 +124,7 @@ def load_prompt_list(path: str | Path, hint: str) -> list[str]:
         raise ValueError(f"prompt file {path} is not a JSON list of prompt strings. {hint}")
     if not entries:
         raise ValueError(f"prompt file {path} holds no prompts. {hint}")
-    return entries
+    return cut_long_prompts(list(enumerate(entries, 1)), path, "entry")
 
 
 def load_prompt_set(name_or_path: str, option: str = "--prompt-set") -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fdfo.files import disk_full_error, is_disk_full, write_text_atomic
+from fdfo.files import atomic_path, disk_full_error, is_disk_full, make_folder, write_text_atomic
 from fdfo.images import to_pil
 
 LOG_FILE = "log.jsonl"
@@ -98,12 +98,13 @@ class RunLogger(NullLogger):
     def log_pairs(self, epoch: int, images: torch.Tensor, prompts: list[str], rewards: torch.Tensor) -> None:
         """images `[2n, 3, H, W]` in [0, 1] interleaved a0, b0, ...; prompts `[n]`; rewards `[2n]`."""
         folder = self.run_dir / "images"
-        folder.mkdir(exist_ok=True)
+        make_folder(folder)
         pictures = []
         for i, prompt in enumerate(prompts):
             picture = pair_picture(images[2 * i], images[2 * i + 1], prompt, float(rewards[2 * i]),
                                    float(rewards[2 * i + 1]))
-            picture.save(folder / f"epoch-{epoch:07d}-pair-{i:02d}.png")
+            with atomic_path(folder / f"epoch-{epoch:07d}-pair-{i:02d}.png") as tmp:  # full disk: one error line
+                picture.save(tmp, format="PNG")
             pictures.append(picture)
         if self.wandb is not None:
             import wandb

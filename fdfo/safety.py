@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import math
 import os
+import re
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 from fdfo.errors import Interrupted, RunError
+from fdfo.files import disk_full_error, is_disk_full
 
 LOCK_FILE = ".lock"
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -42,7 +46,10 @@ class RunLock:
         import fcntl
 
         self.path = Path(run_dir) / LOCK_FILE
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise run_folder_error(run_dir, e) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -59,6 +66,40 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the last descriptor drops the flock; the file stays (harmless, reused)
             self.fd = None
+
+
+# -- the run folder ----------------------------------------------------------------------------------------------------
+
+# What a run writes into its folder (wandb/ with --log-wandb); hidden temporary files: a killed write's leftovers
+RUN_ENTRIES = frozenset({"config.json", "log.jsonl", "checkpoints", "images", "reward_curve.png", LOCK_FILE,
+                         "wandb_id.txt", "wandb"})
+TEMPORARY_RE = re.compile(r"^\..+\.tmp(-\d+)?$")
+
+
+def check_run_folder(flag: str, path: Path, existing: Path, own_folder: bool) -> None:
+    """Before anything is created: a --run-dir that exists holds nothing but a run's files (not, say, the current
+    directory of an unset variable), and a folder can really be made where the run goes (permissions, read-only
+    mounts and quotas that os.access does not see). `existing`: `path` or its nearest existing ancestor."""
+    if own_folder and path.is_dir():
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in RUN_ENTRIES and not TEMPORARY_RE.match(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ValueError(f"{flag} {path} is a folder holding files that are not a run's ({shown}); pass a new or "
+                             f"empty folder, or an earlier run's folder to resume it")
+    try:
+        probe = tempfile.mkdtemp(prefix=".fdfo-probe-", dir=path if path.is_dir() else existing)
+        os.rmdir(probe)
+    except OSError as e:
+        raise run_folder_error(path, e) from None
+
+
+def run_folder_error(path: str | Path, e: OSError) -> RunError:
+    """One line for a run folder that cannot be made (EACCES, EPERM, EROFS, a full disk or quota)."""
+    if is_disk_full(e):
+        return disk_full_error(Path(path), "the run folder")
+    code = errno.errorcode.get(e.errno, "") if e.errno else ""
+    return RunError(f"cannot create the run folder {path}: {e.strerror or e}{f' ({code})' if code else ''}. Pass a "
+                    f"--run-dir in a folder you can write to, on a disk with free space and quota.")
 
 
 # -- signals -----------------------------------------------------------------------------------------------------------

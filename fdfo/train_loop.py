@@ -33,6 +33,7 @@ from fdfo.memory import activation_note
 from fdfo.phases import (
     EpochSamples,
     build_training_set,
+    check_rollout_memory,
     rollout_dtypes,
     rollout_gb_per_rank,
     sample_phase,
@@ -50,7 +51,7 @@ from fdfo.resume import (
 )
 from fdfo.rng import derive_seed
 from fdfo.runlog import NullLogger, RunLogger
-from fdfo.safety import RunLock, SignalGuard, check_weights, watch_parent
+from fdfo.safety import RunLock, SignalGuard, check_run_folder, check_weights, run_folder_error, watch_parent
 from fdfo.sd3 import SD3Policy
 from rewards.remote import RewardServerDown
 
@@ -65,9 +66,12 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def check_run_location(cfg: Config) -> None:
-    """--run-dir (or the runs/ root) must be a folder, or creatable in a writable one; checked before anything is
-    made."""
+    """--run-dir (or the runs/ root) must be a new folder, an earlier run's, or creatable in a writable one; checked
+    before anything is made (safety.check_run_folder: not empty, no foreign files, a folder can really be made)."""
     flag, path = ("--run-dir", Path(cfg.run_dir)) if cfg.run_dir is not None else ("the runs root", Path(RUNS_ROOT))
+    if cfg.run_dir is not None and not cfg.run_dir.strip():
+        raise ValueError(f"--run-dir {cfg.run_dir!r} is empty (an unset variable in a job script?); pass a folder "
+                         f"path, or leave --run-dir out for a new {RUNS_ROOT}/<id>-{cfg.run_name}/")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file, not a folder; pass a folder path (new or an earlier run's)")
     existing = path.absolute()
@@ -77,17 +81,21 @@ def check_run_location(cfg: Config) -> None:
         raise ValueError(f"{flag} {path}: {existing} is a file, so the folder cannot be created")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: {existing} is not writable; pass a --run-dir in a folder you can write to")
+    check_run_folder(flag, path, existing, own_folder=cfg.run_dir is not None)
 
 
 def prepare_run_dir(cfg: Config, locks: list) -> Path:
     """Rank 0 creates (or reuses, for --run-dir) the run folder, locks it, and tells the other ranks where it is."""
     path = None
     if dist.get_rank() == 0:
-        if cfg.run_dir is not None:
-            path = Path(cfg.run_dir)
-            path.mkdir(parents=True, exist_ok=True)
-        else:
-            path = new_run_dir(RUNS_ROOT, cfg.run_name)
+        try:
+            if cfg.run_dir is not None:
+                path = Path(cfg.run_dir)
+                path.mkdir(parents=True, exist_ok=True)
+            else:
+                path = new_run_dir(RUNS_ROOT, cfg.run_name)
+        except OSError as e:  # checked up front (check_run_location); this is a change since, e.g. a full quota
+            raise run_folder_error(cfg.run_dir or RUNS_ROOT, e) from None
         if not locks:
             locks.append(RunLock(path))
         clean_stale_files(path)
@@ -180,6 +188,7 @@ def setup(cfg: Config, locks: list) -> Run:
     device = dist.init(cfg.device)
     geom = batch_geometry(cfg, dist.get_world_size())  # user errors surface before any model loads
     timesteps_per_sample(cfg)
+    check_rollout_memory(cfg, geom, device)
     prompts = load_prompts(cfg.prompt_file)
     trained = (cfg.sample.num_solver_steps if cfg.algorithm == "fdfo"
                else algorithm_module(cfg.algorithm).trained_steps(cfg.sample.num_solver_steps))

@@ -13,11 +13,13 @@ into three steps, so that the CPU work can overlap the sampling of the next batc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from fdfo.errors import RunError
 from rewards.common import check_batch
 
 Scorer = Callable[[Sequence[str], torch.Tensor], torch.Tensor]  # also has .to(device)
@@ -64,7 +66,12 @@ class WeightedReward:
         """Check the batch and run the device-side image work: {term name: staged tensor} for the terms that prepare
         on the host (scorers with `stage`), each where `images` is. Issues no host sync."""
         check_batch(prompts, images)
-        return {term.name: term.scorer.stage(images) for term in self.terms if hasattr(term.scorer, "stage")}
+        staged = {}
+        for term in self.terms:
+            if hasattr(term.scorer, "stage"):
+                with term_errors(term.name):
+                    staged[term.name] = term.scorer.stage(images)
+        return staged
 
     def prepare_components(
         self, prompts: Sequence[str], staged: dict[str, torch.Tensor], images: torch.Tensor
@@ -72,7 +79,11 @@ class WeightedReward:
         """{term name: its model inputs}: the CPU work, safe in a worker thread. `staged` is `stage`'s dict, on the
         host or still on the device; `images` is handed untouched to the terms without `stage`, which read it in
         `score_components`."""
-        return {term.name: _prepare(term.scorer, prompts, staged.get(term.name, images)) for term in self.terms}
+        prepared = {}
+        for term in self.terms:
+            with term_errors(term.name):
+                prepared[term.name] = _prepare(term.scorer, prompts, staged.get(term.name, images))
+        return prepared
 
     def score_components(self, prepared: dict[str, object], device: torch.device | str) -> dict[str, torch.Tensor]:
         """The model forwards of `prepare_components`'s inputs: `components`' dict, each float32 on `device`."""
@@ -80,7 +91,8 @@ class WeightedReward:
             self.to(self.device)
         scores = {}
         for term in self.terms:
-            scores |= _named(term, _score(term.scorer, prepared[term.name]), device)
+            with term_errors(term.name):
+                scores |= _named(term, _score(term.scorer, prepared[term.name]), device)
         total = torch.zeros_like(scores[self.terms[0].name])
         for term in self.terms:
             total = total + term.weight * scores[term.name]
@@ -104,6 +116,23 @@ class WeightedReward:
 
     def __repr__(self) -> str:
         return "WeightedReward(" + " + ".join(f"{term.weight:g}*{term.name}" for term in self.terms) + ")"
+
+
+class RewardTermError(RuntimeError):
+    """An exception raised inside a reward term's code. Not a user error: the entry point lets it through with its
+    traceback, and the original exception (a library's ValueError, say) is chained below it as its cause."""
+
+
+@contextlib.contextmanager
+def term_errors(name: str) -> Iterator[None]:
+    """Name the reward term an exception comes from, keeping its traceback (`raise ... from`). The run's own errors
+    (RunError: a full disk, a NaN guard) pass through as they are."""
+    try:
+        yield
+    except RunError:
+        raise
+    except Exception as e:
+        raise RewardTermError(f"reward term {name!r} raised {type(e).__name__}: {e}") from e
 
 
 def _prepare(scorer: Scorer, prompts: Sequence[str], images: torch.Tensor) -> object:

@@ -18,6 +18,7 @@ from rewards import Term, WeightedReward
 from rewards.analytic import Redness
 from rewards.clip import CLIPScorer
 from rewards.vlm import ALIGNMENT_QUESTION, VLMScorer
+from rewards.weighted import RewardTermError
 from tests.test_train import tiny_config
 from tests.tiny_rewards import save_tiny_clip, save_tiny_qwen_vl
 
@@ -222,9 +223,11 @@ class _Failing:
 
 def test_a_worker_exception_surfaces_in_the_main_thread_and_no_thread_is_left(tmp_path, policy):
     cfg = _overlap_cfg(tmp_path, True)
-    with pytest.raises(ZeroDivisionError, match="prepare failed in the worker"):
+    with pytest.raises(RewardTermError, match="reward term 'bad' raised ZeroDivisionError: prepare failed in the "
+                                              "worker") as info:
         sample_phase(policy, WeightedReward([Term("bad", 1.0, _Failing())], "cpu"), cfg, batch_geometry(cfg, 1), 0,
                      ["a", "b", "c", "d"], 0)
+    assert isinstance(info.value.__cause__, ZeroDivisionError)  # the original, with its traceback
     assert workers() == []
 
 
