@@ -67,3 +67,30 @@ def test_integer_timesteps_truncate_as_the_authors():
     assert [round(float(s) * 1000) for s in told] == expected
     assert (told * 1000 - torch.tensor(expected, dtype=torch.float32)).abs().max() < 1e-4
     assert expected[1] == 964  # 3 * 0.9 / 2.8 = 0.96428..: t = 964, not 964.28
+
+
+def test_diffusion_nft_rollout_samples_with_the_solver_and_integer_timesteps():
+    from fdfo.algorithms import diffusion_nft
+
+    told = []
+
+    class Policy:  # v = x / 2 + sigma_told: the final sample depends on every level the model is told
+        def velocity(self, x, sigma, cond, module=None):
+            told.append(sigma.clone())
+            return x / 2 + sigma.reshape(-1, 1)
+
+        base_velocity = velocity
+
+    t = torch.linspace(1, 0, 6)
+    sigmas = 3 * t / (1 + 2 * t)  # 1, 0.923.., 0.818.., 0.666.., 0.428.., 0
+    x1 = torch.linspace(-1, 1, 16).reshape(2, 8)
+    gen = torch.Generator().manual_seed(0)
+    x0, _ = diffusion_nft.rollout(Policy(), x1, {}, sigmas, lambda: torch.randn(2, 8, generator=gen), None)
+    levels = [round(float(s[0]) * 1000) for s in told[:5]]
+    assert levels == [1000, 923, 818, 666, 428]  # int(1000 sigma), truncated (666.67 -> 666); the update keeps sigma
+    hand = dpm.sample_dpm2m(lambda x, i: x / 2 + levels[i] / 1000, x1, sigmas.double().tolist())
+    torch.testing.assert_close(x0, hand)
+    euler = x1.clone()
+    for i in range(5):
+        euler = euler + (sigmas[i + 1] - sigmas[i]) * (euler / 2 + levels[i] / 1000)
+    assert (x0 - euler).abs().max() > 1e-3  # not the Euler sampler it replaced
