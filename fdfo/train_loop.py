@@ -128,6 +128,8 @@ def log_epoch(logger, samples: EpochSamples | GroupSamples, data, epoch: int, ti
               cfg: Config, geom: Geometry) -> dict:
     """Epoch statistics over all ranks' rewards (finite ones), plus phase times."""
     record = dict(epoch=epoch, prompt_position=(epoch + 1) * geom.total_pairs, invalid_pairs=data.invalid_pairs)
+    if cfg.algorithm != "fdfo":  # samples left out of the loss mean (Flow-GRPO: advantage 0 at every step)
+        record["dropped_samples"] = data.dropped
     for name, values in samples.rewards.items():
         values = dist.all_gather_cat(values)
         values = values[torch.isfinite(values)]

@@ -217,3 +217,32 @@ def test_zero_advantage_samples_leave_the_loss_mean_and_groups_are_prompt_texts(
     items = torch.tensor([0, 2, 4, 8, 9, 10, 1, 3, 5, 6, 7, 11])
     scale = item_scales(kept, [items], num_timesteps=2, steps=2, world_size=1)
     torch.testing.assert_close(scale, torch.tensor([0.25, 0, 0, 0.25, 0.25, 0.25, 0.5, 0, 0, 0, 0, 0.5]))
+
+
+def test_baseline_step_gradient_is_the_mean_over_kept_items(monkeypatch):
+    """baseline_micro_batch weights each item's loss by data.scale: with item losses w_i * p, the accumulated gradient
+    of a step is the mean of w_i over its kept items (dropped samples' items weigh 0)."""
+    from types import SimpleNamespace
+
+    from fdfo.algorithms import groups
+
+    p = torch.zeros((), requires_grad=True)
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+
+    def item_loss(policy, module, batch, sigmas, cfg):
+        loss = batch["w"] * p
+        return loss, {"policy_loss": loss.detach(), "kl": loss.detach(), "clipfrac": torch.zeros_like(loss)}
+
+    monkeypatch.setattr(grpo, "item_loss", item_loss)
+    kept = torch.tensor([True, False, True])  # sample 1 dropped
+    items = torch.tensor([0, 1, 2, 3, 4, 5])  # item // 2 = sample
+    scale = groups.item_scales(kept, [items], num_timesteps=2, steps=2, world_size=1)
+    data = SimpleNamespace(sample=items // 2, rows={"timestep": torch.zeros(6, dtype=torch.long), "w": w},
+                           per_sample={}, cond={}, prompt=torch.zeros(6, dtype=torch.long), sigmas=None, scale=scale)
+    policy = SimpleNamespace(device=torch.device("cpu"))
+    scaler = SimpleNamespace(scale=lambda loss: loss)
+    cfg = SimpleNamespace(algorithm="flow_grpo")
+    for ids in (torch.tensor([0, 1]), torch.tensor([2])):  # step 0 in two micro-batches
+        groups.baseline_micro_batch(policy, None, scaler, data, ids, cfg, 3)
+    # step 0's items 0, 1, 2 belong to samples 0, 0, 1: kept w = 1, 2 -> mean 1.5
+    assert p.grad.item() == pytest.approx(1.5)
