@@ -86,8 +86,8 @@ class GroupItems:
     cond: dict[str, torch.Tensor]  # name -> [Q, ...]
     steps: list[torch.Tensor]
     invalid_pairs: int  # samples with a non-finite reward (weight 0 for Flow-GRPO, r = 0.5 for DiffusionNFT)
-    scale: torch.Tensor | None = None  # [N] loss weight of each item (item_scales)
-    dropped: int = 0  # samples left out of the loss mean (Flow-GRPO: advantage 0)
+    scale: torch.Tensor  # [N] loss weight of each item (item_scales)
+    dropped: int  # samples left out of the loss mean (Flow-GRPO: advantage 0 at every step)
 
 
 def prompt_keys(prompts: list[str]) -> torch.Tensor:
@@ -120,9 +120,8 @@ def item_scales(kept: torch.Tensor, per_rank: list[torch.Tensor], num_timesteps:
     gradients, hence the factor W. An item of a dropped sample weighs 0."""
     rank = dist.get_rank()
     scales = []
-    for r, items in enumerate(per_rank):
-        keep = kept[items // num_timesteps].float()
-        scales.append(keep.reshape(steps, -1))
+    for items in per_rank:
+        scales.append(kept[items // num_timesteps].float().reshape(steps, -1))
     total = torch.stack(scales).sum(dim=(0, 2))  # [steps] kept items per optimizer step, all ranks
     return (scales[rank] * world_size / total.clamp_min(1)[:, None]).flatten()
 
