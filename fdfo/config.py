@@ -215,9 +215,9 @@ def _smoke_baseline(algorithm: str, learning_rate: float) -> Config:
     return cfg
 
 
-# Measured (tests/test_algorithms_sd3.py, paired: the final adapter vs the initial one on epoch 0's prompts and noise,
-# seeds 1, 2, 3): Flow-GRPO +0.0133 / +0.0185 / +0.0179 redness (7 to 30 standard errors), DiffusionNFT +0.0050 /
-# +0.0037 / +0.0019 (13 to 21 standard errors; lr 3e-2 made it fall, 1e-2 gave +0.0045 / +0.0043 / +0.0020).
+# Measured (tests/test_algorithms_sd3.py, paired: the saved adapter, the EMA, vs the initial one on epoch 0's prompts
+# and noise, seeds 1, 2, 3): Flow-GRPO +0.0128 / +0.0164 / +0.0104 redness (7.5 to 25 standard errors), DiffusionNFT
+# (DPM-Solver++(2M) rollouts) +0.0038 / +0.0021 / +0.0011 (6.0 to 20 standard errors).
 def smoke_flow_grpo_config() -> Config:
     cfg = _smoke_baseline("flow_grpo", 1e-2)
     cfg.train.clip_range = 1e-4
