@@ -73,7 +73,10 @@ class BaselineConfig:
     nft_beta: float = 1.0
     """DiffusionNFT's beta of the implicit policies (0.1 for multi-reward in the paper)."""
     ema_decay: float = 0.9
-    """DiffusionNFT: the saved and evaluated adapter is this per-step EMA of the trained one."""
+    """Cap of the EMA decay min((1 + s) / (10 + s), cap): the saved and evaluated adapter is this EMA of the trained
+    one (theta itself resumes from training_state.pt)."""
+    ema_interval: int | None = None
+    """Optimizer steps between EMA updates; default the authors': 8 for flow_grpo, 1 for diffusion_nft."""
 
 
 @dataclass
@@ -175,10 +178,12 @@ def lowmem24_config() -> Config:
 
 
 def flow_grpo_config() -> Config:
-    """Flow-GRPO as published (docs/algorithm.md §11) on FDFO's prompts and reward: G = 24 images per prompt, 36
-    prompts per epoch (864 reward evaluations, as FDFO's 432 pairs), SDE sampling with a = 0.7 and T = 10, CFG 4.5 in
-    sampling and loss, lr 3e-4, clip 1e-4, KL beta 0.01 (the PickScore setting; 0.04 for GenEval / OCR)."""
-    cfg = Config(preset="flow_grpo", algorithm="flow_grpo", run_name="flow_grpo", total_pairs_per_epoch=36)
+    """Flow-GRPO as its authors ran it (docs/algorithm.md §11, the SD3.5-M PickScore configuration) on FDFO's prompts
+    and reward: 48 prompts x G = 24 images (1,152 reward evaluations) and 2 optimizer steps per epoch, SDE sampling
+    with a = 0.7 and T = 10, CFG 4.5 in sampling and loss, lr 3e-4, clip 1e-4, KL beta 0.01 (0.04 for GenEval / OCR),
+    the EMA (every 8 steps) saved."""
+    cfg = Config(preset="flow_grpo", algorithm="flow_grpo", run_name="flow_grpo", total_pairs_per_epoch=48,
+                 gradient_steps_per_epoch=2)
     cfg.sample.num_solver_steps = 10
     cfg.sample.guidance_scale = 4.5
     cfg.train.learning_rate = 3e-4
@@ -188,10 +193,11 @@ def flow_grpo_config() -> Config:
 
 
 def diffusion_nft_config() -> Config:
-    """DiffusionNFT (docs/algorithm.md §11) on FDFO's prompts and reward: deterministic 10-step rollouts at CFG 1,
-    beta 1, EMA 0.9 saved. G = 24 per prompt, 36 prompts and lr 3e-4 as Flow-GRPO (§11 gives neither for NFT)."""
+    """DiffusionNFT as its authors ran it (docs/algorithm.md §11) on FDFO's prompts and reward: 48 prompts x G = 24
+    images (1,152 reward evaluations) and 1 optimizer step per epoch, deterministic 10-step DPM-Solver++(2M) rollouts
+    at CFG 1, beta 1, the EMA (cap 0.9, every step) saved; lr 3e-4 as Flow-GRPO."""
     cfg = Config(preset="diffusion_nft", algorithm="diffusion_nft", run_name="diffusion_nft",
-                 total_pairs_per_epoch=36)
+                 total_pairs_per_epoch=48, gradient_steps_per_epoch=1)
     cfg.sample.num_solver_steps = 10
     cfg.train.learning_rate = 3e-4
     return cfg
@@ -209,9 +215,9 @@ def _smoke_baseline(algorithm: str, learning_rate: float) -> Config:
     return cfg
 
 
-# Measured (tests/test_algorithms_sd3.py, paired: the final adapter vs the initial one on epoch 0's prompts and noise,
-# seeds 1, 2, 3): Flow-GRPO +0.0133 / +0.0185 / +0.0179 redness (7 to 30 standard errors), DiffusionNFT +0.0050 /
-# +0.0037 / +0.0019 (13 to 21 standard errors; lr 3e-2 made it fall, 1e-2 gave +0.0045 / +0.0043 / +0.0020).
+# Measured (tests/test_algorithms_sd3.py, paired: the saved adapter, the EMA, vs the initial one on epoch 0's prompts
+# and noise, seeds 1, 2, 3): Flow-GRPO +0.0128 / +0.0164 / +0.0104 redness (7.5 to 25 standard errors), DiffusionNFT
+# (DPM-Solver++(2M) rollouts) +0.0038 / +0.0021 / +0.0011 (6.0 to 20 standard errors).
 def smoke_flow_grpo_config() -> Config:
     cfg = _smoke_baseline("flow_grpo", 1e-2)
     cfg.train.clip_range = 1e-4
@@ -242,18 +248,36 @@ class Geometry:
     items_per_step: int
     """Training items per optimizer step per rank and per timestep: 2 * pairs_per_gpu / gradient_steps."""
     gradient_steps: int
+    pair_multiple: int = 1
+    """Pairs (prompts) per GPU must be a multiple of this for the items to split into the optimizer steps."""
 
     @property
     def total_pairs(self) -> int:
         return self.pairs_per_gpu * self.world_size
 
-    def describe(self, requested_pairs: int, num_steps: int) -> str:
-        return (
-            f"batch geometry: {requested_pairs} pairs requested / {self.world_size} GPU(s) -> "
-            f"{self.pairs_per_gpu} pairs per GPU ({self.total_pairs} per epoch); sample batch {self.sample_batch} "
-            f"pairs; {self.gradient_steps} optimizer steps per epoch, each over {self.items_per_step} items x "
-            f"{num_steps} timesteps per GPU = {num_steps * self.grad_accum} micro-batches of {self.train_batch}"
+    def describe(self, requested_pairs: int, num_steps: int, group: int | None = None) -> str:
+        """The arithmetic, printed at start; group: G of a group method (--algorithm flow_grpo / diffusion_nft),
+        None for FDFO's pairs. A request that does not split over the GPUs gets a second line saying what is
+        trained instead."""
+        unit = "pairs" if group is None else f"prompts x {group}"
+        per_epoch = f"{self.total_pairs} {unit} per epoch"
+        if group is not None:
+            per_epoch += f" = {self.total_pairs * group} samples"
+        line = (
+            f"batch geometry: {requested_pairs} {unit} requested / {self.world_size} GPU(s) -> "
+            f"{self.pairs_per_gpu} {unit} per GPU ({per_epoch}); sample batch {self.sample_batch} {unit}; "
+            f"{self.gradient_steps} optimizer steps per epoch, each over {self.items_per_step} "
+            f"{'items' if group is None else 'samples'} x {num_steps} timesteps per GPU = "
+            f"{num_steps * self.grad_accum} micro-batches of {self.train_batch}"
         )
+        if self.total_pairs != requested_pairs:
+            step = self.world_size * self.pair_multiple
+            lower, upper = requested_pairs // step * step, (requested_pairs // step + 1) * step
+            line += (f"\nbatch geometry: ROUNDED: --total-pairs-per-epoch {requested_pairs} does not split over "
+                     f"{self.world_size} GPU(s) in multiples of {self.pair_multiple}; training {self.total_pairs} "
+                     f"({requested_pairs - self.total_pairs} fewer). Pass {lower if lower else upper} or {upper} to "
+                     f"choose.")
+        return line
 
 
 def _largest_divisor(n: int, limit: int) -> int:
@@ -285,7 +309,7 @@ def batch_geometry(cfg: Config, world_size: int) -> Geometry:
     train_batch = _checked_batch(cfg.train.batch_size, items_per_step, max_batch, "--train.batch-size",
                                  f"items per step ({group} * pairs per GPU / gradient steps)")
     return Geometry(world_size, pairs_per_gpu, sample_batch, train_batch, items_per_step // train_batch,
-                    items_per_step, steps)
+                    items_per_step, steps, multiple)
 
 
 def _checked_batch(requested: int | None, n: int, max_batch: int, flag: str, what: str) -> int:
@@ -344,6 +368,7 @@ def check_config(cfg: Config) -> None:
         need(_finite(b.noise_level) and b.noise_level > 0, "--baseline.noise-level", b.noise_level, "> 0")
         need(_finite(b.nft_beta) and b.nft_beta > 0, "--baseline.nft-beta", b.nft_beta, "> 0")
         need(_finite(b.ema_decay) and 0 <= b.ema_decay < 1, "--baseline.ema-decay", b.ema_decay, "in [0, 1)")
+        need(b.ema_interval is None or b.ema_interval >= 1, "--baseline.ema-interval", b.ema_interval, ">= 1")
     r = cfg.reward
     need(_finite(r.remote_timeout) and r.remote_timeout > 0, "--reward.remote-timeout", r.remote_timeout, "> 0")
     need(r.remote_retries >= 0, "--reward.remote-retries", r.remote_retries, ">= 0")

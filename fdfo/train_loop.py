@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -139,6 +140,8 @@ def log_epoch(logger, samples: EpochSamples | GroupSamples, data, epoch: int, ti
               cfg: Config, geom: Geometry) -> dict:
     """Epoch statistics over all ranks' rewards (finite ones), plus phase times."""
     record = dict(epoch=epoch, prompt_position=(epoch + 1) * geom.total_pairs, invalid_pairs=data.invalid_pairs)
+    if cfg.algorithm != "fdfo":  # samples left out of the loss mean (Flow-GRPO: advantage 0 at every step)
+        record["dropped_samples"] = data.dropped
     for name, values in samples.rewards.items():
         values = dist.all_gather_cat(values)
         values = values[torch.isfinite(values)]
@@ -174,7 +177,7 @@ class Run:
     epoch: int  # epochs done
     global_step: int
     guard: SignalGuard | None = None
-    nft: object = None  # DiffusionNFT's old and EMA adapters (fdfo.algorithms.diffusion_nft.Copies)
+    copies: object = None  # a baseline's EMA (and DiffusionNFT's old) adapter, fdfo.algorithms.ema.Copies
 
 
 def setup(cfg: Config, locks: list) -> Run:
@@ -192,7 +195,8 @@ def setup(cfg: Config, locks: list) -> Run:
     prompts = load_prompts(cfg.prompt_file)
     trained = (cfg.sample.num_solver_steps if cfg.algorithm == "fdfo"
                else algorithm_module(cfg.algorithm).trained_steps(cfg.sample.num_solver_steps))
-    dist.print0(geom.describe(cfg.total_pairs_per_epoch, trained))
+    dist.print0(geom.describe(cfg.total_pairs_per_epoch, trained,
+                              None if cfg.algorithm == "fdfo" else cfg.baseline.group_size))
     if dist.get_rank() == 0 and cfg.run_dir is not None and Path(cfg.run_dir).is_dir():
         locks.append(RunLock(Path(cfg.run_dir)))  # a double start is refused before minutes of model loading
     resume = find_resume_point(cfg)
@@ -203,10 +207,12 @@ def setup(cfg: Config, locks: list) -> Run:
         if recorded != cfg.algorithm:
             raise ValueError(f"cannot resume {resume}: it was trained with --algorithm {recorded}, not "
                              f"{cfg.algorithm}; pass --algorithm {recorded}, or a new --run-dir to start a new run")
-        if cfg.algorithm == "diffusion_nft" and not {"nft_theta", "nft_old"} <= set(state):
-            raise ValueError(f"checkpoint {resume} is damaged: its training_state.pt lacks DiffusionNFT's trained and "
-                             f"old adapters (nft_theta, nft_old). Delete it to resume from the previous checkpoint, "
-                             f"or pass --resume-from another one.")
+        needed = {"flow_grpo": ("grpo_theta",), "diffusion_nft": ("nft_theta", "nft_old")}.get(cfg.algorithm, ())
+        if not set(needed) <= set(state):
+            raise ValueError(f"checkpoint {resume} is damaged: its training_state.pt lacks {cfg.algorithm}'s trained "
+                             f"adapter{'s' if len(needed) > 1 else ''} ({', '.join(needed)}; the saved adapter is the "
+                             f"EMA). Delete it to resume from the previous checkpoint, or pass --resume-from another "
+                             f"one.")
         check_adapter_fits(cfg, resume)
         applied = check_resume_settings(cfg, geom, resume)
     reward = build_reward_model(cfg, device)  # first: a plug-in that answers wrongly fails before SD3 loads
@@ -218,15 +224,17 @@ def setup(cfg: Config, locks: list) -> Run:
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=policy.amp_dtype == torch.float16)
-    nft = None
-    if cfg.algorithm == "diffusion_nft":
-        from fdfo.algorithms.diffusion_nft import Copies
+    copies = None
+    if cfg.algorithm != "fdfo":
+        from fdfo.algorithms.ema import EMA_INTERVAL, Copies
 
-        nft = Copies(policy.trainable_parameters())
+        interval = cfg.baseline.ema_interval or EMA_INTERVAL[cfg.algorithm]
+        copies = Copies(policy.trainable_parameters(), counters["global_step"], cfg.baseline.ema_decay, interval,
+                        "nft" if cfg.algorithm == "diffusion_nft" else "grpo", old=cfg.algorithm == "diffusion_nft")
     if state is not None:
         policy.load_adapter(resume)
-        if nft is not None:  # the saved adapter is the EMA; theta and the old adapter come from training_state.pt
-            nft.restore(state)
+        if copies is not None:  # the saved adapter is the EMA; theta (and old) come from training_state.pt
+            copies.restore(state)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         apply_optimizer_settings(optimizer, cfg)
@@ -238,7 +246,8 @@ def setup(cfg: Config, locks: list) -> Run:
         module = dist.wrap_ddp(policy.transformer, device)  # gradients only: buffers are not broadcast
     run_dir = prepare_run_dir(cfg, locks)  # only now: a model that fails to load leaves no empty run folder behind
     return Run(cfg, geom, prompts, policy, reward, optimizer, scaler, module, run_dir,
-               open_logger(cfg, geom, run_dir, counters["epoch"]), counters["epoch"], counters["global_step"], nft=nft)
+               open_logger(cfg, geom, run_dir, counters["epoch"]), counters["epoch"], counters["global_step"],
+               copies=copies)
 
 
 def open_logger(cfg: Config, geom: Geometry, run_dir: Path, first_epoch: int):
@@ -263,13 +272,11 @@ def run_epoch(run: Run) -> None:
     micro_batch = after_step = None
     if cfg.algorithm == "fdfo":
         samples = sample_phase(policy, run.reward, cfg, geom, epoch, prompts, first_pair)
-    elif run.nft is not None:  # DiffusionNFT samples (and computes v_old) with the old adapter
-        with run.nft.swapped(run.nft.old):
+    else:  # DiffusionNFT samples (and computes v_old) with the old adapter, Flow-GRPO with theta
+        old = run.copies.old
+        with run.copies.swapped(old) if old is not None else contextlib.nullcontext():
             samples = sample_groups(policy, run.reward, cfg, geom, epoch, prompts, first_pair)
-        micro_batch, after_step = baseline_micro_batch, lambda: run.nft.after_step(cfg.baseline.ema_decay)
-    else:
-        samples = sample_groups(policy, run.reward, cfg, geom, epoch, prompts, first_pair)
-        micro_batch = baseline_micro_batch
+        micro_batch, after_step = baseline_micro_batch, run.copies.after_step
     t1 = time.perf_counter()
     data = (build_training_set if cfg.algorithm == "fdfo" else build_group_items)(samples, cfg, geom, epoch)
     run.reward.offload()  # to CPU until the next sampling phase, with --reward.offload
@@ -278,8 +285,11 @@ def run_epoch(run: Run) -> None:
     policy.transformer.train()
     run.global_step, records = train_phase(policy, run.module, run.optimizer, run.scaler, data, cfg, geom, epoch,
                                            run.logger, run.global_step, micro_batch, after_step)
-    if run.nft is not None:
-        run.nft.after_epoch(epoch)
+    if cfg.algorithm == "diffusion_nft":
+        from fdfo.algorithms.diffusion_nft import old_policy_decay
+        from fdfo.algorithms.ema import blend_
+
+        blend_(run.copies.old, run.copies.params, keep=old_policy_decay(run.global_step))
     t2 = time.perf_counter()
     record = log_epoch(run.logger, samples, data, epoch, dict(sample=t1 - t0, train=t2 - t1, total=t2 - t0), records,
                        cfg, geom)
@@ -344,11 +354,11 @@ def save(run: Run) -> None:
                         algorithm=cfg.algorithm)
         state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}
         save_adapter = run.policy.save_adapter
-        if run.nft is not None:  # DiffusionNFT: the EMA is the adapter saved (and evaluated); theta and old resume
-            state |= run.nft.state()
+        if run.copies is not None:  # the baselines: the EMA is the adapter saved (and evaluated); theta (old) resume
+            state |= run.copies.state()
 
-            def save_adapter(folder, nft=run.nft):
-                with nft.swapped(nft.ema):
+            def save_adapter(folder, copies=run.copies):
+                with copies.swapped(copies.ema):
                     run.policy.save_adapter(folder)
         with run.guard.critical():  # a signal now waits until the checkpoint is complete
             save_checkpoint(checkpoint_dir(run.run_dir, epochs_done), save_adapter, state, counters)

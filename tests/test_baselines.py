@@ -7,6 +7,7 @@ import torch
 
 from fdfo.algorithms import diffusion_nft as nft
 from fdfo.algorithms import flow_grpo as grpo
+from fdfo.algorithms.ema import blend_
 
 
 def test_sde_noise_level_hand_values():
@@ -154,5 +155,94 @@ def test_nft_gradient_at_old_policy_is_reward_weighted_regression():
 def test_old_policy_decay_and_blend():
     assert [nft.old_policy_decay(s) for s in (0, 100, 499, 500, 5000)] == pytest.approx([0.0, 0.1, 0.499, 0.5, 0.5])
     target, source = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 6.0])]
-    nft.blend_(target, source, keep=0.25)
+    blend_(target, source, keep=0.25)
     torch.testing.assert_close(target[0], torch.tensor([0.25 + 2.25, 0.5 + 4.5]))
+
+
+class _LinearPolicy:
+    """A stand-in for SD3Policy in item_loss: v_theta = x + 1 everywhere, v_ref = x (the adapter off)."""
+
+    guidance_scale = 1.0
+
+    def velocity(self, x, sigma, cond, module=None):
+        return x + 1
+
+    def base_velocity(self, x, sigma, cond):
+        return x.clone()
+
+
+def test_flow_grpo_kl_term_of_one_step_by_hand():
+    # sigma 0.5 -> 0.25, a = 0.7: std = 0.7, dt = -0.25; mu - mu_ref = (v - v_ref)(1 + 0.49 * 0.5 / 0.5)(-0.25)
+    # = -0.31125; KL = 0.31125^2 / (2 * 0.49) = 0.098853..., no (-dt) in the denominator (that would be 4x larger)
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(baseline=SimpleNamespace(noise_level=0.7), train=SimpleNamespace(clip_range=1e-4,
+                                                                                           kl_weight=0.01))
+    sigmas = torch.tensor([1.0, 0.5, 0.25, 0.0])
+    x = torch.zeros(1, 2, 2)
+    _, mean, step_std = grpo.sde_step(x, x + 1, 0.5, 0.25, torch.zeros_like(x), 0.7, 0.5)
+    batch = {"state": x, "next": mean, "logp_old": grpo.step_log_prob(mean, mean, step_std),
+             "timestep": torch.tensor([1]), "weight": torch.zeros(1), "cond": {}}
+    loss, stats = grpo.item_loss(_LinearPolicy(), None, batch, sigmas, cfg)
+    assert stats["kl"].item() == pytest.approx(0.31125**2 / 0.98, rel=1e-6)
+    assert loss.item() == pytest.approx(0.01 * 0.31125**2 / 0.98, rel=1e-6)
+
+
+def test_ema_decay_warms_up_and_caps():
+    from fdfo.algorithms.ema import ema_decay, ema_updates_at
+
+    assert [ema_decay(s) for s in (1, 2, 80, 1000)] == pytest.approx([2 / 11, 3 / 12, 0.9, 0.9])
+    assert [s for s in range(1, 25) if ema_updates_at(s, 8)] == [7, 15, 23]
+    assert all(ema_updates_at(s, 1) for s in range(1, 5))
+    assert nft.old_policy_decay(1) == pytest.approx(0.001)  # counted from 1: 0.001 after the first step
+
+
+def test_zero_advantage_samples_leave_the_loss_mean_and_groups_are_prompt_texts():
+    from types import SimpleNamespace
+
+    from fdfo.algorithms.groups import group_weights, item_scales
+    from fdfo.config import PRESETS
+
+    cfg = PRESETS["smoke_flow_grpo"]()
+    cfg.baseline.group_size = 2
+    # prompts a, b, a: "a" drawn twice is ONE group of four; b's two equal rewards give A = 0 for both
+    samples = SimpleNamespace(rewards={"reward": torch.tensor([1.0, 3.0, 5.0, 5.0, 2.0, 6.0])}, prompts=["a", "b", "a"])
+    weights, invalid = group_weights(samples, cfg)
+    std = float(torch.tensor([1.0, 3.0, 5.0, 5.0, 2.0, 6.0]).std(correction=0))
+    torch.testing.assert_close(weights, torch.tensor([-2.0, 0.0, 0.0, 0.0, -1.0, 3.0]) / (std + 1e-4))
+    kept = grpo.kept_samples(weights)
+    assert kept.tolist() == [True, False, False, False, True, True] and invalid == 0
+    # 6 samples x 2 timesteps (item // 2 = sample), 2 steps of 6 items: step 0's samples 0 1 2 4 4 5 hold 4 kept
+    # items -> 1/4 each; step 1's samples 0 1 2 3 3 5 hold 2 -> 1/2 each; dropped samples' items weigh 0
+    items = torch.tensor([0, 2, 4, 8, 9, 10, 1, 3, 5, 6, 7, 11])
+    scale = item_scales(kept, [items], num_timesteps=2, steps=2, world_size=1)
+    torch.testing.assert_close(scale, torch.tensor([0.25, 0, 0, 0.25, 0.25, 0.25, 0.5, 0, 0, 0, 0, 0.5]))
+
+
+def test_baseline_step_gradient_is_the_mean_over_kept_items(monkeypatch):
+    """baseline_micro_batch weights each item's loss by data.scale: with item losses w_i * p, the accumulated gradient
+    of a step is the mean of w_i over its kept items (dropped samples' items weigh 0)."""
+    from types import SimpleNamespace
+
+    from fdfo.algorithms import groups
+
+    p = torch.zeros((), requires_grad=True)
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+
+    def item_loss(policy, module, batch, sigmas, cfg):
+        loss = batch["w"] * p
+        return loss, {"policy_loss": loss.detach(), "kl": loss.detach(), "clipfrac": torch.zeros_like(loss)}
+
+    monkeypatch.setattr(grpo, "item_loss", item_loss)
+    kept = torch.tensor([True, False, True])  # sample 1 dropped
+    items = torch.tensor([0, 1, 2, 3, 4, 5])  # item // 2 = sample
+    scale = groups.item_scales(kept, [items], num_timesteps=2, steps=2, world_size=1)
+    data = SimpleNamespace(sample=items // 2, rows={"timestep": torch.zeros(6, dtype=torch.long), "w": w},
+                           per_sample={}, cond={}, prompt=torch.zeros(6, dtype=torch.long), sigmas=None, scale=scale)
+    policy = SimpleNamespace(device=torch.device("cpu"))
+    scaler = SimpleNamespace(scale=lambda loss: loss)
+    cfg = SimpleNamespace(algorithm="flow_grpo")
+    for ids in (torch.tensor([0, 1]), torch.tensor([2])):  # step 0 in two micro-batches
+        groups.baseline_micro_batch(policy, None, scaler, data, ids, cfg, 3)
+    # step 0's items 0, 1, 2 belong to samples 0, 0, 1: kept w = 1, 2 -> mean 1.5
+    assert p.grad.item() == pytest.approx(1.5)

@@ -7,10 +7,10 @@ predicted from a velocity is x0_hat = x_t - t v.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from fdfo.algorithms.dpm_solver import integer_timestep_sigmas, sample_dpm2m
+from fdfo.algorithms.ema import blend_  # noqa: F401  (the old-policy update; fdfo/toy uses it from here)
 from fdfo.algorithms.flow_grpo import group_advantages
 
 WEIGHT_FLOOR = 1e-5
@@ -59,6 +59,14 @@ def nft_loss(
     v_theta, v_old, v_ref, x_t, x0: `[N, ...]` (x_t = (1 - t) x0 + t e with fresh e per item); t: float or `[N]`;
     r: `[N]` optimality of each item's sample. Returns (loss, stats) with stats loss_pos, loss_neg, ref (detached).
     """
+    terms, stats = nft_loss_terms(v_theta, v_old, v_ref, x_t, x0, t, r, beta)
+    stats = {key: value.mean().detach() for key, value in stats.items()}
+    return terms[0].mean() + ref_weight * terms[1].mean(), stats
+
+
+def nft_loss_terms(v_theta, v_old, v_ref, x_t, x0, t, r, beta: float):
+    """Per item: ((policy term `[N]`, reference term `[N]`), stats loss_pos, loss_neg, ref `[N]`); nft_loss is
+    mean(policy) + 1e-4 mean(ref)."""
     if beta <= 0:
         raise ValueError(f"DiffusionNFT beta must be > 0, got {beta}")
     v_theta, x_t, x0 = v_theta.float(), x_t.float(), x0.float()
@@ -71,29 +79,21 @@ def nft_loss(
         per_side.append(_sample_mean(error.square()) / weight)
     loss_pos, loss_neg = per_side
     r = r.float()
-    policy = (LOSS_SCALE * (r * loss_pos + (1 - r) * loss_neg) / beta).mean()
-    ref = _sample_mean((v_theta - v_ref.float()).square()).mean()
-    stats = {"loss_pos": loss_pos.mean().detach(), "loss_neg": loss_neg.mean().detach(), "ref": ref.detach()}
-    return policy + ref_weight * ref, stats
+    policy = LOSS_SCALE * (r * loss_pos + (1 - r) * loss_neg) / beta
+    ref = _sample_mean((v_theta - v_ref.float()).square())
+    return (policy, ref), {"loss_pos": loss_pos.detach(), "loss_neg": loss_neg.detach(), "ref": ref.detach()}
 
 
-# docs/algorithm.md §11: after each epoch old <- d old + (1 - d) theta with d = min(0.001 step, 0.5).
+# docs/algorithm.md §11: after each epoch old <- d old + (1 - d) theta with d = min(0.001 s, 0.5), s the global
+# step after the epoch's update, counted from 1 as the authors count it (0.001 after the first step, not 0).
 def old_policy_decay(step: int) -> float:
-    """The weight kept by the old (sampling) policy after `step` updates (0 at first: old becomes theta)."""
+    """The weight kept by the old (sampling) policy after optimizer step `step` (>= 1)."""
     return min(0.001 * step, 0.5)
 
 
-@torch.no_grad()
-def blend_(target: list[torch.Tensor], source: list[torch.Tensor], keep: float) -> None:
-    """In place: target <- keep * target + (1 - keep) * source, tensor by tensor (old-policy update and EMA)."""
-    for t, s in zip(target, source, strict=True):
-        t.mul_(keep).add_(s.detach().to(t.dtype), alpha=1 - keep)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# DiffusionNFT in the SD3 training loop (fdfo/phases.py runs the shared sampling, exchange and optimizer loops).
-# The sampling adapter `old` and the evaluated EMA are fp32 copies of the trained LoRA tensors; `swapped` puts one of
-# them into the LoRA parameters for sampling or saving, so one PEFT adapter serves all three.
+# DiffusionNFT in the SD3 training loop (fdfo/phases.py runs the shared sampling, exchange and optimizer loops; the
+# sampling adapter `old` and the evaluated EMA are fdfo.algorithms.ema.Copies).
 
 NEEDS_X0 = True  # whether item_loss reads the sample's final latent
 ITEM_KEYS = ("x_t", "v_old", "v_ref")
@@ -106,15 +106,15 @@ def trained_steps(num_steps: int) -> int:
 
 @torch.no_grad()
 def rollout(policy, x1: torch.Tensor, cond: dict, sigmas: torch.Tensor, noise, cfg) -> tuple[torch.Tensor, dict]:
-    """Deterministic Euler rollouts from x1 `[b, ...]` with the current (old) adapter, then the training items.
+    """Deterministic DPM-Solver++(2M) rollouts (the authors' `dpm2`; the transformer is told the integer timesteps
+    int(1000 sigma)) from x1 `[b, ...]` with the current (old) adapter, then the training items.
 
     Per sample K distinct timesteps (drawn from `noise`, so from the sample's own stream) and fresh e per item:
     x_t = (1 - t) x0 + t e. v_old (the sampling adapter) and v_ref (adapters off) at x_t are computed here, so
     training needs one forward of theta per item. Returns (x0 `[b, ...]`, items `[b, K, ...]` + timestep `[b, K]`).
     """
-    from fdfo.sampling import sample_euler
-
-    x0 = sample_euler(policy.velocity, x1, cond, sigmas)
+    told = integer_timestep_sigmas(sigmas)
+    x0 = sample_dpm2m(lambda x, i: policy.velocity(x, told[i].expand(len(x)), cond), x1, sigmas.double().tolist())
     num_steps, k = len(sigmas) - 1, trained_steps(len(sigmas) - 1)
     order = noise().flatten(1)[:, :num_steps].argsort(dim=1)[:, :k].sort(dim=1).values  # K distinct steps each
     items = {key: [] for key in ITEM_KEYS}
@@ -135,53 +135,16 @@ def sample_weights(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 
 
 def item_loss(policy, module, batch: dict, sigmas: torch.Tensor, cfg) -> tuple[torch.Tensor, dict]:
-    """nft_loss of a micro-batch (mean over its items); batch: x_t, v_old, v_ref, timestep, x0, weight (r), cond."""
+    """Per-item nft loss `[n]` of a micro-batch and per-item stats; batch: x_t, v_old, v_ref, timestep, x0,
+    weight (r), cond."""
     t = sigmas[batch["timestep"]]
     v = policy.velocity(batch["x_t"], t, batch["cond"], module=module)
-    loss, stats = nft_loss(v, batch["v_old"], batch["v_ref"], batch["x_t"], batch["x0"], t, batch["weight"],
-                           cfg.baseline.nft_beta)
-    return loss, {"policy_loss": loss.detach() - REF_WEIGHT * stats["ref"], "kl": stats["ref"],
-                  "clipfrac": torch.zeros((), device=loss.device)}
+    (policy_term, ref), _ = nft_loss_terms(v, batch["v_old"], batch["v_ref"], batch["x_t"], batch["x0"], t,
+                                           batch["weight"], cfg.baseline.nft_beta)
+    return policy_term + REF_WEIGHT * ref, {"policy_loss": policy_term.detach(), "kl": ref.detach(),
+                                            "clipfrac": torch.zeros_like(ref)}
 
 
-class Copies:
-    """The old (sampling) and EMA (evaluated, saved) adapters beside the trained LoRA parameters `params`."""
-
-    def __init__(self, params: list[torch.Tensor]):
-        self.params = params
-        self.old = [p.detach().clone() for p in params]
-        self.ema = [p.detach().clone() for p in params]
-
-    def after_step(self, ema_decay: float) -> None:
-        blend_(self.ema, self.params, keep=ema_decay)
-
-    def after_epoch(self, epoch: int) -> None:
-        """epoch: the 0-based epoch just trained."""
-        blend_(self.old, self.params, keep=old_policy_decay(epoch))
-
-    @contextlib.contextmanager
-    def swapped(self, values: list[torch.Tensor]):
-        """The LoRA parameters hold `values` inside the block (sampling with old, saving the EMA), then theta again."""
-        theta = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, v in zip(self.params, values, strict=True):
-                p.copy_(v)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, v in zip(self.params, theta, strict=True):
-                    p.copy_(v)
-
-    def state(self) -> dict:
-        """What a checkpoint needs beside the saved (EMA) adapter: theta and old."""
-        return {"nft_theta": [p.detach().cpu().clone() for p in self.params],
-                "nft_old": [t.cpu().clone() for t in self.old]}
-
-    def restore(self, state: dict) -> None:
-        """After the saved adapter (the EMA) was loaded into the parameters: take it as the EMA, put theta back."""
-        self.ema = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, v in zip(self.params, state["nft_theta"], strict=True):
-                p.copy_(v)
-        self.old = [v.to(p.device, p.dtype) for p, v in zip(self.params, state["nft_old"], strict=True)]
+def kept_samples(weights: torch.Tensor) -> torch.Tensor:
+    """Every sample enters DiffusionNFT's loss mean (r = 0.5 still pulls towards old); bool `[B]`."""
+    return torch.ones_like(weights, dtype=torch.bool)

@@ -7,6 +7,7 @@ sampling runs sigma from 1 down to 0.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -84,7 +85,35 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, clip: float = 
     return (centred / (rewards.std(correction=0) + ADV_EPS)).clamp(-clip, clip)
 
 
-# docs/algorithm.md §11: L = mean(max(-A rho, -A clip(rho, 1-eps, 1+eps))) + beta mean((mu - mu_ref)^2 / (2 s^2)).
+# docs/algorithm.md §11: L = mean(max(-A rho, -A clip(rho, 1-eps, 1+eps))) + beta mean((mu - mu_ref)^2 / (2 std^2)),
+# std = a sqrt(sigma / (1 - sigma)): the KL term has no (-dt) factor, unlike the transition's own variance std^2 (-dt).
+def clipped_loss_terms(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    mean: torch.Tensor | None = None,
+    mean_ref: torch.Tensor | None = None,
+    kl_std: torch.Tensor | float | None = None,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-item (policy term, KL term, ratio), each `[N]`; logp, logp_old, advantages: `[N]`.
+
+    The KL term (zeros unless beta > 0) is mean((mean - mean_ref)^2) / (2 kl_std^2) over latent elements, with
+    mean, mean_ref `[N, ...]` and kl_std the SDE noise level std = a sqrt(sigma / (1 - sigma)) (float or `[N]`).
+    """
+    ratio = torch.exp(logp.float() - logp_old.float())
+    adv = advantages.float()
+    policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
+    kl = torch.zeros_like(policy)
+    if beta > 0:
+        if mean is None or mean_ref is None or kl_std is None:
+            raise ValueError("beta > 0 needs mean, mean_ref and kl_std for the KL term")
+        std = _per_sample(kl_std, mean)
+        kl = _sample_mean((mean.float() - mean_ref.float()).square()) / (2 * std.flatten() ** 2)
+    return policy, kl, ratio
+
+
 def clipped_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
@@ -92,30 +121,18 @@ def clipped_loss(
     clip_range: float,
     mean: torch.Tensor | None = None,
     mean_ref: torch.Tensor | None = None,
-    step_std: torch.Tensor | None = None,
+    kl_std: torch.Tensor | float | None = None,
     beta: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Scalar loss of a batch of (sample, step) items; logp, logp_old, advantages: `[N]`.
-
-    The KL term (only when beta > 0) is the KL divergence between the two Gaussian transitions of equal std
-    step_std, averaged over latent elements: mean((mean - mean_ref)^2) / (2 step_std^2), with mean, mean_ref `[N, ...]`.
-    Returns (loss, stats) with stats policy_loss, kl, clipfrac (detached).
-    """
-    ratio = torch.exp(logp.float() - logp_old.float())
-    adv = advantages.float()
-    policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
-    kl = torch.zeros((), device=policy.device)
-    if beta > 0:
-        if mean is None or mean_ref is None or step_std is None:
-            raise ValueError("beta > 0 needs mean, mean_ref and step_std for the KL term")
-        s = torch.as_tensor(step_std, dtype=torch.float32, device=mean.device).expand_as(mean)
-        kl = _sample_mean((mean.float() - mean_ref.float()).square() / (2 * s**2)).mean()
+    """Scalar loss of a batch of (sample, step) items: the mean of `clipped_loss_terms`.
+    Returns (loss, stats) with stats policy_loss, kl, clipfrac (detached)."""
+    policy, kl, ratio = clipped_loss_terms(logp, logp_old, advantages, clip_range, mean, mean_ref, kl_std, beta)
     stats = {
-        "policy_loss": policy.detach(),
-        "kl": kl.detach(),
+        "policy_loss": policy.mean().detach(),
+        "kl": kl.mean().detach(),
         "clipfrac": ((ratio - 1).abs() > clip_range).float().mean().detach(),
     }
-    return policy + beta * kl, stats
+    return policy.mean() + beta * kl.mean(), stats
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -158,18 +175,54 @@ def sample_weights(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return group_advantages(rewards, groups)
 
 
+def kept_samples(weights: torch.Tensor) -> torch.Tensor:
+    """docs/algorithm.md §11: a sample whose advantage is 0 at every step (a group of equal rewards, a non-finite
+    reward) is left out of the loss mean, as the authors filter such samples before training. `[B]` -> bool `[B]`."""
+    return weights != 0
+
+
+@contextlib.contextmanager
+def _unguided(policy):
+    scale, policy.guidance_scale = policy.guidance_scale, 1.0
+    try:
+        yield
+    finally:
+        policy.guidance_scale = scale
+
+
+# docs/algorithm.md §11: CFG in the loss, v = sg(v_u) + g (v_c - sg(v_u)): only g dv_c reaches the LoRA.
+def guided_velocity(policy, x: torch.Tensor, sigma: torch.Tensor, cond: dict, module=None) -> torch.Tensor:
+    """The policy's CFG velocity `[B, ...]` (float32) with the unconditional half detached. One batched forward of
+    [unconditional; conditional], as the sampler's, so theta == old gives the sampler's velocity bit for bit."""
+    g = policy.guidance_scale
+    if g == 1.0:
+        return policy.velocity(x, sigma, cond, module=module)
+    neg, n = policy.negative(), len(x)
+    both = {"embeds": torch.cat([neg["embeds"].expand(n, -1, -1), cond["embeds"]]),
+            "pooled": torch.cat([neg["pooled"].expand(n, -1), cond["pooled"]])}
+    sigma = torch.as_tensor(sigma, device=x.device).expand(n)
+    with _unguided(policy):
+        v_uncond, v_cond = policy.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both, module=module).chunk(2)
+    v_uncond = v_uncond.detach()
+    return v_uncond + g * (v_cond - v_uncond)
+
+
 def item_loss(policy, module, batch: dict, sigmas: torch.Tensor, cfg) -> tuple[torch.Tensor, dict]:
-    """The clipped loss with KL of a micro-batch (mean over its items); batch: state, next, logp_old, timestep,
-    weight (the sample's advantage), cond."""
+    """Per-item clipped loss with KL `[n]` of a micro-batch, and per-item stats policy_loss, kl, clipfrac `[n]`;
+    batch: state, next, logp_old, timestep, weight (the sample's advantage), cond."""
     a, j = cfg.baseline.noise_level, batch["timestep"]
     sigma, sigma_next = sigmas[j], sigmas[j + 1]
     x = batch["state"]
-    v = policy.velocity(x, sigma, batch["cond"], module=module)
+    v = guided_velocity(policy, x, sigma, batch["cond"], module=module)
     _, mean, step_std = sde_step(x, v, sigma, sigma_next, torch.zeros_like(x), a, sigmas[1])
     mean_ref = None
     if cfg.train.kl_weight > 0:
         v_ref = policy.base_velocity(x, sigma, batch["cond"])
         _, mean_ref, _ = sde_step(x, v_ref, sigma, sigma_next, torch.zeros_like(x), a, sigmas[1])
     logp = step_log_prob(batch["next"], mean, step_std)
-    return clipped_loss(logp, batch["logp_old"], batch["weight"], cfg.train.clip_range, mean, mean_ref, step_std,
-                        cfg.train.kl_weight)
+    kl_std = sde_noise_level(sigma, a, sigmas[1]).to(x.device)
+    policy_term, kl, ratio = clipped_loss_terms(logp, batch["logp_old"], batch["weight"], cfg.train.clip_range,
+                                                mean, mean_ref, kl_std, cfg.train.kl_weight)
+    clipped = ((ratio - 1).abs() > cfg.train.clip_range).float()
+    return policy_term + cfg.train.kl_weight * kl, {"policy_loss": policy_term.detach(), "kl": kl.detach(),
+                                                    "clipfrac": clipped}

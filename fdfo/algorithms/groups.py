@@ -5,6 +5,7 @@ loop (`fdfo.phases.train_phase`) are FDFO's."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -85,32 +86,57 @@ class GroupItems:
     cond: dict[str, torch.Tensor]  # name -> [Q, ...]
     steps: list[torch.Tensor]
     invalid_pairs: int  # samples with a non-finite reward (weight 0 for Flow-GRPO, r = 0.5 for DiffusionNFT)
+    scale: torch.Tensor  # [N] loss weight of each item (item_scales)
+    dropped: int  # samples left out of the loss mean (Flow-GRPO: advantage 0 at every step)
+
+
+def prompt_keys(prompts: list[str]) -> torch.Tensor:
+    """An int64 key per prompt text (the first 8 bytes of its SHA-256): equal texts, equal keys. `[P]`."""
+    return torch.tensor([int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "big", signed=True)
+                         for p in prompts], dtype=torch.int64)
 
 
 def group_weights(samples: GroupSamples, cfg: Config) -> tuple[torch.Tensor, int]:
-    """This rank's per-sample weights (Flow-GRPO's advantage, DiffusionNFT's optimality) from ALL ranks' rewards;
-    samples with a non-finite reward are left out of the statistics and get a neutral weight (A = 0)."""
+    """ALL ranks' per-sample weights `[W B]` (Flow-GRPO's advantage, DiffusionNFT's optimality) from all ranks'
+    rewards. Groups are keyed by prompt text, as the authors' per-prompt statistics: a prompt drawn twice in an epoch
+    is one group. Samples with a non-finite reward are left out of the statistics and get a neutral weight (A = 0)."""
     algo, group = algorithm_module(cfg.algorithm), cfg.baseline.group_size
     rewards = dist.all_gather_cat(samples.rewards["reward"])
     valid = torch.isfinite(rewards)
     if not valid.any():
         raise RunError(f"all {len(rewards)} samples got a non-finite reward; check the reward model "
                        f"(--reward-preset {cfg.reward_preset}) and the sampled images")
-    groups = torch.arange(len(rewards), device=rewards.device) // group
+    keys = dist.all_gather_cat(prompt_keys(samples.prompts).to(rewards.device)).repeat_interleave(group)
+    groups = torch.unique(keys, return_inverse=True)[1]
     weights = torch.zeros_like(rewards) if cfg.algorithm == "flow_grpo" else torch.full_like(rewards, 0.5)
     weights[valid] = algo.sample_weights(rewards[valid], groups[valid])
-    n = len(samples.final)
+    return weights, int((~valid).sum())
+
+
+def item_scales(kept: torch.Tensor, per_rank: list[torch.Tensor], num_timesteps: int, steps: int,
+                world_size: int) -> torch.Tensor:
+    """This rank's per-item loss weights `[N]` (rank 0's list is per_rank[0], ...): each optimizer step's gradient is
+    the mean over the step's kept items on all ranks (kept: bool `[W B]` per global sample). DDP averages the ranks'
+    gradients, hence the factor W. An item of a dropped sample weighs 0."""
     rank = dist.get_rank()
-    return weights[rank * n:(rank + 1) * n], int((~valid).sum())
+    scales = []
+    for items in per_rank:
+        scales.append(kept[items // num_timesteps].float().reshape(steps, -1))
+    total = torch.stack(scales).sum(dim=(0, 2))  # [steps] kept items per optimizer step, all ranks
+    return (scales[rank] * world_size / total.clamp_min(1)[:, None]).flatten()
 
 
 def build_group_items(samples: GroupSamples, cfg: Config, geom: Geometry, epoch: int) -> GroupItems:
     """Per-sample weights, then each rank receives only the items it trains on (as build_training_set)."""
-    weight, invalid = group_weights(samples, cfg)
+    weights, invalid = group_weights(samples, cfg)
+    n, rank = len(samples.final), dist.get_rank()
+    weight = weights[rank * n:(rank + 1) * n]
     num_samples, num_timesteps = len(weight), samples.items["timestep"].shape[1]
     num_items = num_samples * geom.world_size * num_timesteps
-    rank, device = dist.get_rank(), weight.device
+    device = weight.device
     per_rank = [torch.cat(item_steps(num_items, cfg, geom, epoch, r)) for r in range(geom.world_size)]
+    kept = algorithm_module(cfg.algorithm).kept_samples(weights).cpu()
+    scale = item_scales(kept, per_rank, num_timesteps, geom.gradient_steps, geom.world_size)
     per_rank_samples = [torch.unique(w // num_timesteps) for w in per_rank]
     per_rank_prompts = [torch.unique(s // cfg.baseline.group_size) for s in per_rank_samples]
     items = per_rank[rank]
@@ -127,6 +153,7 @@ def build_group_items(samples: GroupSamples, cfg: Config, geom: Geometry, epoch:
         per_sample["x0"] = samples.final.float()
     return GroupItems(
         items=items, rows=rows, sigmas=samples.sigmas, sample=sample.to(device), prompt=prompt.to(device),
+        scale=scale.to(device), dropped=int((~kept).sum()),
         per_sample={k: dist.exchange_rows(v, per_rank_samples) for k, v in per_sample.items()},
         cond={k: dist.exchange_rows(v, per_rank_prompts) for k, v in samples.cond.items()},
         steps=[torch.arange(j * count, (j + 1) * count, device=device) for j in range(geom.gradient_steps)],
@@ -135,14 +162,15 @@ def build_group_items(samples: GroupSamples, cfg: Config, geom: Geometry, epoch:
 
 def baseline_micro_batch(policy, module, scaler, data: GroupItems, ids: torch.Tensor, cfg: Config,
                          step_size: int) -> torch.Tensor:
-    """Forward + backward of one micro-batch of a baseline: the method's `item_loss` (a mean over the micro-batch)
-    weighted so that a step's gradient is the mean over its items."""
+    """Forward + backward of one micro-batch of a baseline: the method's per-item `item_loss`, weighted by
+    `data.scale` so that a step's gradient is the mean over its kept items (all ranks). Returns the sums over the
+    micro-batch's items of loss, policy loss, clipped and KL (for the log: means over all items)."""
     sample = data.sample[ids]
     rows = ids.to(data.rows["timestep"].device)  # a no-op unless the rollouts live in host memory
     batch = {key: value[rows].to(policy.device, non_blocking=True) for key, value in data.rows.items()}
     batch |= {key: value[sample] for key, value in data.per_sample.items()}
     batch["cond"] = {key: value[data.prompt[ids]] for key, value in data.cond.items()}
     loss, stats = algorithm_module(cfg.algorithm).item_loss(policy, module, batch, data.sigmas, cfg)
-    scaler.scale(loss * len(ids) / step_size).backward()
-    return torch.stack([loss.detach() * len(ids), stats["policy_loss"] * len(ids), stats["clipfrac"] * len(ids),
-                        stats["kl"] * len(ids)]).double()
+    scaler.scale((loss * data.scale[ids]).sum()).backward()
+    return torch.stack([loss.detach().sum(), stats["policy_loss"].sum(), stats["clipfrac"].sum(),
+                        stats["kl"].sum()]).double()
