@@ -204,7 +204,7 @@ class SD3Policy:
         return self.amp_dtype or self.dtype
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
-                 module: torch.nn.Module | None = None) -> torch.Tensor:
+                 module: torch.nn.Module | None = None, detach_uncond: bool = False) -> torch.Tensor:
         """v(x, sigma, cond) in float32, with CFG `v_u + g (v_c - v_u)` when g != 1 (docs/algorithm.md §2).
 
         The timestep `1000 * sigma` stays float32 whatever the model dtype (§1: bf16 would move it by up to ~2).
@@ -213,6 +213,8 @@ class SD3Policy:
         the network's output dtype, as the authors do (it is then exactly representable in that dtype).
 
         module: the network to call (e.g. the DDP wrapper while training); default the LoRA transformer.
+        detach_uncond: with CFG, cut the gradient through the unconditional half (Flow-GRPO's loss, §11), so that
+            only `g * dv_c` reaches the LoRA; the value is the same.
         """
         module = module or self.transformer
         embeds, pooled = cond["embeds"], cond["pooled"]
@@ -230,6 +232,8 @@ class SD3Policy:
                 v = v.float()
             if self.guidance_scale != 1.0:
                 v_uncond, v_cond = v.chunk(2)
+                if detach_uncond:
+                    v_uncond = v_uncond.detach()
                 v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
         return v.float()
 

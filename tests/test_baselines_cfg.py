@@ -47,3 +47,24 @@ def test_flow_grpo_cfg_gradient_reaches_the_lora_only_through_the_conditional_pr
     num = sum(float((g - e).square().sum()) for g, e in zip(grads, expected, strict=True)) ** 0.5
     den = sum(float(e.square().sum()) for e in expected) ** 0.5
     assert den > 0 and num <= 1e-4 * den, (num, den)
+
+
+def test_flow_grpo_loss_velocity_is_the_samplers_under_autocast():
+    """theta == old must give ratio 1: under autocast the loss's CFG velocity is the sampler's bit for bit (the same
+    batched call, the combination in the autocast output dtype as the authors form it, not in float32)."""
+    from tests.test_numerics_authors import gpu_like_policy
+
+    policy = gpu_like_policy(torch.bfloat16, guidance=4.5)
+    cond = policy.encode(["a red apple", "a blue car"])
+    x = torch.randn(2, *policy.latent_shape(64), generator=torch.Generator().manual_seed(3))
+    sigma = torch.tensor([0.9, 0.4])
+    with torch.no_grad():
+        sampler = policy.velocity(x, sigma, cond)
+        loss_side = flow_grpo.guided_velocity(policy, x, sigma, cond)
+        neg = policy.negative()
+        both = {"embeds": torch.cat([neg["embeds"].expand(2, -1, -1), cond["embeds"]]),
+                "pooled": torch.cat([neg["pooled"].expand(2, -1), cond["pooled"]])}
+        policy.guidance_scale = 1.0
+        v_u, v_c = policy.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
+    assert torch.equal(loss_side, sampler)
+    assert not torch.equal(v_u + 4.5 * (v_c - v_u), sampler)  # a float32 combination would not be the sampler's

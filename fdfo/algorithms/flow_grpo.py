@@ -7,7 +7,6 @@ sampling runs sigma from 1 down to 0.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -181,30 +180,14 @@ def kept_samples(weights: torch.Tensor) -> torch.Tensor:
     return weights != 0
 
 
-@contextlib.contextmanager
-def _unguided(policy):
-    scale, policy.guidance_scale = policy.guidance_scale, 1.0
-    try:
-        yield
-    finally:
-        policy.guidance_scale = scale
-
-
 # docs/algorithm.md §11: CFG in the loss, v = sg(v_u) + g (v_c - sg(v_u)): only g dv_c reaches the LoRA.
 def guided_velocity(policy, x: torch.Tensor, sigma: torch.Tensor, cond: dict, module=None) -> torch.Tensor:
-    """The policy's CFG velocity `[B, ...]` (float32) with the unconditional half detached. One batched forward of
-    [unconditional; conditional], as the sampler's, so theta == old gives the sampler's velocity bit for bit."""
-    g = policy.guidance_scale
-    if g == 1.0:
+    """The policy's CFG velocity `[B, ...]` (float32) with the unconditional half detached: the sampler's own call
+    (one batched forward of [unconditional; conditional], the combination in the same dtype), so theta == old gives
+    the sampler's velocity bit for bit, under autocast too."""
+    if policy.guidance_scale == 1.0:  # nothing to detach (and velocity fields without CFG need not know the flag)
         return policy.velocity(x, sigma, cond, module=module)
-    neg, n = policy.negative(), len(x)
-    both = {"embeds": torch.cat([neg["embeds"].expand(n, -1, -1), cond["embeds"]]),
-            "pooled": torch.cat([neg["pooled"].expand(n, -1), cond["pooled"]])}
-    sigma = torch.as_tensor(sigma, device=x.device).expand(n)
-    with _unguided(policy):
-        v_uncond, v_cond = policy.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both, module=module).chunk(2)
-    v_uncond = v_uncond.detach()
-    return v_uncond + g * (v_cond - v_uncond)
+    return policy.velocity(x, sigma, cond, module=module, detach_uncond=True)
 
 
 def item_loss(policy, module, batch: dict, sigmas: torch.Tensor, cfg) -> tuple[torch.Tensor, dict]:
