@@ -223,3 +223,30 @@ def test_sweep_records_a_diverged_run_and_never_selects_it(tmp_path, monkeypatch
     sweep.main(["--out", str(tmp_path), "--settings", "tiny", "--report-only"])
     rows = capsys.readouterr().out.splitlines()
     assert any(r.startswith("| backprop | lr 1e+30 | diverged (- / - / -) |") for r in rows), rows
+
+
+def test_toy_flow_grpo_kl_term_uses_the_sde_std_without_dt():
+    """The toy's Flow-GRPO loss adds beta * mean((mu - mu_ref)^2) / (2 std^2) with std = a sqrt(sigma / (1 - sigma))
+    (no (-dt) factor), the same KL as the SD3 loss: the loss difference between beta and 0 is hand-computed."""
+    from fdfo.algorithms import flow_grpo as grpo
+
+    ctx = make_context(ToyConfig(algorithm="flow_grpo", dim=3, prompts=2, steps=4, seed=0))
+    with torch.no_grad():  # move the network off the base flow, so mu - mu_ref is not zero
+        for p in ctx.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+    build, loss_fn = methods.METHODS["flow_grpo"]
+    items = build(ctx, 8)
+    items.pop("reward")
+    with torch.no_grad():
+        ctx.hyper.kl = 0.0
+        without = loss_fn(ctx, items)
+        ctx.hyper.kl = 0.25
+        with_kl = loss_fn(ctx, items)
+        v = model_velocity(ctx.problem, ctx.net, items["x"], items["sigma"], items["prompt"])
+        _, mean, _ = grpo.sde_step(items["x"], v, items["sigma"], items["next"], torch.zeros_like(items["x"]),
+                                   ctx.hyper.sde_a, ctx.sigmas[1])
+        sigma = items["sigma"]
+        std = ctx.hyper.sde_a * torch.sqrt(sigma / torch.where(sigma >= 1, 1 - ctx.sigmas[1], 1 - sigma))
+        kl = ((mean - items["mean_ref"]) ** 2).mean(1) / (2 * std**2)
+    assert float(kl.mean()) > 0
+    torch.testing.assert_close(with_kl - without, 0.25 * kl.mean(), rtol=1e-5, atol=1e-8)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from fdfo.algorithms.dpm_solver import integer_timestep_sigmas, sample_dpm2m
-from fdfo.algorithms.ema import blend_  # noqa: F401  (the old-policy update; fdfo/toy uses it from here)
 from fdfo.algorithms.flow_grpo import group_advantages
 
 WEIGHT_FLOOR = 1e-5

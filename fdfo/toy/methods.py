@@ -17,6 +17,7 @@ from torch import nn
 
 from fdfo.algorithms import diffusion_nft as nft
 from fdfo.algorithms import flow_grpo as grpo
+from fdfo.algorithms.ema import blend_, ema_decay
 from fdfo.objective import pair_targets, spo_loss, spo_loss_velocity_region
 from fdfo.sampling import churn_step, prior_churn
 from fdfo.toy.flows import ToyProblem, model_velocity
@@ -141,8 +142,9 @@ def grpo_loss(ctx: Context, items: Items) -> torch.Tensor:
     v = model_velocity(ctx.problem, ctx.net, x, sigma, prompt)
     _, mean, step_std = grpo.sde_step(x, v, sigma, items["next"], torch.zeros_like(x), ctx.hyper.sde_a, ctx.sigmas[1])
     logp = grpo.step_log_prob(items["x_next"], mean, step_std)
+    kl_std = grpo.sde_noise_level(sigma, ctx.hyper.sde_a, ctx.sigmas[1])  # the KL's std has no (-dt) factor (§11)
     loss, _ = grpo.clipped_loss(logp, items["logp_old"], items["adv"], ctx.hyper.clip, mean, items["mean_ref"],
-                                step_std, ctx.hyper.kl)
+                                kl_std, ctx.hyper.kl)
     return loss
 
 
@@ -226,15 +228,17 @@ def train_epoch(ctx: Context, algorithm: str, optimizer: torch.optim.Optimizer, 
     items.pop("reward", None)
     order = torch.randperm(len(next(iter(items.values()))), generator=ctx.generator)
     params = [p for p in ctx.net.parameters() if p.requires_grad]
+    step = epoch * grad_steps  # global optimizer steps done, so the first step below is step 1 (as the authors count)
     for chunk in order.chunk(grad_steps):
         optimizer.zero_grad(set_to_none=True)
         loss_fn(ctx, {k: v[chunk] for k, v in items.items()}).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if ctx.ema is not None:
-            nft.blend_(list(ctx.ema.parameters()), list(ctx.net.parameters()), keep=0.9)
-    if ctx.old is not None:
-        nft.blend_(list(ctx.old.parameters()), list(ctx.net.parameters()), keep=nft.old_policy_decay(epoch))
+        step += 1
+        if ctx.ema is not None:  # DiffusionNFT's EMA: every step, with the (1 + s) / (10 + s) warm-up capped at 0.9
+            blend_(list(ctx.ema.parameters()), list(ctx.net.parameters()), keep=ema_decay(step))
+    if ctx.old is not None:  # old's coefficient min(0.001 s, 0.5): 0.001 after the first step, not 0
+        blend_(list(ctx.old.parameters()), list(ctx.net.parameters()), keep=nft.old_policy_decay(step))
 
 
 def loss_gradient(ctx: Context, algorithm: str, samples: int) -> torch.Tensor:
