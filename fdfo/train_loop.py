@@ -48,7 +48,7 @@ from fdfo.resume import (
     resolved_config,
 )
 from fdfo.rng import derive_seed
-from fdfo.runlog import NullLogger, RunLogger
+from fdfo.runlog import NullLogger, RunLogger, run_summary
 from fdfo.safety import RunLock, SignalGuard, check_weights, watch_parent
 from fdfo.sd3 import SD3Policy
 
@@ -225,6 +225,7 @@ def setup(cfg: Config, locks: list) -> Run:
         module = torch.nn.parallel.DistributedDataParallel(
             policy.transformer, device_ids=[device] if device.type == "cuda" else None)
     run_dir = prepare_run_dir(cfg, locks)  # only now: a model that fails to load leaves no empty run folder behind
+    dist.print0(f"run folder: {run_dir}")
     return Run(cfg, geom, prompts, policy, reward, optimizer, scaler, module, run_dir,
                open_logger(cfg, geom, run_dir, counters["epoch"]), counters["epoch"], counters["global_step"], nft=nft)
 
@@ -293,6 +294,8 @@ def train(cfg: Config) -> Path:
         run.guard = guard
         while run.epoch < cfg.num_epochs:
             run_epoch(run)
+        if dist.get_rank() == 0:
+            print(run_summary(run.run_dir, latest_checkpoint(run.run_dir)), flush=True)
         return run.run_dir
     except Interrupted as e:
         e.hint = resume_hint(cfg, run.run_dir if run is not None else None)
