@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from fdfo import distributed as dist
-from fdfo.hub import DIFFUSERS_FILE, Checkpoint, resolve_checkpoint
+from fdfo.hub import DIFFUSERS_FILE, Checkpoint, ensure_hub_reachable, resolve_checkpoint
 from fdfo.sd3 import SD35_MEDIUM
 
 
@@ -319,6 +319,7 @@ def load_generator(checkpoint: str | Checkpoint | None, pretrained_model: str | 
     else:
         source = "the default: the checkpoint records no guidance scale"
     if base is None:
+        ensure_hub_reachable([pretrained_model])
         base = BaseModel(pretrained_model, device or dist.init())
     elif base.pretrained_model != pretrained_model:
         raise ValueError(f"the shared base model is {base.pretrained_model}, not {pretrained_model}")

@@ -29,6 +29,7 @@ from fdfo.cli import check_device
 from fdfo.config import Config, Geometry, batch_geometry, check_config
 from fdfo.errors import Interrupted
 from fdfo.files import write_json_atomic
+from fdfo.hub import ensure_hub_reachable, reward_sources
 from fdfo.memory import activation_note
 from fdfo.phases import (
     EpochSamples,
@@ -194,6 +195,10 @@ def setup(cfg: Config, locks: list) -> Run:
                              f"or pass --resume-from another one.")
         check_adapter_fits(cfg, resume)
         applied = check_resume_settings(cfg, geom, resume)
+    from rewards import PRESETS as REWARD_PRESETS
+
+    ensure_hub_reachable([cfg.pretrained_model, *reward_sources(cfg.reward.specs or REWARD_PRESETS.get(
+        cfg.reward_preset, ()), cfg.reward)])  # offline: one line now, not minutes of download retries
     policy = build_policy(cfg, device)
     policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
     dist.print0(rollout_memory_note(policy, cfg, geom))

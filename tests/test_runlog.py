@@ -56,8 +56,8 @@ def test_pair_picture_uses_the_one_8_bit_rule():
     assert picture.getpixel((5 * scale, 0)) == (255, 255, 255)
 
 
-LONG_PROMPT = ("a watercolor painting of a lighthouse on a rocky coast during a storm, with seagulls circling the lamp, "
-               "waves breaking over the rocks, a small fishing boat heading home and the last light of the evening on "
+LONG_PROMPT = ("a watercolor painting of a lighthouse on a rocky coast during a storm, with seagulls circling the lamp,"
+               " waves breaking over the rocks, a small fishing boat heading home and the last light of the evening on "
                "the clouds; Pneumonoultramicroscopicsilicovolcanoconiosis-and-other-very-long-unbreakable-words")
 
 
