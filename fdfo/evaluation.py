@@ -198,7 +198,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     plan = make_plan(cfg)
 
     device = distributed.init(cfg.device)
-    from fdfo.hub import ensure_hub_reachable, reward_sources  # offline: one line, not minutes of download retries
+    from fdfo.offline import ensure_hub_reachable, reward_sources  # offline: one line, not minutes of download retries
 
     ensure_hub_reachable([cfg.pretrained_model, cfg.checkpoint, cfg.compare,
                           *reward_sources([f"{name}:1" for name in reward_names], cfg.reward)])

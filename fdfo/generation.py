@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from fdfo import distributed as dist
-from fdfo.hub import DIFFUSERS_FILE, Checkpoint, ensure_hub_reachable, resolve_checkpoint
+from fdfo.hub import DIFFUSERS_FILE, Checkpoint, resolve_checkpoint
+from fdfo.offline import ensure_hub_reachable
 from fdfo.sd3 import SD35_MEDIUM
 
 

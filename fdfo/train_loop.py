@@ -29,8 +29,8 @@ from fdfo.cli import check_device
 from fdfo.config import Config, Geometry, batch_geometry, check_config
 from fdfo.errors import Interrupted
 from fdfo.files import write_json_atomic
-from fdfo.hub import ensure_hub_reachable, reward_sources
 from fdfo.memory import activation_note
+from fdfo.offline import ensure_hub_reachable, reward_sources
 from fdfo.phases import (
     EpochSamples,
     build_training_set,

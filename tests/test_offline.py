@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from fdfo import hub, train_loop
+from fdfo import offline, train_loop
 from tests.test_train import tiny_config
 
 
@@ -21,21 +21,21 @@ def no_network(monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(hub, "_hub_checked", False)
+    monkeypatch.setattr(offline, "_hub_checked", False)
     return constants
 
 
 def test_which_names_need_the_hub(tmp_path):
-    assert hub.needs_hub("stabilityai/stable-diffusion-3.5-medium") and hub.needs_hub("hf:org/repo/sub")
-    assert hub.needs_hub("https://huggingface.co/org/repo")
-    assert not any(hub.needs_hub(n) for n in ("builtin:tiny-sd3", str(tmp_path), "base", "", None))
+    assert offline.needs_hub("stabilityai/stable-diffusion-3.5-medium") and offline.needs_hub("hf:org/repo/sub")
+    assert offline.needs_hub("https://huggingface.co/org/repo")
+    assert not any(offline.needs_hub(n) for n in ("builtin:tiny-sd3", str(tmp_path), "base", "", None))
 
 
 def test_reward_sources_are_the_models_a_reward_loads():
     from rewards import RewardConfig
 
     cfg = RewardConfig(pickscore_model="p/model", pickscore_processor="p/processor", vlm_model="q/vlm")
-    assert hub.reward_sources(["pickscore:1.0", "vlm_alignment:0.1", "redness:1", "bad spec"], cfg) == [
+    assert offline.reward_sources(["pickscore:1.0", "vlm_alignment:0.1", "redness:1", "bad spec"], cfg) == [
         "p/model", "p/processor", "q/vlm"]
 
 
@@ -43,11 +43,11 @@ def test_an_unreachable_hub_is_said_once_and_the_process_goes_offline(no_network
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    assert hub.hub_problem().startswith("ConnectError")
-    hub.ensure_hub_reachable(["builtin:tiny-sd3"])  # nothing from the hub: no check, nothing said
+    assert offline.hub_problem().startswith("ConnectError")
+    offline.ensure_hub_reachable(["builtin:tiny-sd3"])  # nothing from the hub: no check, nothing said
     assert capsys.readouterr().err == "" and not no_network.HF_HUB_OFFLINE
-    hub.ensure_hub_reachable(["fdfo-test/missing", "builtin:tiny-sd3"])
-    hub.ensure_hub_reachable(["fdfo-test/other"])  # checked once per process
+    offline.ensure_hub_reachable(["fdfo-test/missing", "builtin:tiny-sd3"])
+    offline.ensure_hub_reachable(["fdfo-test/other"])  # checked once per process
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"warning: the Hugging Face hub {no_network.ENDPOINT} cannot be "
                                                f"reached (ConnectError")
@@ -68,7 +68,7 @@ def test_reachable_means_any_answer(monkeypatch):
     for status, problem in ((200, None), (404, None), (401, None), (503, "HTTP 503"), (407, "HTTP 407")):
         monkeypatch.setattr(utils, "get_session", lambda s=status: type("S", (), {
             "request": lambda self, *a, **k: Answer(s)})())
-        assert hub.hub_problem() == problem
+        assert offline.hub_problem() == problem
 
 
 def test_training_without_network_fails_at_once_with_one_line(no_network, tmp_path, capsys, caplog):
