@@ -159,3 +159,5 @@ def test_the_run_says_where_it_writes_and_sums_up_at_the_end(tmp_path, capsys):
         f"  rollout pairs: {run / 'images'}/ (2 pictures, epochs 0, 1)",
     ]
     assert (run / "reward_curve.png").is_file() and len(list((run / "images").glob("*.png"))) == 2
+    state = json.loads((run / "checkpoints" / "epoch-0000002" / "state.json").read_text())
+    assert (state["resolution"], state["num_solver_steps"]) == (64, 3)  # what generate.py samples it at by default
