@@ -4,6 +4,9 @@ Single GPU or CPU:
     python generate.py --checkpoint $CHECKPOINT --out out.jpg [--guidance-scale 4.5]
     python generate.py --checkpoint base $CHECKPOINT_A $CHECKPOINT_B --out compare.jpg --prompts my_prompts.txt
 
+Offline on a CPU, from a smoke run (`python train.py --preset smoke`; sampled at its 64 px and 6 steps):
+    python generate.py --checkpoint runs/<id>-smoke --out smoke.jpg
+
 Multi-GPU (the images are shared out; the grid is the same as on one GPU):
     torchrun --nproc_per_node=8 generate.py --checkpoint $CHECKPOINT --out out.jpg --grid-rows 2 --grid-cols 4
 

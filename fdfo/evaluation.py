@@ -200,8 +200,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = distributed.init(cfg.device)
     from fdfo.offline import ensure_hub_reachable, reward_sources  # offline: one line, not minutes of download retries
 
-    ensure_hub_reachable([cfg.pretrained_model, cfg.checkpoint, cfg.compare,
-                          *reward_sources([f"{name}:1" for name in reward_names], cfg.reward)])
+    ensure_hub_reachable([cfg.pretrained_model, *reward_sources([f"{name}:1" for name in reward_names], cfg.reward)])
     generator = load_generator(cfg.checkpoint, pretrained_model=cfg.pretrained_model, device=device,
                                guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, resolution=cfg.resolution)
     other = None

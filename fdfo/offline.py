@@ -67,11 +67,12 @@ def ensure_hub_reachable(names) -> None:
                f"HF_HUB_OFFLINE=1 to skip this check.")
 
 
-def reward_sources(specs, reward_cfg) -> list[str]:
-    """The model ids / folders the reward terms `specs` ("kind:weight[:question]") load; malformed specs are left to
-    the reward builder to report."""
-    from rewards.build import CLIP_KINDS, VLM_KINDS, parse_spec
+def reward_sources(specs, reward_cfg, preset: str | None = None) -> list[str]:
+    """The model ids / folders the reward terms `specs` ("kind:weight[:question]"; none given: those of the reward
+    preset `preset`) load; malformed specs and unknown presets are left to the reward builder to report."""
+    from rewards.build import CLIP_KINDS, PRESETS, VLM_KINDS, parse_spec
 
+    specs = specs or PRESETS.get(preset, ())
     sources = []
     for spec in specs:
         try:

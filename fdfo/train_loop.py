@@ -195,10 +195,8 @@ def setup(cfg: Config, locks: list) -> Run:
                              f"or pass --resume-from another one.")
         check_adapter_fits(cfg, resume)
         applied = check_resume_settings(cfg, geom, resume)
-    from rewards import PRESETS as REWARD_PRESETS
-
-    ensure_hub_reachable([cfg.pretrained_model, *reward_sources(cfg.reward.specs or REWARD_PRESETS.get(
-        cfg.reward_preset, ()), cfg.reward)])  # offline: one line now, not minutes of download retries
+    # without a network: one line now instead of minutes of download retries
+    ensure_hub_reachable([cfg.pretrained_model, *reward_sources(cfg.reward.specs, cfg.reward, cfg.reward_preset)])
     policy = build_policy(cfg, device)
     policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
     dist.print0(rollout_memory_note(policy, cfg, geom))

@@ -37,6 +37,8 @@ def test_reward_sources_are_the_models_a_reward_loads():
     cfg = RewardConfig(pickscore_model="p/model", pickscore_processor="p/processor", vlm_model="q/vlm")
     assert offline.reward_sources(["pickscore:1.0", "vlm_alignment:0.1", "redness:1", "bad spec"], cfg) == [
         "p/model", "p/processor", "q/vlm"]
+    assert offline.reward_sources((), cfg, "combined") == ["p/model", "p/processor", "q/vlm"]
+    assert offline.reward_sources((), cfg, "redness") == offline.reward_sources((), cfg, "bogus") == []
 
 
 def test_an_unreachable_hub_is_said_once_and_the_process_goes_offline(no_network, capsys, caplog):
