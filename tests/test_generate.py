@@ -513,3 +513,22 @@ def test_a_smoke_checkpoint_is_sampled_at_its_training_steps_and_size(hub, tmp_p
     generate_grid(GenerateConfig(checkpoint=(str(run),), out=str(out), num_prompts=1, grid_cols=1, device="cpu"))
     assert Image.open(out).size == GridLayout(1, 1, 1, 1, 48).size
     assert "2 Euler steps, 48 px (steps and size: the training run's)" in capsys.readouterr().out
+
+
+def test_without_network_the_cache_still_loads_after_one_line(hub, tmp_path):
+    """HF_HUB_OFFLINE unset and the hub a closed loopback port: one warning, then the cached adapter and base model."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {k: v for k, v in hub_env(hub, tmp_path).items() if k != "HF_HUB_OFFLINE"} | {"HF_ENDPOINT": endpoint}
+    out = tmp_path / "g.png"
+    result = subprocess.run([sys.executable, "generate.py", "--checkpoint", hub["adapters"]["no_cfg"]["hf"], "--out",
+                             str(out), "--num-prompts", "1", "--grid-cols", "1", "--num-steps", str(STEPS),
+                             "--resolution", str(RES)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = warnings_in(result.stderr)
+    assert line.startswith(f"warning: the Hugging Face hub {endpoint} cannot be reached (ConnectError")
+    assert "HF_HUB_OFFLINE=1" in line and "Retry" not in result.stderr
+    assert Image.open(out).size == GridLayout(1, 1, 1, 1, RES).size
