@@ -3,7 +3,7 @@
 
 Single GPU or CPU:
     python train.py --num-epochs 5 --total-pairs-per-epoch 16
-    python train.py --preset smoke                   # tiny offline model and analytic reward: CPU, under a minute
+    python train.py --preset smoke                   # tiny offline model and analytic reward, on a CPU
     python train.py --preset flow_grpo               # the published baselines in the same loop (docs/algorithm.md §11);
     python train.py --preset diffusion_nft           # or --algorithm flow_grpo|diffusion_nft with your own flags
 

@@ -141,7 +141,7 @@ SMOKE_PROMPTS = str(Path(__file__).resolve().parents[1] / "prompt_sets" / "smoke
 
 
 def smoke_config() -> Config:
-    """A CPU run of well under a minute: the tiny offline pipeline, 64 px, 6 steps, an analytic colour reward.
+    """A short CPU run: the tiny offline pipeline, 64 px, 6 steps, an analytic colour reward.
 
     Larger churn and learning rate than the paper because the tiny model takes few, coarse steps and the run is short;
     the reward still rises by many standard errors (tests/test_cli.py checks it).
