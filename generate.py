@@ -4,6 +4,9 @@ Single GPU or CPU:
     python generate.py --checkpoint $CHECKPOINT --out out.jpg [--guidance-scale 4.5]
     python generate.py --checkpoint base $CHECKPOINT_A $CHECKPOINT_B --out compare.jpg --prompts my_prompts.txt
 
+Offline on a CPU, from a smoke run (`python train.py --preset smoke`; sampled at its 64 px and 6 steps):
+    python generate.py --checkpoint runs/<id>-smoke --out smoke.jpg
+
 Multi-GPU (the images are shared out; the grid is the same as on one GPU):
     torchrun --nproc_per_node=8 generate.py --checkpoint $CHECKPOINT --out out.jpg --grid-rows 2 --grid-cols 4
 
@@ -46,10 +49,12 @@ class GenerateConfig:
     """Image `index` of a checkpoint's block (prompt-major, then row, then column) uses seed + index (mod 2**31)."""
     batch_size: int = 4
     """Images per forward pass (per GPU); it does not change the images."""
-    num_steps: int = 40
-    """Sampling steps (the pipeline's num_inference_steps: Euler, no churn)."""
-    resolution: int = 512
-    """Image height and width in pixels."""
+    num_steps: int | None = None
+    """Sampling steps (the pipeline's num_inference_steps: Euler, no churn); default 40, or on the built-in tiny model
+    (builtin:tiny-sd3, e.g. a smoke run's checkpoint) the steps the checkpoint was trained with (else 6)."""
+    resolution: int | None = None
+    """Image height and width in pixels; default 512, or on the built-in tiny model the checkpoint's training size
+    (else 64)."""
     pretrained_model: str | None = None
     """Base SD3 pipeline (hub id or folder); default: the one our checkpoint records, else SD3.5 Medium."""
     device: str | None = None

@@ -3,7 +3,7 @@
 
 Single GPU or CPU:
     python train.py --num-epochs 5 --total-pairs-per-epoch 16
-    python train.py --preset smoke                   # tiny offline model and analytic reward: CPU, under a minute
+    python train.py --preset smoke                   # tiny offline model and analytic reward, on a CPU
     python train.py --preset flow_grpo               # the published baselines in the same loop (docs/algorithm.md §11);
     python train.py --preset diffusion_nft           # or --algorithm flow_grpo|diffusion_nft with your own flags
 
@@ -11,6 +11,7 @@ Multi-GPU (one node; add --nnodes and --rdzv-* for several, see README.md):
     torchrun --nproc_per_node=8 train.py --reward-preset pickscore
 
 Rerunning with the same --run-dir resumes from its newest checkpoint. `python train.py --help` lists every flag.
+`--config runs/<run>/config.json` starts from the settings that run recorded (flags after it override them).
 """
 
 from fdfo.cli import guarded
@@ -21,10 +22,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
+    import sys
+
     from fdfo.cli import parse_with_preset, run_main
     from fdfo.config import PRESETS, Config
+    from fdfo.replay import expand_config
 
-    cfg = parse_with_preset(Config, PRESETS, argv, description=__doc__)
+    cfg = parse_with_preset(Config, PRESETS, expand_config(sys.argv[1:] if argv is None else argv),
+                            description=__doc__)
     from fdfo.train_loop import train
 
     run_main(train, cfg)

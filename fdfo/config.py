@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from fdfo.sd3 import SD35_MEDIUM
@@ -138,8 +139,12 @@ class Config:
         return 2 if self.algorithm == "fdfo" else self.baseline.group_size
 
 
+# The smoke presets' prompts ship with the repository; found from any working directory.
+SMOKE_PROMPTS = str(Path(__file__).resolve().parents[1] / "prompt_sets" / "smoke.txt")
+
+
 def smoke_config() -> Config:
-    """A CPU run of well under a minute: the tiny offline pipeline, 64 px, 6 steps, an analytic colour reward.
+    """A short CPU run: the tiny offline pipeline, 64 px, 6 steps, an analytic colour reward.
 
     Larger churn and learning rate than the paper because the tiny model takes few, coarse steps and the run is short;
     the reward still rises by many standard errors (tests/test_cli.py checks it).
@@ -151,7 +156,7 @@ def smoke_config() -> Config:
         save_freq=4,
         run_name="smoke",
         pretrained_model="builtin:tiny-sd3",
-        prompt_file="prompt_sets/smoke.txt",
+        prompt_file=SMOKE_PROMPTS,
         lora_rank=8,
         lora_alpha=16.0,
         total_pairs_per_epoch=16,

@@ -211,6 +211,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     plan = make_plan(cfg)
 
     device = distributed.init(cfg.device)
+    from fdfo.offline import ensure_hub_reachable, reward_sources  # offline: one line, not minutes of download retries
+
+    ensure_hub_reachable([cfg.pretrained_model, *reward_sources(metric_specs(reward_names), cfg.reward)])
     with distributed.rank0_first():  # both checkpoints found and checked (recorded SHA-256) before any model loads
         checkpoint = resolve_checkpoint(cfg.checkpoint)
         compare = resolve_checkpoint(cfg.compare) if cfg.compare is not None else None

@@ -31,6 +31,7 @@ import torch
 
 from fdfo import distributed as dist
 from fdfo.hub import DIFFUSERS_FILE, Checkpoint, resolve_checkpoint
+from fdfo.offline import ensure_hub_reachable
 from fdfo.sd3 import SD35_MEDIUM
 
 
@@ -68,6 +69,34 @@ def choose_base_model(checkpoints: Iterable[Checkpoint], requested: str | None =
     if requested:
         return requested
     return next((c.pretrained_model for c in checkpoints if c.pretrained_model), SD35_MEDIUM)
+
+
+EVAL_STEPS, EVAL_RESOLUTION = 40, 512  # the evaluation protocol (docs/algorithm.md §8)
+
+
+def sampling_defaults(checkpoints: Iterable[Checkpoint], pretrained_model: str, num_steps: int | None = None,
+                      resolution: int | None = None) -> tuple[int, int, str]:
+    """(num_steps, resolution, why) to sample with: the requested values; for a built-in tiny base model the training
+    steps and size a checkpoint records (else the smoke preset's, the tiny model's own); otherwise the evaluation
+    protocol's 40 steps at 512 px, whatever the checkpoint was trained with."""
+    from fdfo.tiny import TINY_SD3
+
+    if num_steps is not None and resolution is not None:
+        return num_steps, resolution, "as requested"
+    if pretrained_model != TINY_SD3:
+        default = (EVAL_STEPS, EVAL_RESOLUTION, "the evaluation protocol's")
+    else:
+        trained = next((c for c in checkpoints if c.num_steps is not None and c.resolution is not None), None)
+        if trained is not None:
+            default = (trained.num_steps, trained.resolution, "the training run's")
+        else:
+            from fdfo.config import smoke_config
+
+            smoke = smoke_config().sample
+            default = (smoke.num_solver_steps, smoke.resolution, "the tiny model's (the smoke preset's)")
+    which = " and ".join(w for w, given in (("steps", num_steps), ("size", resolution)) if given is None)
+    return (default[0] if num_steps is None else num_steps, default[1] if resolution is None else resolution,
+            f"{which}: {default[2]}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -274,6 +303,7 @@ class ImageSampler:
         self.base, self.checkpoint, self.adapter = base, checkpoint, adapter
         self.guidance_scale, self.num_steps, self.resolution = guidance_scale, num_steps, resolution
         self.guidance_source = guidance_source
+        self.sampling_source = "as requested"  # or where the steps and size came from (`sampling_defaults`)
         self.checkpoint_description = checkpoint.description
         self.label = checkpoint.label
 
@@ -304,20 +334,23 @@ class ImageSampler:
 
 
 def load_generator(checkpoint: str | Checkpoint | None, pretrained_model: str | None = None,
-                   device: torch.device | None = None, guidance_scale: float | None = None, num_steps: int = 40,
-                   resolution: int = 512, base: BaseModel | None = None) -> ImageSampler:
+                   device: torch.device | None = None, guidance_scale: float | None = None,
+                   num_steps: int | None = None, resolution: int | None = None, base: BaseModel | None = None
+                   ) -> ImageSampler:
     """Resolve `checkpoint` (any form of fdfo.hub, or a resolved Checkpoint; None = the base model), load the base
     model (or reuse `base`), add the adapter, and fix the guidance scale (default: the checkpoint's, see
     `resolve_guidance`).
 
-    pretrained_model: default `base`'s model, else `choose_base_model` (our state.json's, else SD3.5 Medium).
+    pretrained_model: default `base`'s model, else `choose_base_model` (our state.json's, else SD3.5 Medium);
+    num_steps, resolution: default `sampling_defaults` (40 steps at 512 px, or a tiny model's training settings).
     """
-    if num_steps < 1:
+    if num_steps is not None and num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint)
     recorded = ckpt.pretrained_model
     if pretrained_model is None:
         pretrained_model = base.pretrained_model if base is not None else choose_base_model([ckpt])
+    num_steps, resolution, sampling_source = sampling_defaults([ckpt], pretrained_model, num_steps, resolution)
     if recorded is not None and recorded != pretrained_model:
         dist.warn0(f"{ckpt.description} was trained on {recorded}, but the base model is {pretrained_model}")
     adapter = read_adapter(ckpt) if ckpt.adapter_dir is not None else None
@@ -329,6 +362,7 @@ def load_generator(checkpoint: str | Checkpoint | None, pretrained_model: str | 
     else:
         source = "the default: the checkpoint records no guidance scale"
     if base is None:
+        ensure_hub_reachable([pretrained_model])
         base = BaseModel(pretrained_model, device or dist.init())
     elif base.pretrained_model != pretrained_model:
         raise ValueError(f"the shared base model is {base.pretrained_model}, not {pretrained_model}")
@@ -337,14 +371,17 @@ def load_generator(checkpoint: str | Checkpoint | None, pretrained_model: str | 
         raise ValueError(f"resolution {resolution} must be a positive multiple of {factor}")
     if adapter is not None:
         base.add(adapter)  # now, so an adapter that does not fit fails before any sampling
-    return ImageSampler(base, ckpt, adapter, scale, num_steps, resolution, source)
+    sampler = ImageSampler(base, ckpt, adapter, scale, num_steps, resolution, source)
+    sampler.sampling_source = sampling_source
+    return sampler
 
 
 def describe(gen: ImageSampler) -> str:
     """One line for logs: checkpoint, base model, guidance scale and why it was chosen."""
     source = f" ({gen.guidance_source})" if gen.guidance_source else ""
+    sampling = gen.sampling_source if gen.sampling_source != "as requested" else ""
     return (f"{gen.checkpoint_description} on {gen.base.pretrained_model}: guidance scale {gen.guidance_scale:g}"
-            f"{source}, {gen.num_steps} Euler steps, {gen.resolution} px")
+            f"{source}, {gen.num_steps} Euler steps, {gen.resolution} px{f' ({sampling})' if sampling else ''}")
 
 
 __all__ = ["Adapter", "BaseModel", "ImageSampler", "choose_base_model", "describe", "load_generator", "read_adapter",

@@ -191,12 +191,11 @@ def generate_grid(cfg) -> Path:
         raise ValueError(f"--out {cfg.out}: the grid is written as JPEG or PNG; end the name in .jpg, .jpeg or .png")
     check_output_path(out)
     check_device("--device", cfg.device)
-    for name in ("grid_rows", "grid_cols", "batch_size", "num_steps"):
-        if getattr(cfg, name) < 1:
+    for name in ("grid_rows", "grid_cols", "batch_size", "num_steps", "num_prompts"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.num_prompts is not None and cfg.num_prompts < 1:
-        raise ValueError(f"--num-prompts must be >= 1, got {cfg.num_prompts}")
-    check_resolution(cfg.resolution)
+    if cfg.resolution is not None:
+        check_resolution(cfg.resolution)
     check_guidance_scale(cfg.guidance_scale)
     prompts = load_prompts(cfg.prompts) if cfg.prompts else list(BUILTIN_PROMPTS)
     prompts = prompts[:cfg.num_prompts]
@@ -220,7 +219,7 @@ def generate_grid(cfg) -> Path:
             blocks.append(_generate_share(gen, grid_prompts, seeds, cfg.batch_size, bar))
     titles = [f"{gen.label}  (cfg {gen.guidance_scale:g})" for gen in generators]
     if dist.get_rank() == 0:
-        layout = GridLayout(len(checkpoints), len(prompts), cfg.grid_rows, cfg.grid_cols, cfg.resolution)
+        layout = GridLayout(len(checkpoints), len(prompts), cfg.grid_rows, cfg.grid_cols, generators[0].resolution)
         canvas = draw_grid(torch.stack(blocks), layout, titles, prompts)
         make_folder(out.parent)
         jpeg = out.suffix.lower() in (".jpg", ".jpeg")

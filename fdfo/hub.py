@@ -76,7 +76,8 @@ class Checkpoint:
     """A resolved checkpoint. adapter_dir None is the base model.
 
     guidance_scale: the CFG scale it was trained with (from state.json or the folder name), None when unknown;
-    pretrained_model: the base model recorded in our state.json, None when not recorded.
+    pretrained_model: the base model recorded in our state.json, None when not recorded;
+    resolution, num_steps: what it was trained at (our state.json, else its run's config.json), None when unknown.
     """
 
     adapter_dir: Path | None
@@ -85,6 +86,8 @@ class Checkpoint:
     guidance_scale: float | None = None
     guidance_source: str | None = None
     pretrained_model: str | None = None
+    resolution: int | None = None  # the training run's image size and Euler steps, when recorded
+    num_steps: int | None = None
 
 
 def _decode(part: str, spec: str, revision: bool = False) -> str:
@@ -216,8 +219,26 @@ def _checkpoint(folder: Path, description: str, label: str, name_for_cfg: str, r
         scale, source = known_guidance_scale(repo_id), f"repository ({repo_id} is known to use it)"
     if scale is None:
         scale, source = infer_guidance_scale(name_for_cfg), "folder name"
+    resolution, steps = state.get("resolution"), state.get("num_solver_steps")
+    if (resolution is None or steps is None) and folder.parent.name == "checkpoints":  # an older state.json: the run's
+        sample = _read_json(folder.parent.parent / "config.json").get("sample")
+        if isinstance(sample, dict):
+            resolution, steps = sample.get("resolution"), sample.get("num_solver_steps")
     return Checkpoint(folder, description, label, None if scale is None else float(scale),
-                      None if scale is None else source, state.get("pretrained_model"))
+                      None if scale is None else source, state.get("pretrained_model"), _count(resolution),
+                      _count(steps))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value) -> int | None:
+    return value if type(value) is int and value > 0 else None
 
 
 def _local_adapter_dir(path: Path) -> Path:
@@ -246,6 +267,9 @@ def download_adapter(ref: HubRef) -> Path:
     rev = f" at revision {ref.revision!r}" if ref.revision else ""
     fetch = f"hf download {ref.repo_id} {' '.join(prefix + f for f in ADAPTER_FILES)}" + (
         f" --revision {ref.revision}" if ref.revision else "")
+    from fdfo.offline import ensure_hub_reachable
+
+    ensure_hub_reachable([str(ref)])
     try:
         root = snapshot_download(ref.repo_id, revision=ref.revision,
                                  allow_patterns=[prefix + f for f in (*ADAPTER_FILES, DIFFUSERS_FILE, STATE_FILE)])

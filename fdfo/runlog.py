@@ -140,6 +140,48 @@ class RunLogger(NullLogger):
             self.wandb.finish()
 
 
+def run_summary(run_dir: Path, newest_checkpoint: Path | None) -> str:
+    """What a finished run leaves and where: the reward from its first to its last logged epoch, the newest
+    checkpoint, the reward curve and the rollout pair pictures (a few lines for the end of train.py)."""
+    run_dir = Path(run_dir)
+    epochs = [r for r in read_records(run_dir / LOG_FILE) if "reward_mean" in r and isinstance(r.get("epoch"), int)]
+    lines = [f"done: {run_dir}"]
+    if epochs:
+        first, last = epochs[0], epochs[-1]
+        a, b = (_number(r["reward_mean"]) for r in (first, last))
+        lines.append(f"  reward (mean over the epoch's samples): {a:.4g} at epoch {first['epoch']} -> {b:.4g} at epoch "
+                     f"{last['epoch']} ({b - a:+.4g})")
+    lines.append(f"  newest checkpoint: {newest_checkpoint if newest_checkpoint is not None else 'none yet'}")
+    if (run_dir / "reward_curve.png").is_file():
+        lines.append(f"  reward curve: {run_dir / 'reward_curve.png'}")
+    pictures = sorted((run_dir / "images").glob("epoch-*-pair-*.png"))
+    if pictures:
+        logged = sorted({int(p.name.split("-")[1]) for p in pictures})
+        lines.append(f"  rollout pairs: {run_dir / 'images'}/ ({len(pictures)} pictures, epoch"
+                     f"{'s' if len(logged) > 1 else ''} {', '.join(map(str, logged))})")
+    else:
+        lines.append("  rollout pairs: none saved (--image-log-freq 0, or no logged epoch yet)")
+    return "\n".join(lines)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a log.jsonl (unreadable lines skipped); [] when there is no log."""
+    records = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _number(v) -> float:
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
 def _jsonable(v):
     if isinstance(v, torch.Tensor):
         v = v.item()
@@ -148,20 +190,44 @@ def _jsonable(v):
     return v
 
 
+PAIR_MIN_SIZE = 256  # px: smaller rollouts (the tiny model's 64 px) are enlarged by a whole factor, nearest pixel
+
+
+def wrap_text(text: str, font, width: float) -> list[str]:
+    """Greedy word wrap of all of `text` to lines of at most `width` pixels; a word wider than a line is split."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+            continue
+        while len(word) > 1 and font.getlength(word) > width:
+            cut = 1
+            while cut < len(word) - 1 and font.getlength(word[:cut + 1]) <= width:
+                cut += 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines or [""]
+
+
 def pair_picture(a: torch.Tensor, b: torch.Tensor, prompt: str, reward_a: float, reward_b: float) -> Image.Image:
-    """The two branches side by side with their rewards, the prompt underneath."""
+    """The two branches side by side, each at least PAIR_MIN_SIZE px, their rewards under them and the whole prompt
+    wrapped underneath."""
     a_img, b_img = to_pil(a), to_pil(b)
+    scale = max(1, math.ceil(PAIR_MIN_SIZE / min(a_img.size)))
+    if scale > 1:
+        a_img, b_img = (im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in (a_img, b_img))
     w, h = a_img.size
-    font = ImageFont.load_default(size=max(10, w // 20))
+    font = ImageFont.load_default(size=max(12, w // 20))
     line = int(font.size * 1.4)
-    canvas = Image.new("RGB", (2 * w, h + 3 * line), "white")
+    pad = 4
+    lines = wrap_text(prompt, font, 2 * w - 2 * pad)
+    canvas = Image.new("RGB", (2 * w, h + (len(lines) + 1) * line + 2 * pad), "white")
     canvas.paste(a_img, (0, 0))
     canvas.paste(b_img, (w, 0))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, h + 2), f"a: {reward_a:.4g}", fill="black", font=font)
-    draw.text((w + 4, h + 2), f"b: {reward_b:.4g}", fill="black", font=font)
-    text = prompt
-    while len(text) > 1 and draw.textlength(text, font=font) > 2 * w - 8:  # shorten to the width, marking the cut
-        text = text[: len(text) * 9 // 10 - 1].rstrip() + "…"
-    draw.text((4, h + line + 2), text, fill="black", font=font)
+    draw.text((pad, h + pad), f"reward a: {reward_a:.4g}", fill="black", font=font)
+    draw.text((w + pad, h + pad), f"reward b: {reward_b:.4g}", fill="black", font=font)
+    for i, text in enumerate(lines):
+        draw.text((pad, h + pad + (i + 1) * line), text, fill="dimgray", font=font)
     return canvas

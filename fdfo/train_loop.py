@@ -31,6 +31,7 @@ from fdfo.config import Config, Geometry, batch_geometry, check_config
 from fdfo.errors import Interrupted
 from fdfo.files import write_json_atomic
 from fdfo.memory import activation_note
+from fdfo.offline import ensure_hub_reachable, reward_sources
 from fdfo.phases import (
     EpochSamples,
     build_training_set,
@@ -51,7 +52,7 @@ from fdfo.resume import (
     resolved_config,
 )
 from fdfo.rng import derive_seed
-from fdfo.runlog import NullLogger, RunLogger
+from fdfo.runlog import NullLogger, RunLogger, run_summary
 from fdfo.safety import RunLock, SignalGuard, check_run_folder, check_weights, run_folder_error, watch_parent
 from fdfo.sd3 import SD3Policy
 from rewards.remote import RewardServerDown
@@ -215,6 +216,8 @@ def setup(cfg: Config, locks: list) -> Run:
                              f"one.")
         check_adapter_fits(cfg, resume)
         applied = check_resume_settings(cfg, geom, resume)
+    # without a network: one line now instead of minutes of download retries
+    ensure_hub_reachable([cfg.pretrained_model, *reward_sources(cfg.reward.specs, cfg.reward, cfg.reward_preset)])
     reward = build_reward_model(cfg, device)  # first: a plug-in that answers wrongly fails before SD3 loads
     policy = build_policy(cfg, device)
     policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
@@ -245,6 +248,7 @@ def setup(cfg: Config, locks: list) -> Run:
     if dist.is_distributed():
         module = dist.wrap_ddp(policy.transformer, device)  # gradients only: buffers are not broadcast
     run_dir = prepare_run_dir(cfg, locks)  # only now: a model that fails to load leaves no empty run folder behind
+    dist.print0(f"run folder: {run_dir}")
     return Run(cfg, geom, prompts, policy, reward, optimizer, scaler, module, run_dir,
                open_logger(cfg, geom, run_dir, counters["epoch"]), counters["epoch"], counters["global_step"],
                copies=copies)
@@ -315,6 +319,8 @@ def train(cfg: Config) -> Path:
         run.guard = guard
         while run.epoch < cfg.num_epochs:
             run_epoch(run)
+        if dist.get_rank() == 0:
+            print(run_summary(run.run_dir, latest_checkpoint(run.run_dir)), flush=True)
         return run.run_dir
     except Interrupted as e:
         e.hint = resume_hint(cfg, run.run_dir if run is not None else None)
@@ -351,7 +357,8 @@ def save(run: Run) -> None:
         counters = dict(format=CHECKPOINT_FORMAT, epoch=epochs_done, global_step=run.global_step, seed=cfg.seed,
                         prompt_position=epochs_done * run.geom.total_pairs, world_size=run.geom.world_size,
                         guidance_scale=cfg.sample.guidance_scale, pretrained_model=cfg.pretrained_model,
-                        algorithm=cfg.algorithm)
+                        algorithm=cfg.algorithm, resolution=cfg.sample.resolution,
+                        num_solver_steps=cfg.sample.num_solver_steps)
         state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}
         save_adapter = run.policy.save_adapter
         if run.copies is not None:  # the baselines: the EMA is the adapter saved (and evaluated); theta (old) resume

@@ -128,9 +128,8 @@ def test_killed_rank_ends_the_run_and_a_rerun_resumes(tmp_path):
         assert launcher.poll() is None and time.time() < deadline, "the run should be training"
         time.sleep(0.2)
     os.kill(_worker_pids(launcher.pid)[1], signal.SIGKILL)
-    start = time.time()
-    output, _ = launcher.communicate(timeout=120)  # bounded: the survivor must not wait forever
-    assert launcher.returncode != 0 and time.time() - start < 120
+    output, _ = launcher.communicate(timeout=300)  # bounded: the survivor must not wait forever (not a speed check)
+    assert launcher.returncode != 0
     assert "train.py FAILED" in output or "ChildFailedError" in output, output[-2000:]
     done = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").iterdir() if p.name.startswith("epoch-"))
     assert 2 <= done[-1] < 40

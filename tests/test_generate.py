@@ -469,3 +469,66 @@ def test_a_resolution_that_is_not_a_multiple_of_16_is_refused_before_loading(tmp
         assert e.value.code == 2
         (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
         assert f"--resolution must be a positive multiple of 16, got {resolution}" in line, line
+
+
+def test_sampling_defaults_follow_a_tiny_models_training_and_the_protocol_otherwise():
+    from fdfo.config import smoke_config
+    from fdfo.generation import sampling_defaults
+    from fdfo.sd3 import SD35_MEDIUM
+
+    trained = Checkpoint(Path("a"), "a", "a", pretrained_model=tiny.TINY_SD3, resolution=32, num_steps=3)
+    unknown = Checkpoint(None, "base model", "base model")
+    smoke = smoke_config().sample
+    assert sampling_defaults([unknown, trained], tiny.TINY_SD3) == (3, 32, "steps and size: the training run's")
+    assert sampling_defaults([trained], tiny.TINY_SD3, resolution=48) == (3, 48, "steps: the training run's")
+    assert sampling_defaults([unknown], tiny.TINY_SD3)[:2] == (smoke.num_solver_steps, smoke.resolution) == (6, 64)
+    # SD3.5 checkpoints are sampled as the evaluation protocol says, whatever they were trained at (Flow-GRPO: 10)
+    assert sampling_defaults([trained], SD35_MEDIUM)[:2] == (40, 512)
+    assert sampling_defaults([trained], tiny.TINY_SD3, 5, 16) == (5, 16, "as requested")
+
+
+def test_a_smoke_checkpoint_is_sampled_at_its_training_steps_and_size(hub, tmp_path, capsys):
+    """state.json records the training resolution and steps; older checkpoints have them from their run's
+    config.json. generate.py without --num-steps / --resolution uses them."""
+    import json
+    import shutil
+
+    from fdfo.grid import generate_grid
+    from generate import GenerateConfig
+
+    run = tmp_path / "runs" / "00000-smoke"
+    folder = run / "checkpoints" / "epoch-0000004"
+    shutil.copytree(local(hub, FDFO_REPO, NO_CFG), folder)
+    (folder / "state.json").write_text(json.dumps({"pretrained_model": tiny.TINY_SD3, "resolution": 32,
+                                                   "num_solver_steps": 3}))
+    gen = load_generator(str(run), device=torch.device("cpu"))
+    assert (gen.num_steps, gen.resolution) == (3, 32)
+    assert gen.generate(PROMPTS[:1], [0]).shape == (1, 3, 32, 32)
+    (folder / "state.json").write_text(json.dumps({"pretrained_model": tiny.TINY_SD3}))  # an older checkpoint
+    (run / "config.json").write_text(json.dumps({"sample": {"resolution": 48, "num_solver_steps": 2}}))
+    again = load_generator(str(run), base=gen.base)
+    assert (again.num_steps, again.resolution) == (2, 48)
+
+    out = tmp_path / "grid.png"
+    generate_grid(GenerateConfig(checkpoint=(str(run),), out=str(out), num_prompts=1, grid_cols=1, device="cpu"))
+    assert Image.open(out).size == GridLayout(1, 1, 1, 1, 48).size
+    assert "2 Euler steps, 48 px (steps and size: the training run's)" in capsys.readouterr().out
+
+
+def test_without_network_the_cache_still_loads_after_one_line(hub, tmp_path):
+    """HF_HUB_OFFLINE unset and the hub a closed loopback port: one warning, then the cached adapter and base model."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {k: v for k, v in hub_env(hub, tmp_path).items() if k != "HF_HUB_OFFLINE"} | {"HF_ENDPOINT": endpoint}
+    out = tmp_path / "g.png"
+    result = subprocess.run([sys.executable, "generate.py", "--checkpoint", hub["adapters"]["no_cfg"]["hf"], "--out",
+                             str(out), "--num-prompts", "1", "--grid-cols", "1", "--num-steps", str(STEPS),
+                             "--resolution", str(RES)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = warnings_in(result.stderr)
+    assert line.startswith(f"warning: the Hugging Face hub {endpoint} cannot be reached (ConnectError")
+    assert "HF_HUB_OFFLINE=1" in line and "Retry" not in result.stderr
+    assert Image.open(out).size == GridLayout(1, 1, 1, 1, RES).size

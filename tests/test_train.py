@@ -141,3 +141,23 @@ def test_non_finite_rewards_drop_their_pair(tmp_path, monkeypatch):
     monkeypatch.setattr(train_loop, "build_reward_model", lambda cfg, device: _NaNReward(range(8)))
     with pytest.raises(RunError, match="all 4 pairs got a non-finite reward"):
         train_loop.train(tiny_config(tmp_path / "run2"))
+
+
+def test_the_run_says_where_it_writes_and_sums_up_at_the_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    train_loop.train(tiny_config(run, num_epochs=2, image_log_freq=1, image_log_pairs=1))
+    out = capsys.readouterr().out.splitlines()
+    epochs = [r for r in read_log(run) if "reward_mean" in r]
+    start = out.index(f"run folder: {run}")
+    assert start < min(i for i, line in enumerate(out) if line.startswith("epoch 0: "))
+    a, b = epochs[0]["reward_mean"], epochs[-1]["reward_mean"]
+    assert out[-5:] == [
+        f"done: {run}",
+        f"  reward (mean over the epoch's samples): {a:.4g} at epoch 0 -> {b:.4g} at epoch 1 ({b - a:+.4g})",
+        f"  newest checkpoint: {run / 'checkpoints' / 'epoch-0000002'}",
+        f"  reward curve: {run / 'reward_curve.png'}",
+        f"  rollout pairs: {run / 'images'}/ (2 pictures, epochs 0, 1)",
+    ]
+    assert (run / "reward_curve.png").is_file() and len(list((run / "images").glob("*.png"))) == 2
+    state = json.loads((run / "checkpoints" / "epoch-0000002" / "state.json").read_text())
+    assert (state["resolution"], state["num_solver_steps"]) == (64, 3)  # what generate.py samples it at by default

@@ -1,0 +1,105 @@
+"""train.py --config runs/<run>/config.json: a run's recorded settings as flags, overridable, checked like flags."""
+
+import dataclasses
+import json
+
+import pytest
+
+import train
+from fdfo.cli import parse_with_preset
+from fdfo.config import PRESETS, Config, batch_geometry, smoke_config
+from fdfo.replay import RECORDED, config_flags, expand_config
+from fdfo.resume import resolved_config
+
+
+def parse(argv):
+    return parse_with_preset(Config, PRESETS, expand_config(argv))
+
+
+def write_config(path, cfg):
+    """config.json as a run writes it (train_loop.open_logger)."""
+    path.write_text(json.dumps(resolved_config(cfg, batch_geometry(cfg, 1), path.parent / "that-run")))
+    return path
+
+
+def unusual_config():
+    """Every kind of setting away from its default: bools both ways, None and not, tuples, floats, nested fields."""
+    cfg = smoke_config()
+    cfg.seed, cfg.num_epochs, cfg.max_batch_size, cfg.log_wandb, cfg.offload_text_encoders = 11, 3, None, True, False
+    cfg.device, cfg.resume_from, cfg.run_dir = "cpu", "somewhere/checkpoints/epoch-0000002", "somewhere"
+    cfg.sample.churn_schedule, cfg.sample.churn_weight, cfg.sample.guidance_scale = "interval", None, 1.5
+    cfg.train.betas, cfg.train.learning_rate, cfg.train.compile = (0.5, 0.25), 1 / 3, True
+    cfg.reward.specs, cfg.reward.vlm_fsdp = ("redness:1.0", "brightness:0.5"), False
+    cfg.baseline.ema_decay = 0.123456789
+    return cfg
+
+
+@pytest.mark.parametrize("make", [unusual_config, smoke_config, Config], ids=["unusual", "smoke", "paper"])
+def test_a_config_json_replays_every_setting(make, tmp_path):
+    original = make()
+    replayed = parse(["--config", str(write_config(tmp_path / "config.json", original))])
+    expected = dataclasses.replace(original, run_dir=None, resume_from=None)  # where that run lived is not taken
+    assert dataclasses.asdict(replayed) == dataclasses.asdict(expected)
+
+
+def test_flags_after_the_file_override_it_and_flags_before_it_do_not(tmp_path):
+    path = str(write_config(tmp_path / "config.json", unusual_config()))
+    assert parse(["--config", path, "--num-epochs", "7", "--train.no-compile"]).num_epochs == 7
+    assert not parse(["--config", path, "--train.no-compile"]).train.compile
+    assert parse(["--num-epochs", "7", "--config", path]).num_epochs == 3
+    assert parse([f"--config={path}", "--preset", "paper"]).seed == 11  # the file's values, whatever the preset
+    assert parse(["--config", path, "--run-dir", "mine"]).run_dir == "mine"
+
+
+def test_unknown_keys_are_refused_in_one_message_and_recorded_values_skipped(tmp_path):
+    data = json.loads(write_config(tmp_path / "config.json", smoke_config()).read_text())
+    assert set(RECORDED) <= set(data)  # geometry, run_dir, resume_from: in the file, not carried over
+    data |= {"nmu_epochs": 3, "zzz": None}
+    data["sample"]["resoltion"] = 64
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) sample.resoltion, nmu_epochs, zzz; "):
+        config_flags(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"log_wandb": "yes"}, 'log_wandb is "yes", not true or false'),
+    ({"sample": [1]}, "sample is [1], not an object of SampleConfig settings"),
+    ({"num_epochs": [1, 2]}, "num_epochs is [1, 2], not a value of --num-epochs"),
+    ({"train": {"betas": [0.9, {"a": 1}]}}, "train.betas is"),
+])
+def test_values_of_the_wrong_kind_are_refused(change, fragment, tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps(change))
+    with pytest.raises(ValueError, match=f"--config {tmp_path / 'c.json'}: " + fragment.replace("[", r"\[")):
+        config_flags(tmp_path / "c.json")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (None, "no such file"), ("{", "cannot be read as JSON"), ("[1]", "holds a JSON list"),
+    ('{"num_epochs": 0, "train": {"clip_range": 0}}', "--num-epochs 0 is invalid: it must be >= 1; "
+                                                      "--train.clip-range 0.0 is invalid"),
+])
+def test_train_py_reports_a_bad_config_in_one_line_before_creating_anything(content, fragment, tmp_path, capsys,
+                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "c.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--preset", "smoke", "--config", str(path), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert fragment in line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_value_tyro_cannot_read_names_its_flag(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({"num_epochs": "ten"}))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", str(tmp_path / "c.json")])
+    assert e.value.code == 2 and "--num-epochs" in capsys.readouterr().err
+
+
+def test_config_needs_a_file():
+    with pytest.raises(ValueError, match="--config needs a file"):
+        expand_config(["--config", "--num-epochs", "3"])
