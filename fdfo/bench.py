@@ -367,8 +367,7 @@ def run(args: argparse.Namespace) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=policy.amp_dtype == torch.float16)
     module = policy.transformer
     if dist.is_distributed():
-        module = torch.nn.parallel.DistributedDataParallel(
-            policy.transformer, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
+        module = dist.wrap_ddp(policy.transformer, device)  # as train.py wraps it, so the bench times the same DDP
     if args.reward == "pickscore":
         from fdfo.bench_reward import pickscore_reward
 

@@ -11,6 +11,7 @@ import datetime
 import math
 import os
 import sys
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -111,8 +112,12 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     147,456 x 1,536 values in SD3.5-M (about 450 MB in bf16). All LoRA parameters are in the graph (the last block's
     add_q_proj LoRA gets an exact zero gradient, tests/test_numerics.py), so no unused-parameter search either.
     """
-    return torch.nn.parallel.DistributedDataParallel(
-        module, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates the flag for forward_sync_buffers, which would still sync buffers once at init and
+        # does not exist in the older torch requirements.txt allows; the flag keeps one meaning across versions
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
 def all_reduce_mean_(x: torch.Tensor) -> torch.Tensor:
