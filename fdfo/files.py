@@ -25,13 +25,18 @@ def is_disk_full(e: BaseException) -> bool:
     return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
 
 
-def disk_full_error(where: Path, what: str) -> RunError:
+RESUME_FIX = ("Free space (or move the run folder to a larger disk) and rerun the same command: it resumes from the "
+              "newest complete checkpoint.")
+
+
+def disk_full_error(where: Path, what: str, fix: str = RESUME_FIX) -> RunError:
+    """The one message of a full disk: what could not be written where, the free space, and `fix` (the run's: rerun
+    to resume; a side tool's: nothing was written, see fdfo/outputs.py)."""
     try:
         free = f"; {shutil_free(where)} free there now"
     except OSError:
         free = ""
-    return RunError(f"the disk is full: could not write {what} in {where}{free}. Free space (or move the run folder "
-                    f"to a larger disk) and rerun the same command: it resumes from the newest complete checkpoint.")
+    return RunError(f"the disk is full: could not write {what} in {where}{free}. {fix}")
 
 
 def shutil_free(path: Path) -> str:
@@ -62,12 +67,12 @@ def fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path, what: str | None = None, durable: bool = True) -> Iterator[Path]:
+def atomic_path(path: Path, what: str | None = None, durable: bool = True, fix: str = RESUME_FIX) -> Iterator[Path]:
     """Yield a temporary name beside `path` for the caller to write (any writer: text, a PNG from matplotlib or
     PIL); when the block ends, fsync it (unless not `durable`: many files, each cheap to redo), rename it into place
     and fsync the folder: readers never see a half-written file. On any failure the temporary file is removed; a
-    full disk raises RunError naming `what` (default: the file's name) and the free space, whatever library reported
-    it."""
+    full disk raises RunError naming `what` (default: the file's name), the free space and `fix`, whatever library
+    reported it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -78,7 +83,7 @@ def atomic_path(path: Path, what: str | None = None, durable: bool = True) -> It
     except BaseException as e:  # a full disk, or an interrupt: no stray temporary file
         tmp.unlink(missing_ok=True)
         if isinstance(e, Exception) and is_disk_full(e):
-            raise disk_full_error(path.parent, what or path.name) from None
+            raise disk_full_error(path.parent, what or path.name, fix) from None
         raise
     if durable:
         fsync_path(path.parent)

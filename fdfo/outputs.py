@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from fdfo.errors import RunError
-from fdfo.files import fsync_path, is_disk_full, nearest_existing
+from fdfo.files import atomic_path, disk_full_error, fsync_path, nearest_existing
 
 
 def check_output_path(flag: str, path: str | Path, folder: bool) -> Path:
@@ -39,39 +39,23 @@ def check_output_path(flag: str, path: str | Path, folder: bool) -> Path:
     return path
 
 
-def temporary_name(path: Path) -> Path:
-    """The hidden name a file is written under before `replace_file` renames it to `path`."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+REDO_FIX = "Nothing was written: free space, or choose another output path, and rerun."
 
 
 def disk_full(path: Path) -> RunError:
-    import shutil
-
-    try:
-        free = f" ({shutil.disk_usage(nearest_existing(path.parent)).free / 2**20:.0f} MiB free there)"
-    except OSError:
-        free = ""
-    return RunError(f"the disk is full: could not write {path}{free}; nothing was written. Free space, or choose "
-                    f"another output path, and rerun.")
+    return disk_full_error(path.parent, path.name, REDO_FIX)
 
 
 def write_text(path: str | Path, text: str) -> bool:
-    """Write `text` to `path` whole (temporary file, fsync, rename); True if it replaced an existing file. A full
-    disk is a RunError naming the file, and leaves neither the temporary file nor a changed `path`."""
+    """Write `text` to `path` whole (fdfo.files.atomic_path: temporary file, fsync, rename); True if it replaced an
+    existing file. A full disk is a RunError naming the file, and leaves neither the temporary file nor a changed
+    `path`."""
     path = Path(path)
+    existed = path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and is_disk_full(e):
-            raise disk_full(path) from None
-        raise
-    return replace_file(tmp, path)
+    with atomic_path(path, fix=REDO_FIX) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return existed
 
 
 def replace_file(tmp: Path, path: Path) -> bool:
@@ -91,15 +75,8 @@ def save_figure(fig, path: str | Path, **savefig_kwargs) -> bool:
     """`fig.savefig` to `path` whole (temporary file, fsync, rename); True if it replaced an existing file. A full
     disk is a RunError naming the file; no temporary file is left."""
     path = Path(path)
+    existed = path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
+    with atomic_path(path, fix=REDO_FIX) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, Exception) and is_disk_full(e):
-            raise disk_full(path) from None
-        raise
-    return replace_file(tmp, path)
+    return existed
