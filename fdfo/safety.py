@@ -126,9 +126,18 @@ class SignalGuard:
         self.previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.deferring:
-            self.pending = signum
-        else:
+        # Recorded before raising: a signal that lands while a weakref callback or __del__ runs (during garbage
+        # collection) raises there, and Python prints "Exception ignored in ..." and goes on; `check` then still sees
+        # it (a smoke run was seen training on for 978 epochs after its Ctrl-C).
+        self.pending = signum
+        if not self.deferring:
+            raise Interrupted(signum)
+
+    def check(self) -> None:
+        """Raise `Interrupted` for a signal whose raise was swallowed (see `_handle`); the training loop calls this at
+        every epoch."""
+        if self.pending is not None and not self.deferring:
+            signum, self.pending = self.pending, None
             raise Interrupted(signum)
 
     @contextlib.contextmanager

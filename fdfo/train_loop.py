@@ -318,6 +318,7 @@ def train(cfg: Config) -> Path:
         run = setup(cfg, locks)
         run.guard = guard
         while run.epoch < cfg.num_epochs:
+            guard.check()
             run_epoch(run)
         if dist.get_rank() == 0:
             print(run_summary(run.run_dir, latest_checkpoint(run.run_dir)), flush=True)

@@ -28,6 +28,9 @@ def main():
         module.scale.fill_(rank + 1.0)  # ranks' buffers differ after wrapping (DDP synced them once, at wrapping)
     ddp(torch.ones(2)).backward()
     print(json.dumps({"rank": rank, "scale": module.scale.tolist(), "grad": module.weight.grad.tolist()}), flush=True)
+    # both ranks past their last collective before the group goes: on a loaded machine gloo aborted one rank's exit
+    # ("terminate called without an active exception") when the other tore the group down first
+    torch.distributed.barrier()
     distributed.shutdown()
 
 

@@ -172,8 +172,8 @@ def test_an_earlier_export_is_replaced_whole_and_a_failed_one_leaves_it(tmp_path
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "a"), str(out)])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith(f"error: the disk is full: could not write {first.name} in {first.parent}") and \
-        err.count("\n") == 1
+    assert err.startswith(f"error: the disk is full: could not write {first.name} in {first.parent}"), err
+    assert e.value.code == 2 and err.count("\n") == 1
     assert first.read_bytes() == after and sorted(p.name for p in out.iterdir()) == [first.name]
     with pytest.raises(SystemExit):
         main([str(tmp_path / "a"), str(tmp_path / "new" / "out")])

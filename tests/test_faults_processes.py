@@ -72,14 +72,20 @@ SMOKE = ["--preset", "smoke", "--total-pairs-per-epoch", "4", "--sample.num-solv
 
 
 def start_train(run, *args):
-    return subprocess.Popen([sys.executable, "train.py", *SMOKE, "--run-dir", str(run), *args], cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """A smoke run with its output in files beside the run folder (`process.err`: the stderr file), not in pipes: a
+    pipe nobody reads fills up and blocks the run in a write, where no signal can end it."""
+    out = Path(f"{run}.{len(list(Path(run).parent.glob(f'{Path(run).name}.*.err')))}")
+    with open(f"{out}.out", "w") as stdout, open(f"{out}.err", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "train.py", *SMOKE, "--run-dir", str(run), *args], cwd=ROOT,
+                                   env=env(), stdout=stdout, stderr=stderr, text=True)
+    process.err = Path(f"{out}.err")
+    return process
 
 
 def wait_for(path, process, timeout=300):  # a bound against hanging, not a speed check
     deadline = time.time() + timeout
     while not path.exists():
-        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert process.poll() is None, process.err.read_text()[-3000:]
         assert time.time() < deadline, f"{path} did not appear"
         time.sleep(0.05)
 
@@ -87,10 +93,10 @@ def wait_for(path, process, timeout=300):  # a bound against hanging, not a spee
 def test_double_start_sigterm_and_ctrl_c(tmp_path):
     """Two smoke runs side by side (SIGTERM for one, Ctrl-C for the other); a double start on the first."""
     runs = {signal.SIGTERM: tmp_path / "term", signal.SIGINT: tmp_path / "int"}
-    processes = {sig: start_train(run, "--num-epochs", "40") for sig, run in runs.items()}
+    processes = {sig: start_train(run, "--num-epochs", "100000") for sig, run in runs.items()}
     wait_for(runs[signal.SIGTERM] / "checkpoints/epoch-0000001", processes[signal.SIGTERM])
-    second = subprocess.run([sys.executable, "train.py", *SMOKE, "--run-dir", str(runs[signal.SIGTERM]),
-                             "--num-epochs", "40"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    second = subprocess.run([sys.executable, "train.py", *SMOKE, "--run-dir", str(runs[signal.SIGTERM]), "--num-epochs",
+                             "100000"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and "Traceback" not in second.stderr
     assert f"is in use by another training run (pid {processes[signal.SIGTERM].pid} on host" in second.stderr
 
@@ -98,8 +104,10 @@ def test_double_start_sigterm_and_ctrl_c(tmp_path):
         run, process = runs[sig], processes[sig]
         wait_for(run / "checkpoints/epoch-0000001", process)
         process.send_signal(sig)
-        _, err = process.communicate(timeout=300)  # a bound against hanging, not a speed check: exit 143 / 130 below
-        # (not 0) shows the run stopped at the signal instead of training on to epoch 40
+        process.wait(timeout=300)  # a bound against hanging, not a speed check: exit 143 / 130 below
+        err = process.err.read_text()
+        # (not 0) shows the run stopped at the signal; 100,000 epochs, so that no run can finish first (at 40 the Ctrl-C
+        # run, training while the SIGTERM one was awaited, sometimes finished before its signal came)
         assert process.returncode == code and "Traceback" not in err, err[-3000:]
         done = int(newest(run).split("-")[1])
         assert err.strip().splitlines()[-1] == (f"interrupted by {sig.name}; rerun the same command to resume from "
@@ -143,6 +151,27 @@ def test_ctrl_c_while_the_entry_point_is_still_importing(script, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_a_signal_whose_raise_is_swallowed_by_a_finalizer_still_stops_the_run():
+    """A signal that arrives while a weakref callback runs raises inside it, and Python only prints "Exception ignored"
+    and goes on: the guard keeps the signal, and the epoch loop's `check` raises it (seen: a Ctrl-C'd smoke run that
+    trained on for 978 epochs)."""
+    import weakref
+
+    from fdfo.errors import Interrupted
+
+    class Thing:
+        pass
+
+    guard = safety.SignalGuard()
+    thing = Thing()
+    weakref.finalize(thing, guard._handle, signal.SIGINT, None)  # the handler runs in the finalizer, as in the GC case
+    del thing  # "Exception ignored in ...": the raise is lost here
+    with pytest.raises(Interrupted) as info:
+        guard.check()
+    assert info.value.signum == signal.SIGINT
+    guard.check()  # raised once: nothing pending any more
+
+
 def test_a_signal_during_a_checkpoint_write_waits_for_the_write():
     from fdfo.errors import Interrupted
 
@@ -183,7 +212,7 @@ def test_kill_9_at_random_moments_then_rerun_matches_an_uninterrupted_run(tmp_pa
         if process.poll() is not None:
             break
         process.kill()
-        process.communicate()
+        process.wait()
         found = checkpoints.latest_checkpoint(run)
         killed_at.append(found.name if found else None)
     assert len(killed_at) >= 3 and any(killed_at), killed_at  # killed several times, also after a checkpoint
@@ -196,3 +225,31 @@ def test_kill_9_at_random_moments_then_rerun_matches_an_uninterrupted_run(tmp_pa
     drop = ("time_sample", "time_train", "time_total")
     clean = [[{k: v for k, v in r.items() if k not in drop} for r in read_log(p)] for p in (tmp_path / "straight", run)]
     assert clean[0] == clean[1]
+
+
+def test_the_epoch_loop_acts_on_a_signal_whose_raise_was_swallowed(tmp_path, monkeypatch):
+    """The training loop checks the guard at every epoch: a SIGTERM lost in a finalizer during epoch 1 ends the run
+    before epoch 2, with the interrupted exit and the checkpoint of epoch 1 intact."""
+    import weakref
+
+    from fdfo import train_loop
+    from fdfo.errors import Interrupted
+    from tests.test_train import tiny_config
+
+    class Thing:
+        pass
+
+    real = train_loop.run_epoch
+
+    def epoch_then_a_lost_signal(run):
+        real(run)
+        if run.epoch == 1:
+            thing = Thing()
+            weakref.finalize(thing, run.guard._handle, signal.SIGTERM, None)
+            del thing
+
+    monkeypatch.setattr(train_loop, "run_epoch", epoch_then_a_lost_signal)
+    with pytest.raises(Interrupted) as info:
+        train_loop.train(tiny_config(tmp_path / "run", num_epochs=3))
+    assert info.value.signum == signal.SIGTERM
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["epoch-0000001"]
