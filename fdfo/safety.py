@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -113,17 +114,27 @@ class SignalGuard:
         self.deferring = 0
         self.pending: int | None = None
         self.previous = {}
+        self.previous_hook = None
 
     def install(self) -> SignalGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in INTERRUPT_SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)
+            self.previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def uninstall(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+        if self.previous_hook is not None:
+            sys.unraisablehook, self.previous_hook = self.previous_hook, None
+
+    def _unraisable(self, unraisable) -> None:
+        """A raise of `_handle` that Python could not deliver (inside a finalizer): no "Exception ignored" traceback
+        on stderr, since the signal is kept for `check`; anything else goes to the previous hook."""
+        if not isinstance(unraisable.exc_value, Interrupted):
+            self.previous_hook(unraisable)
 
     def _handle(self, signum, frame) -> None:
         # Recorded before raising: a signal that lands while a weakref callback or __del__ runs (during garbage

@@ -151,10 +151,11 @@ def test_ctrl_c_while_the_entry_point_is_still_importing(script, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-def test_a_signal_whose_raise_is_swallowed_by_a_finalizer_still_stops_the_run():
+def test_a_signal_whose_raise_is_swallowed_by_a_finalizer_still_stops_the_run(monkeypatch):
     """A signal that arrives while a weakref callback runs raises inside it, and Python only prints "Exception ignored"
     and goes on: the guard keeps the signal, and the epoch loop's `check` raises it (seen: a Ctrl-C'd smoke run that
     trained on for 978 epochs)."""
+    import operator
     import weakref
 
     from fdfo.errors import Interrupted
@@ -162,14 +163,22 @@ def test_a_signal_whose_raise_is_swallowed_by_a_finalizer_still_stops_the_run():
     class Thing:
         pass
 
-    guard = safety.SignalGuard()
-    thing = Thing()
-    weakref.finalize(thing, guard._handle, signal.SIGINT, None)  # the handler runs in the finalizer, as in the GC case
-    del thing  # "Exception ignored in ...": the raise is lost here
-    with pytest.raises(Interrupted) as info:
-        guard.check()
-    assert info.value.signum == signal.SIGINT
-    guard.check()  # raised once: nothing pending any more
+    unraisable = []  # what Python would print as "Exception ignored in ..." (a traceback on stderr)
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    guard = safety.SignalGuard().install()
+    try:
+        thing = Thing()
+        weakref.finalize(thing, guard._handle, signal.SIGINT, None)  # the handler runs in a finalizer, as in the GC
+        del thing  # the raise is lost here
+        with pytest.raises(Interrupted) as info:
+            guard.check()
+        assert info.value.signum == signal.SIGINT
+        guard.check()  # raised once: nothing pending any more
+    finally:
+        guard.uninstall()
+    assert unraisable == []  # the guard's hook took the lost raise: no traceback-like noise on stderr
+    weakref.finalize(Thing(), operator.truediv, 1, 0)  # other lost exceptions still reach the previous hook
+    assert [type(u.exc_value) for u in unraisable] == [ZeroDivisionError]
 
 
 def test_a_signal_during_a_checkpoint_write_waits_for_the_write():
