@@ -43,6 +43,10 @@ class TrainConfig:
     """AdamW epsilon."""
     clip_range: float = 0.03
     """SPO trust region epsilon of the ratio."""
+    trust_region: Literal["separation", "velocity"] = "separation"
+    """FDFO's SPO ratio: "separation" (the published one; its trust region shrinks with the branch separation) or
+    "velocity" (opt-in: the log-ratio scaled by 1 / (2 rms(dx)), so epsilon bounds the velocity change along the
+    finite-difference direction; docs/toy.md, "The trust-region scale")."""
     kl_weight: float = 0.0
     """Weight of mean((v - v_base)^2) with the adapter disabled for v_base; 0 skips the extra forward."""
     batch_size: int | None = None
@@ -374,6 +378,8 @@ def check_config(cfg: Config) -> None:
         need(_finite(b.nft_beta) and b.nft_beta > 0, "--baseline.nft-beta", b.nft_beta, "> 0")
         need(_finite(b.ema_decay) and 0 <= b.ema_decay < 1, "--baseline.ema-decay", b.ema_decay, "in [0, 1)")
         need(b.ema_interval is None or b.ema_interval >= 1, "--baseline.ema-interval", b.ema_interval, ">= 1")
+        need(t.trust_region == "separation", "--train.trust-region", t.trust_region,
+             f"left out with --algorithm {cfg.algorithm} (it sets FDFO's SPO ratio)")
     r = cfg.reward
     need(_finite(r.remote_timeout) and r.remote_timeout > 0, "--reward.remote-timeout", r.remote_timeout, "> 0")
     need(r.remote_retries >= 0, "--reward.remote-retries", r.remote_retries, ">= 0")

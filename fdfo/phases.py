@@ -18,7 +18,7 @@ from fdfo import distributed as dist
 from fdfo.config import Config, Geometry
 from fdfo.diagnostics import epoch_diagnostics, pair_mean_square, ratio_deviation
 from fdfo.errors import RunError
-from fdfo.objective import clip_fraction, pair_targets, spo_loss
+from fdfo.objective import clip_fraction, pair_targets, spo_loss, spo_loss_velocity_region
 from fdfo.rng import generator, randn_per_sample
 from fdfo.safety import check_step
 from fdfo.sampling import CHURN_DRAWS, make_churn, sample_pairs
@@ -330,7 +330,8 @@ def _micro_batch(policy, module, scaler, data: TrainingSet, ids: torch.Tensor, c
     v_ref = data.velocities[rows].to(policy.device, non_blocking=True).float()
     sigma = data.sigmas[data.timestep[ids]]
     v = policy.velocity(x, sigma, cond, module=module)
-    policy_loss, ratio = spo_loss(v, v_ref, data.dx[sample], data.dR[sample], cfg.train.clip_range)
+    objective = spo_loss_velocity_region if cfg.train.trust_region == "velocity" else spo_loss
+    policy_loss, ratio = objective(v, v_ref, data.dx[sample], data.dR[sample], cfg.train.clip_range)
     kl = torch.zeros_like(policy_loss)
     if cfg.train.kl_weight > 0:
         v_base = policy.base_velocity(x, sigma, cond)
