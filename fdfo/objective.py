@@ -58,6 +58,11 @@ def spo_loss(
     v, v_ref, dx, dR = v.float(), v_ref.float(), dx.float(), dR.float()
     target = v_ref - dx
     log_ratio = -_sample_mean((v - target).square()) + _sample_mean(dx.square())
+    return _surrogate(log_ratio, dR, clip_range)
+
+
+def _surrogate(log_ratio: torch.Tensor, dR: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SPO loss form of both ratios: L = -dR rho + |dR|/(2 eps) (rho - 1)^2 with rho = exp(log_ratio), all `[N]`."""
     ratio = torch.exp(log_ratio)
     loss = -dR * ratio + dR.abs() / (2 * clip_range) * (ratio - 1).square()
     return loss, ratio
@@ -88,6 +93,4 @@ def spo_loss_velocity_region(
     msq = _sample_mean(dx.square())
     scale = torch.where(msq > 0, 0.5 / msq.sqrt().clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     log_ratio = (-_sample_mean((v - (v_ref - dx)).square()) + msq) * scale
-    ratio = torch.exp(log_ratio)
-    loss = -dR * ratio + dR.abs() / (2 * clip_range) * (ratio - 1).square()
-    return loss, ratio
+    return _surrogate(log_ratio, dR, clip_range)
