@@ -17,6 +17,7 @@ from PIL import Image
 from fdfo import distributed, tiny
 from fdfo.phases import _lossless, rollout_dtypes
 from fdfo.sd3 import SD3Policy
+from tests.test_metrics import RecordingScorer  # the metric scorer that keeps the images it was given
 
 RANK = 4
 PROMPTS = ["a red apple on a wooden table", "a lighthouse on a rocky coast at sunset"]
@@ -105,17 +106,6 @@ def test_the_training_decode_runs_under_the_training_autocast():
 # §8: 8-bit rounding in the pipeline's dtype
 
 
-class KeepScorer:
-    names = ("brightness",)
-
-    def __init__(self):
-        self.received = []
-
-    def components(self, prompts, images):
-        self.received.append(images.clone())
-        return {"brightness": images.mean(dim=(1, 2, 3))}
-
-
 def test_metric_pixels_equal_the_authors_rounding_of_a_bf16_pipeline_exactly(tmp_path, monkeypatch):
     """The project's 8-bit images (what every metric scores and --save-images writes) equal
     `(images * 255 + 0.5).clip(0, 255).to(uint8)` evaluated on an independent bf16 pipeline's output, to 0 levels."""
@@ -131,7 +121,7 @@ def test_metric_pixels_equal_the_authors_rounding_of_a_bf16_pipeline_exactly(tmp
     base.pipe.to(torch.bfloat16)
     generator = load_generator(None, base=base, num_steps=steps, resolution=res)
     plan = Plan(PROMPTS, [0, 1], num_repeats=1, image_seed=7)
-    scorer = KeepScorer()
+    scorer = RecordingScorer()
     generate_and_score(plan, generator, scorer, None, batch_size=2, save_dir=str(tmp_path))
 
     reference = StableDiffusion3Pipeline.from_pretrained(str(tiny.tiny_sd3_path()), dtype=torch.bfloat16)
