@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hold a device buffer the size of SD3.5-M's text encoders (bf16) and, with the stub reward, "
                         "PickScore (fp32) through each sampling phase, freed for training as lowmem24 offloads them "
                         "(fdfo/bench_side.py); for memory-cap checks")
+    p.add_argument("--profile", action="store_true",
+                   help="after the measured epochs, torch.profiler tables (top 15 kernels) of one sampling forward and "
+                        "one training micro-batch, into the JSON (fdfo/bench_profile.py)")
     p.add_argument("--flops-only", action="store_true", help="only count FLOPs on the meta device at the full shape")
     p.add_argument("--out", default=None, help="write the results as JSON to this file (with --report: the markdown)")
     p.add_argument("--report", default=None, metavar="DIR",
@@ -397,7 +400,14 @@ def run(args: argparse.Namespace) -> dict:
         policy.transformer.train()
         with meter.phase("train"):
             train_phase(policy, module, optimizer, scaler, data, cfg, geom, epoch, _Logger(), 0)
-        del samples, data
+        if epoch < args.repeats - 1:
+            del samples, data
+    profile = None
+    if args.profile:  # after the measured epoch, so the profiler's overhead never enters its times
+        from fdfo.bench_profile import profile_calls
+
+        profile = profile_calls(policy, module, scaler, optimizer, data, cfg, geom)
+    del samples, data
 
     env = env_info(device)
     peak = peak_tflops(env["gpu"], args.precision)
@@ -433,7 +443,7 @@ def run(args: argparse.Namespace) -> dict:
                                                 velocity_bytes),
         activation_gb_estimate=activations / 1e9,
         side_models_gb={k: v / 1e9 for k, v in side.items()},
-    )
+    ) | ({"profile": profile} if profile is not None else {})
 
 
 def flops_record(args: argparse.Namespace) -> dict:

@@ -18,14 +18,18 @@ DRY=0
 [ "${1:-}" = "--cpu-dry-run" ] && DRY=1
 mkdir -p "$RES"
 STATUS="$RES/status.txt"
-: > "$STATUS"
+: >> "$STATUS"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-# part NAME LIMIT_S COMMAND...: run with a timeout (capped by the budget left), log to NAME.log, record the outcome
+# part NAME LIMIT_S COMMAND...: run with a timeout (capped by the budget left), log to NAME.log, record the outcome.
+# GPU_CHECK_PARTS="name name ...": run only these parts (a second, shorter call that reruns what failed or was skipped)
 part() {
   local name=$1 limit=$2
   shift 2
+  if [ -n "${GPU_CHECK_PARTS:-}" ] && [[ " $GPU_CHECK_PARTS " != *" $name "* ]]; then
+    return
+  fi
   local left=$((BUDGET - ($(date +%s) - START)))
   if [ "$left" -lt 20 ]; then
     echo "$name: skipped (budget of ${BUDGET}s spent)" | tee -a "$STATUS"
@@ -67,34 +71,27 @@ fi
 
 # Parts in order of what users need most, so that a cut budget drops the least important ones.
 # 1. the bench at full SD3.5-M shape, 512 px, 40 steps, the paper's micro-batches of 6 (6 pairs, 2 optimizer steps:
-#    sample batch 6, train batch 6), 2 epochs with the second measured
+#    sample batch 6, train batch 6), 2 epochs with the second measured; the fp16 run also profiles one sampling
+#    forward and one training micro-batch (top 15 CUDA kernels, fdfo/bench_profile.py)
 BENCH=("$PY" -m fdfo.bench --pairs 6 --gradient-steps 2 --sample-batch 6 --train-batch 6 --steps 40 --resolution 512)
-part bench-fp16 110 "${BENCH[@]}" --precision fp16 --out "$RES/bench-fp16.json"
-part bench-fp16-compile 200 "${BENCH[@]}" --precision fp16 --compile --out "$RES/bench-fp16-compile.json"
-part bench-fp16-k10 90 "${BENCH[@]}" --precision fp16 --timesteps-per-sample 10 --out "$RES/bench-fp16-k10.json"
-part bench-bf16 110 "${BENCH[@]}" --precision bf16 --out "$RES/bench-bf16.json"
+part bench-fp16 120 "${BENCH[@]}" --precision fp16 --profile --out "$RES/bench-fp16.json"
 
-# 2. a short real training run (train.py, NCCL through torchrun) on random-init SD3.5-M shapes, no download;
-#    bf16 so that random weights cannot overflow fp16 and make every reward non-finite
-RUN=$(mktemp -d)
-part train-random-sd35m 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py \
-  --pretrained-model builtin:random-sd35m --prompt-file prompt_sets/smoke.txt --reward-preset brightness \
-  --num-epochs 2 --save-freq 2 --total-pairs-per-epoch 4 --gradient-steps-per-epoch 2 --image-log-freq 0 \
-  --train.precision bf16 --run-dir "$RUN/run"
-cp "$RUN/run/log.jsonl" "$RES/train-random-sd35m.log.jsonl" 2>/dev/null
-rm -rf "$RUN"
-
-# 3. the GPU-only tests (tiny pipeline: fp16 / bf16 training and exact resume, NCCL under torchrun, generation equal
+# 2. the GPU-only tests (tiny pipeline: fp16 / bf16 training and exact resume, NCCL under torchrun, generation equal
 #    to the diffusers pipeline on CUDA, the reward overlap on CUDA; at full SD3.5-M shapes: the activation estimate
 #    against CUDA memory)
-part pytest-gpu 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider
+part pytest-gpu 200 "$PY" -m pytest -q -rfEs --durations=8 -m gpu -p no:cacheprovider
 
-# 4. the lowmem24 preset's settings under a 24 GB cap (24/141 of an H200): micro-batches of 2, gradient
-#    checkpointing, rollouts in host memory; while sampling, a buffer the size of SD3.5-M's text encoders (bf16) and
-#    PickScore (fp32), 15.1 GB, stands in for the models the bench does not load (lowmem24 parks them on the CPU
-#    while training, and so does the bench)
+# 3. K = 10 of the 40 timesteps trained, and the 24 GB cap: the lowmem24 preset's settings (micro-batches of 2,
+#    gradient checkpointing, rollouts in host memory); while sampling, a buffer the size of SD3.5-M's text encoders
+#    (bf16) and PickScore (fp32), 15.1 GB, stands in for the models the bench does not load (lowmem24 parks them on
+#    the CPU while training, and so does the bench)
+part bench-fp16-k10 90 "${BENCH[@]}" --precision fp16 --timesteps-per-sample 10 --out "$RES/bench-fp16-k10.json"
 part bench-lowmem24 100 "${BENCH[@]}" --precision fp16 --grad-checkpoint --sample-batch 2 --train-batch 2 \
   --rollout-device cpu --repeats 1 --memory-fraction 0.17 --hold-side-models --out "$RES/bench-lowmem24.json"
+
+# 4. compiled blocks (the compile time is in the warm-up epoch, not in the measured one), then bf16
+part bench-fp16-compile 240 "${BENCH[@]}" --precision fp16 --compile --out "$RES/bench-fp16-compile.json"
+part bench-bf16 100 "${BENCH[@]}" --precision bf16 --out "$RES/bench-bf16.json"
 
 # 5. a real reward shape: a random-init CLIP ViT-H/14 (PickScore's) through the real scorer, without and with
 #    --reward.overlap-preprocessing; sampling batches of 3 (2 per epoch), since a single batch has no next batch to
@@ -103,6 +100,16 @@ part bench-fp16-pickscore 90 "${BENCH[@]}" --precision fp16 --reward pickscore -
   --out "$RES/bench-fp16-pickscore.json"
 part bench-fp16-pickscore-overlap 90 "${BENCH[@]}" --precision fp16 --reward pickscore --overlap-rewards \
   --sample-batch 3 --out "$RES/bench-fp16-pickscore-overlap.json"
+
+# 6. a short real training run (train.py, NCCL through torchrun) on random-init SD3.5-M shapes, no download;
+#    bf16 so that random weights cannot overflow fp16 and make every reward non-finite
+RUN=$(mktemp -d)
+part train-random-sd35m 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py \
+  --pretrained-model builtin:random-sd35m --prompt-file prompt_sets/smoke.txt --reward-preset brightness \
+  --num-epochs 2 --save-freq 2 --total-pairs-per-epoch 4 --gradient-steps-per-epoch 2 --image-log-freq 0 \
+  --train.precision bf16 --run-dir "$RUN/run"
+cp "$RUN/run/log.jsonl" "$RES/train-random-sd35m.log.jsonl" 2>/dev/null
+rm -rf "$RUN"
 
 part report 60 "$PY" -m fdfo.bench --report "$RES" --out "$RES/benchmarks.md"
 cp "$RES/benchmarks.md" docs/benchmarks.md 2>/dev/null && echo "wrote docs/benchmarks.md (commit it with the results)"
