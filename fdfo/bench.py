@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default 512; tiny 64)")
     p.add_argument("--sample-batch", type=int, default=None, help="pairs per sampling batch (default: as train.py)")
     p.add_argument("--train-batch", type=int, default=None, help="items per micro-batch (default: as train.py)")
+    p.add_argument("--decode-batch", type=int, default=None,
+                   help="images per VAE decode call (default: the whole sampling batch; --sample.decode-batch-size)")
     p.add_argument("--gradient-steps", type=int, default=4, help="optimizer steps per epoch (default 4)")
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="training autocast precision (default fp16, the reference; fp32 on CPU)")
@@ -110,6 +112,8 @@ def check_args(args: argparse.Namespace) -> None:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.decode_batch is not None and args.decode_batch < 1:
+        raise ValueError(f"--decode-batch must be >= 1, got {args.decode_batch}")
     for flag in ("pairs", "steps", "repeats", "gradient_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -329,7 +333,7 @@ def bench_config(args: argparse.Namespace) -> Config:
                  image_log_pairs=0, lora_rank=8 if args.tiny else 32, lora_alpha=16.0 if args.tiny else 64.0)
     cfg.sample.num_solver_steps, cfg.sample.resolution = args.steps, args.resolution
     cfg.sample.batch_size, cfg.train.batch_size = args.sample_batch, args.train_batch
-    cfg.sample.guidance_scale = args.guidance_scale
+    cfg.sample.guidance_scale, cfg.sample.decode_batch_size = args.guidance_scale, args.decode_batch
     cfg.train.precision = args.precision
     cfg.train.compile, cfg.train.gradient_checkpointing = args.compile, args.grad_checkpoint
     cfg.train.timesteps_per_sample = args.timesteps_per_sample

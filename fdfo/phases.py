@@ -158,7 +158,7 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
             traj = sample_pairs(policy.velocity, x1, {k: v.repeat_interleave(2, 0) for k, v in cond.items()}, sigmas,
                                 churn, lambda k: randn_per_sample(branch_gens, shape, device), z)
             scorer.flush()  # --reward.overlap-preprocessing: the previous batch's model forwards, prepared meanwhile
-            images = policy.decode(traj.final)
+            images = policy.decode(traj.final, cfg.sample.decode_batch_size)
             kept = 2 * cfg.image_log_pairs - 2 * start  # keep only the preview images; the rest are done with
             timesteps = torch.cat([kept_timesteps(cfg, epoch, i) for i in pairs])  # [2 P, K]
             states, velocities = traj.states, traj.velocities

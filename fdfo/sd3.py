@@ -152,19 +152,26 @@ class SD3Policy:
         return self._negative
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Latents `[B, C, h, w]` -> images `[B, 3, 8h, 8w]` float32 in [0, 1] (training rollouts, §6).
 
         `latent / scaling_factor + shift_factor` in float32, then the VAE and the postprocessing `x / 2 + 0.5`,
         clamped, under the training autocast as the authors run them (fp16 by default: the VAE's first layer sees
         fp16 latents, and the images come out with fp16 values); without autocast in the VAE's own dtype.
+
+        batch_size: images per VAE call (--sample.decode-batch-size); default all B at once. Every operation of the
+        VAE decoder works per image, so smaller calls only lower the peak memory of the decode.
         """
         vae = self.pipe.vae
         latents = latents.float() / vae.config.scaling_factor + vae.config.shift_factor
+        if self.amp_dtype is None:
+            latents = latents.to(vae.dtype)
+        parts = []
         with self.autocast():
-            images = vae.decode(latents if self.amp_dtype is not None else latents.to(vae.dtype), return_dict=False)[0]
-            images = (images / 2 + 0.5).clamp(0, 1)
-        return images.float()
+            for chunk in latents.split(batch_size or len(latents)):
+                images = vae.decode(chunk, return_dict=False)[0]
+                parts.append((images / 2 + 0.5).clamp(0, 1).float())
+        return torch.cat(parts)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         factor = self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size

@@ -57,7 +57,7 @@ part() {
 if [ $DRY -eq 1 ]; then
   BENCH=("$PY" -m fdfo.bench --tiny --device cpu)
   part bench-tiny-fp32 120 "${BENCH[@]}" --out "$RES/bench-tiny-fp32.json"
-  part bench-tiny-ckpt 120 "${BENCH[@]}" --grad-checkpoint --hold-side-models --out "$RES/bench-tiny-ckpt.json"
+  part bench-tiny-ckpt 120 "${BENCH[@]}" --grad-checkpoint --hold-side-models --decode-batch 1 --out "$RES/bench-tiny-ckpt.json"
   part bench-tiny-pickscore-overlap 120 "${BENCH[@]}" --reward pickscore --overlap-rewards --sample-batch 1 \
     --out "$RES/bench-tiny-pickscore-overlap.json"
   part train-torchrun 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py --preset smoke \
@@ -87,7 +87,7 @@ part pytest-gpu 200 "$PY" -m pytest -q -rfEs --durations=8 -m gpu -p no:cachepro
 #    the CPU while training, and so does the bench)
 part bench-fp16-k10 90 "${BENCH[@]}" --precision fp16 --timesteps-per-sample 10 --out "$RES/bench-fp16-k10.json"
 part bench-lowmem24 100 "${BENCH[@]}" --precision fp16 --grad-checkpoint --sample-batch 2 --train-batch 2 \
-  --rollout-device cpu --repeats 1 --memory-fraction 0.17 --hold-side-models --out "$RES/bench-lowmem24.json"
+  --decode-batch 1 --rollout-device cpu --repeats 1 --memory-fraction 0.17 --hold-side-models --out "$RES/bench-lowmem24.json"
 
 # 4. compiled blocks (the compile time is in the warm-up epoch, not in the measured one), then bf16
 part bench-fp16-compile 240 "${BENCH[@]}" --precision fp16 --compile --out "$RES/bench-fp16-compile.json"

@@ -76,6 +76,9 @@ def test_peak_table_and_user_errors():
         bench.parse_args(["--pairs", "0"])
     with pytest.raises(ValueError, match="--resolution 100 must be a multiple of 16"):
         bench.parse_args(["--resolution", "100"])
+    with pytest.raises(ValueError, match="--decode-batch must be >= 1, got 0"):
+        bench.parse_args(["--decode-batch", "0"])
+    assert bench.bench_config(bench.parse_args(["--tiny", "--decode-batch", "1"])).sample.decode_batch_size == 1
 
 
 @pytest.mark.slow

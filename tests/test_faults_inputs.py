@@ -26,6 +26,7 @@ from tests.test_train import tiny_config
     (dict(sample=dict(resolution=0)), "--sample.resolution 0 is invalid"),
     (dict(sample=dict(churn_weight=-0.1)), "--sample.churn-weight -0.1 is invalid: it must be >= 0"),
     (dict(sample=dict(batch_size=0)), "--sample.batch-size 0 is invalid"),
+    (dict(sample=dict(decode_batch_size=0)), "--sample.decode-batch-size 0 is invalid"),
     (dict(train=dict(batch_size=0)), "--train.batch-size 0 is invalid"),
     (dict(train=dict(clip_range=0.0)), "--train.clip-range 0.0 is invalid: it must be > 0"),
     (dict(train=dict(max_grad_norm=-1.0)), "--train.max-grad-norm -1.0 is invalid: it must be >= 0"),

@@ -60,9 +60,39 @@ def test_lowmem24_preset_is_the_paper_run_with_memory_options_only():
 
     paper, low = asdict(Config()), asdict(PRESETS["lowmem24"]())
     changed = {k for k in paper if paper[k] != low[k]}
-    assert changed == {"preset", "max_batch_size", "reward_preset", "train", "reward"}
+    assert changed == {"preset", "max_batch_size", "reward_preset", "sample", "train", "reward"}
+    assert {k for k in paper["sample"] if paper["sample"][k] != low["sample"][k]} == {"decode_batch_size"}
+    assert (paper["sample"]["decode_batch_size"], low["sample"]["decode_batch_size"]) == (None, 1)
     assert (low["max_batch_size"], low["reward_preset"]) == (2, "pickscore")
     assert {k for k in paper["train"] if paper["train"][k] != low["train"][k]} == {"gradient_checkpointing",
                                                                                  "rollout_device"}
     assert {k for k in paper["reward"] if paper["reward"][k] != low["reward"][k]} == {"offload"}
     assert low["offload_text_encoders"] and not paper["train"]["gradient_checkpointing"]
+
+
+def test_sample_phase_decodes_as_many_images_per_call_as_the_decode_batch_size(tmp_path, monkeypatch):
+    """--sample.decode-batch-size reaches the VAE: 2 pairs per sampling batch are 4 images, decoded 4 at once by
+    default and 1 at a time with 1 (the lowmem24 preset's value), to the same images up to the kernels' rounding."""
+    from fdfo.config import batch_geometry
+    from fdfo.phases import sample_phase
+    from rewards import Term, WeightedReward
+    from rewards.analytic import Redness
+    from tests.test_train import tiny_config
+
+    policy = _policy()
+    policy.transformer.eval()
+    calls = []
+    decode = policy.pipe.vae.decode
+    monkeypatch.setattr(policy.pipe.vae, "decode", lambda z, **kw: calls.append(len(z)) or decode(z, **kw))
+    reward = WeightedReward([Term("redness", 1.0, Redness())], "cpu")
+    prompts = ["a red apple", "a blue boat"]
+    finals = []
+    for size, expected in ((None, [4]), (1, [1, 1, 1, 1])):
+        cfg = tiny_config(tmp_path, total_pairs_per_epoch=2)
+        cfg.sample.decode_batch_size = size
+        calls.clear()
+        samples = sample_phase(policy, reward, cfg, batch_geometry(cfg, 1), 0, prompts, 0)
+        assert calls == expected
+        finals.append(samples)
+    assert torch.equal(finals[0].final, finals[1].final)  # the same trajectories: only the decode was split
+    torch.testing.assert_close(finals[0].rewards["reward"], finals[1].rewards["reward"], rtol=0, atol=1e-4)

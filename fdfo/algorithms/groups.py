@@ -58,7 +58,7 @@ def sample_groups(policy, reward, cfg: Config, geom: Geometry, epoch: int, promp
             final, items = algo.rollout(policy, x1, {k: v.repeat_interleave(group, 0) for k, v in cond.items()},
                                         sigmas, lambda: randn_per_sample(gens, shape, device), cfg)
             scorer.flush()  # --reward.overlap-preprocessing: the previous batch's model forwards (see sample_phase)
-            images = policy.decode(final)
+            images = policy.decode(final, cfg.sample.decode_batch_size)
             shown = [i * group + g for i in range(min(len(batch_prompts), cfg.image_log_pairs - start)) for g in (0, 1)]
             items = {key: value.to(rollout_device) for key, value in items.items()}
             batches.append(dict(items=items, final=final, cond=cond, images=images[shown].cpu()))
