@@ -10,6 +10,7 @@ launch-bound or host-bound call) shows too.
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -89,6 +90,27 @@ def profile_calls(policy, module, scaler, optimizer, data, cfg, geom) -> dict:
             "train_micro_batch": dict(training, batch=len(ids), wall_ms=training_s * 1e3)}
 
 
+def short_name(name: str) -> str:
+    """A readable label for PyTorch's own templated kernels, whose full names run to 700 characters: the kernel's
+    name, then the operation and dtype found in its template arguments, e.g. `elementwise_kernel: Mul (Half)` or
+    `unrolled_elementwise_kernel: copy with cast (Half)`. Other names (cuBLAS / cuDNN kernels) are returned whole."""
+    kernel = re.match(r"void at::native::(?:\(anonymous namespace\)::)?(\w+)", name)
+    if kernel is None:
+        return name
+    what = None
+    if binary := re.search(r"BinaryFunctor<(?:c10::)?(\w+),.*?binary_internal::(\w+)Functor", name):
+        what = f"{binary.group(2)} ({binary.group(1)})"
+    elif functor := re.search(r"CUDAFunctor_(\w+)<(?:c10::)?(\w+)>", name):
+        what = f"{functor.group(1)} ({functor.group(2)})"
+    elif "float16_copy_kernel_cuda" in name:
+        what = "cast float -> Half"
+    elif copy := re.search(r"direct_copy_kernel_cuda.*?lambda\((?:c10::)?(\w+)\)", name):
+        what = f"copy{' with cast' if 'LoadWithCast' in name else ''} ({copy.group(1)})"
+    elif op := re.search(r"(\w+?)(?:_tensor_scalar_kernel_impl|Ops)<(?:c10::)?(\w+)", name):
+        what = f"{op.group(1)} ({op.group(2)})"
+    return kernel.group(1) + (f": {what}" if what else "")
+
+
 def profile_markdown(profile: dict) -> list[str]:
     """Markdown lines: one table per profiled call."""
     lines = []
@@ -101,8 +123,8 @@ def profile_markdown(profile: dict) -> list[str]:
                   f"in all ({p['total_ms'] / p['wall_ms']:.0%} of the wall time)", "",
                   "| # | kernel | calls | ms | share |", "|---|---|---|---|---|"]
         for i, r in enumerate(p["rows"], 1):
-            name = r["name"].replace("|", "\\|")
-            name = name if len(name) <= 90 else name[:87] + "..."
+            name = short_name(r["name"]).replace("|", "\\|")
+            name = name if len(name) <= 100 else name[:97] + "..."
             share = "-" if r["share"] is None else f"{r['share']:.1%}"
             lines.append(f"| {i} | `{name}` | {r['calls']} | {r['ms']:.2f} | {share} |")
         lines.append("")

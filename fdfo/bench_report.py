@@ -1,6 +1,7 @@
-"""`python -m fdfo.bench --report DIR`: docs/benchmarks.md from a folder of bench JSON files, one table row each, and
-the GPU check's status.txt. A JSON file that is not a measured bench record (unreadable, not JSON, a --flops-only
-count, a record missing a field the table shows) is skipped and named with the reason, never silently dropped."""
+"""`python -m fdfo.bench --report DIR`: docs/benchmarks.md from a folder of bench JSON files, one table row each, a
+per-phase table, the profile tables of runs made with --profile, the folder's notes.md (how the run was made) and the
+GPU check's status.txt. A JSON file that is not a measured bench record (unreadable, not JSON, a --flops-only count, a
+record missing a field the table shows) is skipped and named with the reason, never silently dropped."""
 
 from __future__ import annotations
 
@@ -12,6 +13,15 @@ PHASES = ("sample", "decode", "reward", "exchange", "train")
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
+
+
+def phase_cell(p: dict | None) -> str:
+    """One phase of one run: "s/pair · TFLOP/s · MFU · peak GB" ("-" for what was not measured)."""
+    if not p:
+        return "-"
+    mfu = _fmt(p.get("mfu"), ".1f", 100.0) + ("%" if p.get("mfu") else "")
+    return (f"{_fmt(p.get('s_per_pair'), '.3f')} s · {_fmt(p.get('achieved_tflops'), '.0f')} TFLOP/s · {mfu} · "
+            f"{_fmt(p.get('peak_mem_gb'), '.1f')} GB")
 
 
 def reward_model(config: dict) -> str:
@@ -82,7 +92,19 @@ def report_markdown(folder: Path, skipped: list | None = None) -> str:
                   "| reward | exchange | train | total s/pair | MFU | peak GB | rollouts GB/rank "
                   "| activations GB (estimate) |", "|" + "---|" * 16]
         lines += ["| " + " | ".join(cells) + " |" for _, _, cells in records]
+        lines += ["", "Per phase: seconds per pair, achieved TFLOP/s, MFU and peak memory (GB) of each phase.", "",
+                  "| run | " + " | ".join(PHASES) + " |", "|" + "---|" * (len(PHASES) + 1)]
+        lines += ["| " + " | ".join([name.removesuffix(".json")] + [phase_cell(r["phases"].get(k)) for k in PHASES])
+                  + " |" for name, r, _ in records]
         lines.append("")
+        for name, r, _ in records:
+            if r.get("profile"):
+                from fdfo.bench_profile import profile_markdown
+
+                lines += [f"### Profile of {name.removesuffix('.json')}", ""] + profile_markdown(r["profile"])
+    notes = folder / "notes.md"  # how the run was made (commands, calls), kept beside its JSON files
+    if notes.exists():
+        lines += [notes.read_text(encoding="utf-8").rstrip(), ""]
     status = folder / "status.txt"
     if status.exists():
         lines += ["## Check status", "", "```", status.read_text().rstrip(), "```", ""]

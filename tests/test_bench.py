@@ -168,10 +168,29 @@ def test_report_tells_the_reward_models_apart(tiny_record, tmp_path):
                                                                                overlap_rewards=True))):
         record = dict(tiny_record, config=dict(tiny_record["config"], **extra))
         (tmp_path / f"{name}.json").write_text(json.dumps(record))
-    rows = [line for line in bench.report_markdown(tmp_path).splitlines() if line.startswith("| ")][1:]
+    text = bench.report_markdown(tmp_path)
+    rows = tables(text)[0][1:]
     # columns: run, precision, compile, ckpt, pairs x T (sample batch), reward model, ...
     assert [row.split(" | ")[4:6] for row in rows] == [["2 x 4 (2)", "stub"], ["2 x 4 (2)", "pickscore"],
                                                        ["2 x 4 (2)", "pickscore + overlap"]]
+    # the per-phase table: s/pair, TFLOP/s, MFU, peak GB of each phase (none on a CPU: "-")
+    phases = tables(text)[1]
+    assert phases[0] == "| run | sample | decode | reward | exchange | train |"
+    train = tiny_record["phases"]["train"]
+    assert phases[1].startswith("| a | ") and phases[1].endswith(
+        f" | {train['s_per_pair']:.3f} s · {train['achieved_tflops']:.0f} TFLOP/s · - · - GB |")
+
+
+def tables(text: str) -> list[list[str]]:
+    """The markdown tables of a report, each as its lines without the |---| separator."""
+    found, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current += [line] if line.startswith("| ") else []
+        elif current:
+            found.append(current)
+            current = []
+    return found
 
 
 def _vit_params(width: int, mlp: int, layers: int) -> int:
@@ -397,5 +416,5 @@ def test_report_names_the_files_it_skips(tiny_record, tmp_path, capsys):
         "'phases')",
         f"wrote {out}"]
     assert len(result["skipped"]) == 4
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    rows = tables(out.read_text())[0]
     assert len(rows) == 2 and rows[1].startswith("| good | fp32 |")
