@@ -113,7 +113,8 @@ def short_name(name: str) -> str:
 
 def profile_markdown(profile: dict) -> list[str]:
     """Markdown lines: one table per profiled call."""
-    lines = []
+    lines = ["The wall times include the profiler's own overhead on the host, so a "
+             "call looks more host-bound here than it is; the bench's unprofiled times are in the tables above.", ""]
     titles = {"sample_forward": "one sampling forward", "train_micro_batch": "one training micro-batch"}
     for key, title in titles.items():
         p = profile.get(key)
