@@ -45,7 +45,40 @@ def parse_with_preset(config_type: type[T], presets: dict[str, Callable[[], T]],
     known, rest = pre.parse_known_args(argv)
     if known.preset not in presets:
         fail(f"unknown preset {known.preset!r}; choose one of: {', '.join(presets)}")
+    check_switches(config_type, rest)
     return tyro.cli(config_type, default=presets[known.preset](), args=rest, description=description)
+
+
+def switches(config_type: type, prefix: str = "") -> dict[str, str]:
+    """{flag: its pair} for every on/off setting of a config dataclass, as tyro spells them: `--log-wandb` and
+    `--no-log-wandb` for a top-level bool, `--train.compile` and `--train.no-compile` for a nested one."""
+    import dataclasses
+    import typing
+
+    found = {}
+    for name, hint in typing.get_type_hints(config_type).items():
+        flag = name.replace("_", "-")
+        if hint is bool:
+            on, off = f"--{prefix}{flag}", f"--{prefix}no-{flag}"
+            found |= {on: f"{on} / {off}", off: f"{on} / {off}"}
+        elif dataclasses.is_dataclass(hint):
+            found |= switches(hint, f"{prefix}{flag}.")
+    return found
+
+
+def check_switches(config_type: type, argv: list[str]) -> None:
+    """An on/off flag takes no value: `--log-wandb maybe` (or `--log-wandb=true`) gets one line naming the flag and
+    the value, instead of tyro's "Unrecognized options: maybe" that names neither the flag nor the fix."""
+    pairs = switches(config_type)
+    for i, token in enumerate(argv):
+        flag, eq, value = token.partition("=")
+        if flag not in pairs:
+            continue
+        if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            value = argv[i + 1]
+        elif not eq:
+            continue
+        fail(f"{flag} {value!r}: {flag} is an on/off switch and takes no value; write {pairs[flag]} alone")
 
 
 def fail(message: str, code: int = 2) -> None:

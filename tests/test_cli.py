@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +86,30 @@ def test_smoke_preset_improves_the_reward(tmp_path):
     # The progress picture is redrawn every epoch from the log (its content is checked in tests/test_plots.py).
     with Image.open(run / "reward_curve.png") as picture:
         assert picture.format == "PNG" and picture.width > 100
+
+
+@pytest.mark.parametrize("argv, flag, value, pair", [
+    (["--log-wandb", "maybe"], "--log-wandb", "maybe", "--log-wandb / --no-log-wandb"),
+    (["--seed", "3", "--train.compile=yes"], "--train.compile", "yes", "--train.compile / --train.no-compile"),
+    (["--no-offload-text-encoders", "0"], "--no-offload-text-encoders", "0",
+     "--offload-text-encoders / --no-offload-text-encoders"),
+])
+def test_an_on_off_switch_given_a_value_is_named_in_one_line(capsys, argv, flag, value, pair):
+    """tyro alone answers "Unrecognized options: maybe", naming neither the flag nor the fix."""
+    from fdfo.cli import parse_with_preset
+    from fdfo.config import PRESETS, Config
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_with_preset(Config, PRESETS, ["--preset", "smoke", *argv])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {flag} {value!r}: {flag} is an on/off switch and takes no value; write {pair} alone"]
+
+
+def test_on_off_switches_without_a_value_still_parse():
+    from fdfo.cli import parse_with_preset
+    from fdfo.config import PRESETS, Config
+
+    cfg = parse_with_preset(Config, PRESETS, ["--preset", "smoke", "--log-wandb", "--train.compile", "--seed", "4",
+                                              "--no-offload-text-encoders"])
+    assert (cfg.log_wandb, cfg.train.compile, cfg.seed, cfg.offload_text_encoders) == (True, True, 4, False)
