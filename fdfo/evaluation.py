@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +29,9 @@ import torch
 from fdfo import distributed, stats
 from fdfo.cli import check_device
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
-from fdfo.files import atomic_path, make_folder, nearest_existing, write_json_atomic
+from fdfo.files import atomic_path, make_folder, write_json_atomic
 from fdfo.images import to_uint8, uint8_to_pil
+from fdfo.outputs import check_output_path
 from fdfo.prompts import load_prompt_set
 from rewards import EVAL_METRICS, RewardConfig, build_metrics
 from rewards.build import EXTERNAL_KINDS, SMOKE_METRICS, check_specs, metric_specs
@@ -159,24 +159,6 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
     if reward_names:
         check_specs(metric_specs(reward_names), cfg.reward)  # parsed, plug-ins imported, reward servers answering
     return reward_names, DIVERSITY in metrics
-
-
-def check_output_path(flag: str, path: Path, folder: bool) -> None:
-    """Refuse an output path that cannot be written, before anything loads: --out must be a file path (not a
-    folder), --save-images a folder path (not a file), and the nearest existing folder above must be a writable
-    folder (not a file)."""
-    kind = "a folder" if folder else "a file"
-    if path.exists():
-        if path.is_dir() != folder:
-            raise ValueError(f"{flag} {str(path)!r} is {'a file' if folder else 'a folder'}; give {kind} path.")
-        if not os.access(path if folder else path.parent, os.W_OK):
-            raise ValueError(f"{flag} {str(path)!r} is not writable.")
-        return
-    parent = nearest_existing(path.parent)
-    if not parent.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {str(path)!r} cannot be created: the folder {str(parent)!r} is not writable.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,15 +12,15 @@ Text uses PIL's built-in scalable font, so nothing is downloaded.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fdfo import distributed as dist
-from fdfo.files import atomic_path, make_folder, nearest_existing
+from fdfo.files import atomic_path, make_folder
 from fdfo.images import to_uint8
+from fdfo.outputs import check_output_path
 
 # Written for this project: varied subjects, styles and the things text-to-image models get wrong (counting, spatial
 # relations, text, hands, reflections).
@@ -163,20 +163,6 @@ def _generate_share(gen, prompts: list[str], seeds: list[int], batch_size: int, 
     return dist.unshard(gathered, total, world)
 
 
-def check_output_path(out: Path, flag: str = "--out") -> None:
-    """Refuse, before anything loads, an output path that cannot be written: a folder, a path below a file, a file or
-    nearest existing folder without write permission."""
-    if out.is_dir():
-        raise ValueError(f"{flag} {out} is a folder; pass a file name ending in .jpg, .jpeg or .png")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise ValueError(f"{flag} {out}: the file exists and is not writable")
-    parent = nearest_existing(out.absolute().parent)
-    if not parent.is_dir():
-        raise ValueError(f"{flag} {out}: {parent} is a file, not a folder, so nothing can be written below it")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {out}: the folder {parent} is not writable")
-
-
 def generate_grid(cfg) -> Path:
     """Run generate.py's configuration (see generate.py): load, sample, draw, save; returns the output path."""
     from tqdm import tqdm
@@ -189,7 +175,9 @@ def generate_grid(cfg) -> Path:
     out = Path(cfg.out)
     if out.suffix.lower() not in (".jpg", ".jpeg", ".png"):
         raise ValueError(f"--out {cfg.out}: the grid is written as JPEG or PNG; end the name in .jpg, .jpeg or .png")
-    check_output_path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a folder; pass a file name ending in .jpg, .jpeg or .png")
+    check_output_path("--out", out, folder=False)
     check_device("--device", cfg.device)
     for name in ("grid_rows", "grid_cols", "batch_size", "num_steps", "num_prompts"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:

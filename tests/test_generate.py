@@ -432,7 +432,7 @@ def test_unwritable_out_is_refused_before_loading(tmp_path, monkeypatch, capsys)
                 generate.main(["--out", str(out), "--num-steps", "1"])
             assert e.value.code == 2
             (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
-            assert f"--out {out}" in line and fragment in line, line
+            assert f"--out {str(out)!r}" in line and fragment in line, line
     finally:
         read_only.chmod(0o755)
     assert not (tmp_path / "file" / "sub").exists() and not (read_only / "new").exists()

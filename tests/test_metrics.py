@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fdfo import distributed, evaluation
+from fdfo import distributed, evaluation, outputs
 from fdfo.distributed import round_robin, unshard
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
 from fdfo.evaluation import (
@@ -292,7 +292,7 @@ def test_unusable_output_paths_are_refused(tmp_path, monkeypatch):
     check_config(EvalConfig(out=str(tmp_path / "new/results.json"), save_images=str(tmp_path / "new/images")))
     check_config(EvalConfig(out=str(tmp_path / "file.txt"), save_images=str(tmp_path / "folder")))
     # a read-only folder (os.access stands in: this check runs as root here, which may write anywhere)
-    monkeypatch.setattr(evaluation.os, "access", lambda path, mode: Path(path) != tmp_path / "folder")
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: Path(path) != tmp_path / "folder")
     with pytest.raises(ValueError, match="--out .* cannot be created: the folder .*folder' is not writable"):
         check_config(EvalConfig(out=str(tmp_path / "folder/a/results.json")))
     with pytest.raises(ValueError, match="--save-images .*folder' is not writable"):
