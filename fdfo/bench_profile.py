@@ -99,7 +99,9 @@ def short_name(name: str) -> str:
         return name
     what = None
     if binary := re.search(r"BinaryFunctor<(?:c10::)?(\w+),.*?binary_internal::(\w+)Functor", name):
-        what = f"{binary.group(2)} ({binary.group(1)})"
+        # gpu_kernel_impl (not _nocast): the inputs' dtypes differ and the kernel casts them as it loads
+        cast = ", inputs cast" if "gpu_kernel_impl<" in name else ""
+        what = f"{binary.group(2)} ({binary.group(1)}{cast})"
     elif functor := re.search(r"CUDAFunctor_(\w+)<(?:c10::)?(\w+)>", name):
         what = f"{functor.group(1)} ({functor.group(2)})"
     elif "float16_copy_kernel_cuda" in name:

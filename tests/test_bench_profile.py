@@ -36,6 +36,9 @@ def test_kernel_table_ranks_cuda_kernels_by_device_time_with_their_share():
 
 
 REAL = {  # names as torch 2.11 reported them on an H200 (cut after the part that names the operation)
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl<at::native::BinaryFunctor<float, float, "
+    "float, at::native::binary_internal::MulFunctor<float> > >(at::TensorIteratorBase&)":
+        "elementwise_kernel: Mul (float, inputs cast)",
     "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::BinaryFunctor<"
     "c10::Half, c10::Half, c10::Half, at::native::binary_internal::MulFunctor<float> > >(at::TensorIteratorBase&)":
         "elementwise_kernel: Mul (Half)",
