@@ -23,8 +23,8 @@ class SampleConfig:
     batch_size: int | None = None
     """Pairs per sampling batch; default: the largest divisor of pairs-per-GPU <= max batch size."""
     decode_batch_size: int | None = None
-    """Images per VAE decode call; default: all images of the sampling batch at once. Only the peak memory of the
-    decode changes (about 1 GB per 512 px image in fp16): --preset lowmem24 decodes one image at a time."""
+    """Images per VAE decode call; default: all images of the sampling batch at once. The decode's peak memory
+    changes (about 1 GB per 512 px image in fp16), and at most the kernels' rounding: lowmem24 decodes one at a time."""
     churn_schedule: Literal["raw", "interval", "prior"] = "raw"
     """Where fresh noise separates the two branches of a pair (docs/algorithm.md §2): raw (every step but the last),
     interval (around a random noise level per pair, experimental), prior (only before the first step, experimental)."""
