@@ -53,6 +53,7 @@ def test_ratio_of_mean_evaluations_marks_its_bounds():
     assert budget.ratio({"a": (400.0, True), "b": (100.0, False), "c": (800.0, True)}) == "1 : <0.25 : ?"
     curve = _curve([-1.0, -0.9, -0.7, -0.4], [1.0] * 4)
     assert budget.gap_fraction(curve, 0.0) == pytest.approx(0.6)
+    assert budget.peak(_curve([-1.0, -0.5, -0.8, -0.5, None], [1.0] * 5), 0.0) == (0.5, 100)  # first of the best
     table = budget.tabulate({m: [{"curve": curve, "config": {"seed": 0}, "knobs": {}, "diverged": None,
                                   "cpu_seconds": 1.0}] for m in budget.RATIO}, 300, 0.0)
     assert table["methods"]["fdfo"]["evals_to_reach"] == {"0.25": [200], "0.5": [300]}

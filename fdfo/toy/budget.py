@@ -54,6 +54,15 @@ def gap_fraction(curve: list[dict], best: float) -> float | None:
     return None if last is None else (last - start) / (best - start)
 
 
+def peak(curve: list[dict], best: float) -> tuple[float, int]:
+    """The largest fraction of the gap closed at any evaluation point, and the evaluations spent there (the first)."""
+    from fdfo.toy.diversity import gap_fractions
+
+    points = [(f, c["evaluations"]) for f, c in zip(gap_fractions(curve, best), curve) if f is not None]
+    fraction = max(f for f, _ in points)
+    return fraction, next(e for f, e in points if f == fraction)
+
+
 def mean_bound(values: list[int | None], budget: int) -> tuple[float, bool]:
     """The mean over seeds of the evaluations to a level, and whether it is only a lower bound: a seed that did not
     reach the level within the budget counts as the budget."""
@@ -81,6 +90,7 @@ def tabulate(runs: dict[str, list[dict]], budget: int, best: float) -> dict:
         table[method] = {
             "seeds": [r["config"]["seed"] for r in results], "knobs": results[0]["knobs"],
             "final_reward": [c[-1]["reward"] for c in curves], "gap_closed": [gap_fraction(c, best) for c in curves],
+            "peak": [peak(c, best) for c in curves],
             "diverged": [r["diverged"] for r in results], "evals_to_reach": reach,
             "mean_evals": {f: mean_bound(v, budget) for f, v in reach.items()},
             "cpu_seconds": [r["cpu_seconds"] for r in results],
@@ -97,13 +107,14 @@ def markdown(summary: dict) -> str:
 
     budget = summary["budget"]
     lines = [f"budget {budget} reward evaluations per run",
-             "| method | tuned settings | final reward (per seed) | gap closed | evals to 25 % (per seed; mean) "
-             "| evals to 50 % (per seed; mean) |", "|---|---|---|---|---|---|"]
+             "| method | tuned settings | final reward (per seed) | gap closed at the end | most gap closed (at evals) "
+             "| evals to 25 % (per seed; mean) | evals to 50 % (per seed; mean) |", "|---|---|---|---|---|---|---|"]
     for method, row in summary["methods"].items():
         knobs = ", ".join(f"{k} {v:g}" for k, v in row["knobs"].items())
         reach = [f"{fmt(row['evals_to_reach'][str(f)])}; {'>' if low else ''}{mean:.0f}"
                  for f, (mean, low) in ((f, row["mean_evals"][str(f)]) for f in LEVELS)]
-        lines.append(f"| {method} | {knobs} | {fmt(row['final_reward'])} | {fmt(row['gap_closed'], 2)} | "
+        best = " / ".join(f"{f:.2f} ({e})" for f, e in row["peak"])
+        lines.append(f"| {method} | {knobs} | {fmt(row['final_reward'])} | {fmt(row['gap_closed'], 2)} | {best} | "
                      f"{reach[0]} | {reach[1]} |")
     for f, text in summary["ratio"].items():
         lines.append(f"\nratio of mean evaluations to {float(f):.0%}, {' : '.join(RATIO)} = {text} (>: at least, the "

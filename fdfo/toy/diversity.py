@@ -110,11 +110,17 @@ def plot(curves_by_setting: dict[str, dict[str, list[list[dict]]]], path: Path) 
         for method, runs in curves_by_setting[name].items():
             for seed, curve in enumerate(runs):
                 x = gap_fractions(curve, best)
+                # up to the run's best reward: every level it reaches is first crossed by then (a later collapse
+                # would only draw back over the plot)
+                top = max(range(len(x)), key=lambda i: -math.inf if x[i] is None else x[i])
+                curve, x = curve[: top + 1], x[: top + 1]
                 for row, key in enumerate(KEYS):
                     y = [math.nan if v is None or c[key] is None else c[key] for v, c in zip(x, curve)]
                     axes[row, col].plot([math.nan if v is None else v for v in x], y, color=COLORS.get(method),
                                         marker=".", markersize=3, linewidth=0.8, alpha=0.8,
                                         label=method if seed == 0 else None)
+        start = max(runs[0][0]["pairwise"] for runs in curves_by_setting[name].values())
+        axes[0, col].set_ylim(0, 1.1 * start)
         for row, key in enumerate(KEYS):
             ax = axes[row, col]
             ax.set_title(f"{name}: {key}", fontsize=9)
@@ -122,7 +128,8 @@ def plot(curves_by_setting: dict[str, dict[str, list[list[dict]]]], path: Path) 
             ax.set_xlim(-0.4, 1.02)  # a run that fell far below its start (a late collapse) runs off to the left
             ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("diversity against reward along training, fresh seeds 0, 1, 2 (one line per run)", fontsize=10)
+    fig.suptitle("diversity against reward along training, fresh seeds 0, 1, 2 (one line per run, up to its best "
+                 "reward)", fontsize=10)
     fig.tight_layout()
     try:
         save_figure(fig, path, dpi=70)
