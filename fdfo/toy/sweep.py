@@ -1,8 +1,8 @@
 """The comparison of docs/toy.md: tune each method's learning rate and trust-region constant on held-out seeds,
 then run the chosen settings on fresh seeds: 2-D with one prompt (smooth reward, and the black-box quantised one)
-and d = 256 with 64 prompts.
+and d = 256 with 64 prompts, d = 64 with 16 (d256_16k, d256 tuned at 16,384 evaluations, runs only when named).
 
-`OMP_NUM_THREADS=1 python -m fdfo.toy.sweep --out runs/toy_sweep` (about 10 CPU-minutes); writes <setting>.json and
+`OMP_NUM_THREADS=1 python -m fdfo.toy.sweep --out runs/toy_sweep` (about 8 CPU-minutes); writes <setting>.json and
 <setting>.png per setting. Selection: the highest mean final reward over the tuning seeds. A run that diverges (its
 evaluated reward became NaN or infinite) is recorded as diverged (its final reward null, `diverged` the evaluations it
 had spent) and is never selected; the JSON files are strict JSON (null, never NaN).
