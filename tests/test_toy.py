@@ -197,7 +197,7 @@ def test_cli_checks_out_and_shows_the_module_in_usage(tmp_path, capsys, monkeypa
         assert f"usage: python -m {name} [-h]" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         sweep.main(["--out", str(tmp_path / "s"), "--settings", "3d"])
-    assert "error: --settings 3d: no such setting; choose from 2d 2d_quantised d256" in capsys.readouterr().err
+    assert "error: --settings 3d: no such setting; choose from 2d 2d_quantised d256 d64" in capsys.readouterr().err
 
 
 def test_sweep_records_a_diverged_run_and_never_selects_it(tmp_path, monkeypatch, capsys):
