@@ -81,6 +81,16 @@ def check_switches(config_type: type, argv: list[str]) -> None:
         fail(f"{flag} {value!r}: {flag} is an on/off switch and takes no value; write {pairs[flag]} alone")
 
 
+def tool_main(config_type: type[T], fn: Callable[[T], object], prog: str, description: str | None,
+              argv: list[str] | None = None) -> None:
+    """A side tool's entry point: tyro parses `argv` into `config_type`, then `fn(cfg)` runs under `guarded` (user
+    errors as one line, exit 2)."""
+    import tyro
+
+    cfg = tyro.cli(config_type, args=argv, prog=prog, description=description)
+    guarded(lambda: fn(cfg))
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdfo.cli import guarded
+from fdfo.cli import tool_main
 from fdfo.outputs import check_output_path, save_figure, write_text
 from fdfo.toy.checks import strict_json
 from fdfo.toy.run import run
@@ -208,10 +208,7 @@ def budget_runs(cfg: BudgetConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tyro
-
-    cfg = tyro.cli(BudgetConfig, args=argv, prog="python -m fdfo.toy.budget", description=__doc__)
-    guarded(lambda: budget_runs(cfg))
+    tool_main(BudgetConfig, budget_runs, "python -m fdfo.toy.budget", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdfo.cli import guarded
+from fdfo.cli import tool_main
 from fdfo.outputs import check_output_path, save_figure, write_text
 from fdfo.toy.checks import strict_json
 from fdfo.toy.sweep import SETTINGS, best_reward
@@ -165,10 +165,7 @@ def diversity(cfg: DiversityConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tyro
-
-    cfg = tyro.cli(DiversityConfig, args=argv, prog="python -m fdfo.toy.diversity", description=__doc__)
-    guarded(lambda: diversity(cfg))
+    tool_main(DiversityConfig, diversity, "python -m fdfo.toy.diversity", __doc__, argv)
 
 
 if __name__ == "__main__":

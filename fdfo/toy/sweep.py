@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fdfo.cli import guarded
+from fdfo.cli import tool_main
 from fdfo.outputs import check_output_path, save_figure, write_text
 from fdfo.toy.checks import finite_or_none, strict_json
 from fdfo.toy.run import ToyConfig, run
@@ -192,10 +192,7 @@ def plot(name: str, summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tyro
-
-    cfg = tyro.cli(SweepConfig, args=argv, prog="python -m fdfo.toy.sweep", description=__doc__)
-    guarded(lambda: sweep(cfg))
+    tool_main(SweepConfig, sweep, "python -m fdfo.toy.sweep", __doc__, argv)
 
 
 def sweep(cfg: SweepConfig) -> None:
