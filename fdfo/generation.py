@@ -210,12 +210,16 @@ def _lora_layers(transformer: torch.nn.Module):
 class BaseModel:
     """The SD3 pipeline, loaded once per process, holding every adapter loaded so far as a named PEFT adapter."""
 
-    def __init__(self, pretrained_model: str, device: torch.device):
+    def __init__(self, pretrained_model: str, device: torch.device, dtype: torch.dtype | None = None):
+        """dtype: of the base weights; default bf16 on CUDA (the published protocol), float32 elsewhere (CPU has slow
+        bf16 kernels); the LoRA weights stay fp32 either way."""
         from fdfo.sd3 import load_pipeline
 
         self.pretrained_model = pretrained_model
         self.device = device
-        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.dtype = dtype
         self.pipe = load_pipeline(pretrained_model, device, self.dtype)
         self.transformer = self.pipe.transformer
         self._names: dict[str, str] = {}  # adapter file -> adapter name in the transformer
@@ -255,12 +259,15 @@ class BaseModel:
         if problem:
             self._remove(name)
             raise ValueError(f"{misfit}: {problem}")
-        set_peft_model_state_dict(transformer, state, adapter_name=name)
-        for _, layer in _lora_layers(transformer):  # fp32 LoRA weights beside the (bf16 on GPU) base weights
+        # fp32 LoRA weights beside the (bf16 on GPU) base weights, as PEFT keeps them: the layers PEFT injected have
+        # the base's dtype, so they become fp32 before the checkpoint's values are copied in (after, the values would
+        # already be rounded to bf16)
+        for _, layer in _lora_layers(transformer):
             for attr in layer.adapter_layer_names:
                 container = getattr(layer, attr)
                 if name in container and isinstance(container[name], torch.nn.Module):
                     container[name].to(device=self.device, dtype=torch.float32).requires_grad_(False)
+        set_peft_model_state_dict(transformer, state, adapter_name=name)
         self._names[adapter.file] = name
         self.activate(None)
         return name
@@ -284,8 +291,9 @@ class BaseModel:
         name = None if adapter is None else self.add(adapter)
         for _, layer in _lora_layers(self.transformer):
             if name is not None and name in layer._all_available_adapter_names():
+                layer.enable_adapters(True)  # makes the layer's active adapters trainable again; set_adapter then
+                # selects this one, frozen
                 layer.set_adapter(name, inference_mode=True)
-                layer.enable_adapters(True)
             else:
                 layer.enable_adapters(False)
 

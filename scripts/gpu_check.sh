@@ -85,8 +85,12 @@ part bench-fp16 130 "${BENCH[@]}" --precision fp16 --profile --out "$RES/bench-f
 #    to the diffusers pipeline on CUDA, the reward overlap on CUDA; at full SD3.5-M shapes: the activation estimate
 #    against CUDA memory)
 # -v names each test as it starts, and faulthandler dumps every thread's stack of a test still running after 120 s
-# (the 2026-12-04 run printed nothing in its 200 s)
-part pytest-gpu 300 "$PY" -m pytest -v -rfEs --durations=12 -o faulthandler_timeout=120 -m gpu -p no:cacheprovider
+# (the 2026-12-04 run printed nothing in its 200 s); where pytest-timeout is installed (the H200 image has it), a test
+# still running after 150 s fails with its stack and the others still run
+PER_TEST=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=150)
+part pytest-gpu 300 "$PY" -m pytest -v -rfEs --durations=12 -o faulthandler_timeout=120 "${PER_TEST[@]}" -m gpu \
+  -p no:cacheprovider
 
 # 3. K = 10 of the 40 timesteps trained, and the 24 GB cap: the lowmem24 preset's settings (micro-batches of 2,
 #    gradient checkpointing, rollouts in host memory); while sampling, a buffer the size of SD3.5-M's text encoders
