@@ -145,8 +145,7 @@ def test_metric_pixels_equal_the_authors_rounding_of_a_bf16_pipeline_exactly(tmp
     monkeypatch.setattr(distributed, "get_world_size", lambda: 1)
     monkeypatch.setattr(distributed, "get_rank", lambda: 0)
     steps, res = 2, 64
-    base = BaseModel(str(tiny.tiny_sd3_path()), torch.device("cpu"))
-    base.pipe.to(torch.bfloat16)
+    base = BaseModel(str(tiny.tiny_sd3_path()), torch.device("cpu"), dtype=torch.bfloat16)  # CUDA's default
     generator = load_generator(None, base=base, num_steps=steps, resolution=res)
     plan = Plan(PROMPTS, [0, 1], num_repeats=1, image_seed=7)
     scorer = RecordingScorer()
