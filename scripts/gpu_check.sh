@@ -26,6 +26,13 @@ STATUS="$RES/status.txt"
 : >> "$STATUS"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+# A part that runs out of time gets SIGABRT (its process group): with the fault handler on, every Python process in it
+# prints the stack of each of its threads into the part's log before it dies, so a time-out says where it was (the
+# 2026-12-04 GPU tests timed out with an empty log). No core files. torchrun starts its workers in their own session,
+# out of reach of that signal, and only stops them itself on SIGTERM: a part that is a torchrun launch is called with
+# PART_SIGNAL=TERM (no stacks, but no worker left running).
+export PYTHONFAULTHANDLER=1
+ulimit -c 0
 
 # part NAME LIMIT_S COMMAND...: run with a timeout (capped by the budget left), log to NAME.log, record the outcome.
 # GPU_CHECK_PARTS="name name ...": run only these parts (a second, shorter call that reruns what failed or was skipped)
@@ -42,13 +49,15 @@ part() {
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   local t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" > "$RES/$name.log" 2>&1
+  timeout --signal="${PART_SIGNAL:-ABRT}" --kill-after=10 "$limit" "$@" > "$RES/$name.log" 2>&1
   local rc=$?
   local dt=$(($(date +%s) - t0))
   if [ $rc -eq 0 ]; then
     echo "$name: ok (${dt}s)" | tee -a "$STATUS"
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-    echo "$name: TIMED OUT after ${limit}s" | tee -a "$STATUS"
+    local where=""
+    [ "${PART_SIGNAL:-ABRT}" = ABRT ] && where=" (the stacks at the time-out are at the end of $name.log)"
+    echo "$name: TIMED OUT after ${limit}s$where" | tee -a "$STATUS"
   else
     echo "$name: FAILED rc=$rc (${dt}s); last lines of $name.log:" | tee -a "$STATUS"
     tail -n 5 "$RES/$name.log" | sed 's/^/    /' | tee -a "$STATUS"
@@ -65,7 +74,7 @@ if [ $DRY -eq 1 ]; then
   part bench-tiny-ckpt 120 "${BENCH[@]}" --grad-checkpoint --hold-side-models --decode-batch 1 --out "$RES/bench-tiny-ckpt.json"
   part bench-tiny-pickscore-overlap 120 "${BENCH[@]}" --reward pickscore --overlap-rewards --sample-batch 1 \
     --out "$RES/bench-tiny-pickscore-overlap.json"
-  part train-torchrun 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py --preset smoke \
+  PART_SIGNAL=TERM part train-torchrun 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py --preset smoke \
     --num-epochs 1 --total-pairs-per-epoch 4 --sample.num-solver-steps 3 --image-log-freq 0 \
     --run-dir "$RES/tmp-train-run"
   part report 60 "$PY" -m fdfo.bench --report "$RES" --out "$RES/benchmarks.md"
@@ -87,10 +96,14 @@ part bench-fp16 130 "${BENCH[@]}" --precision fp16 --profile --out "$RES/bench-f
 # -v names each test as it starts, and faulthandler dumps every thread's stack of a test still running after 120 s
 # (the 2026-12-04 run printed nothing in its 200 s); where pytest-timeout is installed (the H200 image has it), a test
 # still running after 150 s fails with its stack and the others still run
+# (after the part: a torchrun worker of a test cut short, found by its run folder under the tests' temporary folder)
 PER_TEST=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=150)
+PYTEST_TMP=$(mktemp -d)
 part pytest-gpu 300 "$PY" -m pytest -v -rfEs --durations=12 -o faulthandler_timeout=120 "${PER_TEST[@]}" -m gpu \
-  -p no:cacheprovider
+  -p no:cacheprovider --basetemp "$PYTEST_TMP/t"
+pkill -KILL -f -- "$PYTEST_TMP" 2>/dev/null
+rm -rf "$PYTEST_TMP"
 
 # 3. K = 10 of the 40 timesteps trained, and the 24 GB cap: the lowmem24 preset's settings (micro-batches of 2,
 #    gradient checkpointing, rollouts in host memory); while sampling, a buffer the size of SD3.5-M's text encoders
@@ -115,7 +128,7 @@ part bench-fp16-pickscore-overlap 150 "${BENCH[@]}" --precision fp16 --reward pi
 # 6. a short real training run (train.py, NCCL through torchrun) on random-init SD3.5-M shapes, no download;
 #    bf16 so that random weights cannot overflow fp16 and make every reward non-finite
 RUN=$(mktemp -d)
-part train-random-sd35m 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py \
+PART_SIGNAL=TERM part train-random-sd35m 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py \
   --pretrained-model builtin:random-sd35m --prompt-file prompt_sets/smoke.txt --reward-preset brightness \
   --num-epochs 2 --save-freq 2 --total-pairs-per-epoch 4 --gradient-steps-per-epoch 2 --image-log-freq 0 \
   --train.precision bf16 --run-dir "$RUN/run"
