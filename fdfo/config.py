@@ -85,6 +85,10 @@ class BaselineConfig:
     one (theta itself resumes from training_state.pt)."""
     ema_interval: int | None = None
     """Optimizer steps between EMA updates; default the authors': 8 for flow_grpo, 1 for diffusion_nft."""
+    ema_blends: int = 1
+    """Blends of the EMA at each update point: it keeps d^n of its old value (n = this). The authors' Flow-GRPO blends
+    once per training batch of the step: 2 in their 32-GPU run, which the flow_grpo preset sets (docs/algorithm.md
+    §11)."""
 
 
 @dataclass
@@ -195,9 +199,10 @@ def flow_grpo_config() -> Config:
     """Flow-GRPO as its authors ran it (docs/algorithm.md §11, the SD3.5-M PickScore configuration) on FDFO's prompts
     and reward: 48 prompts x G = 24 images (1,152 reward evaluations) and 2 optimizer steps per epoch, SDE sampling
     with a = 0.7 and T = 10, CFG 4.5 in sampling and loss, lr 3e-4, clip 1e-4, KL beta 0.01 (0.04 for GenEval / OCR),
-    the EMA (every 8 steps) saved."""
+    the EMA (every 8 steps, blended twice there as in their 32-GPU run) saved."""
     cfg = Config(preset="flow_grpo", algorithm="flow_grpo", run_name="flow_grpo", total_pairs_per_epoch=48,
                  gradient_steps_per_epoch=2)
+    cfg.baseline.ema_blends = 2
     cfg.sample.num_solver_steps = 10
     cfg.sample.guidance_scale = 4.5
     cfg.train.learning_rate = 3e-4
@@ -385,6 +390,7 @@ def check_config(cfg: Config) -> None:
         need(_finite(b.nft_beta) and b.nft_beta > 0, "--baseline.nft-beta", b.nft_beta, "> 0")
         need(_finite(b.ema_decay) and 0 <= b.ema_decay < 1, "--baseline.ema-decay", b.ema_decay, "in [0, 1)")
         need(b.ema_interval is None or b.ema_interval >= 1, "--baseline.ema-interval", b.ema_interval, ">= 1")
+        need(b.ema_blends >= 1, "--baseline.ema-blends", b.ema_blends, ">= 1")
         need(t.trust_region == "separation", "--train.trust-region", t.trust_region,
              f"left out with --algorithm {cfg.algorithm} (it sets FDFO's SPO ratio)")
     r = cfg.reward

@@ -324,3 +324,67 @@ def test_algorithm_flag_runs_each_method_through_train_py(algorithm, tmp_path):
     # samples per epoch: 2 prompts x (a pair for fdfo, else G = 4), split over 2 optimizer steps
     assert config["geometry"]["items_per_step"] * 2 == 2 * (2 if algorithm == "fdfo" else 4)
 
+
+
+def _nft_rollout(policy, num_steps, prompts=("a red apple", "a blue boat")):
+    """DiffusionNFT's rollout of one sample per prompt with `policy` (its current LoRA is the sampling adapter `old`,
+    as train_loop swaps it in): (cond, sigmas, x0, items)."""
+    cfg = tiny_config("diffusion_nft", "unused")
+    cond = policy.encode(list(prompts))
+    sigmas = policy.sigmas(num_steps)
+    g = torch.Generator().manual_seed(5)
+    shape = (len(prompts), *policy.latent_shape(cfg.sample.resolution))
+    x0, items = diffusion_nft.rollout(policy, torch.randn(shape, generator=g), cond, sigmas,
+                                      lambda: torch.randn(shape, generator=g), cfg)
+    return cond, sigmas, x0, items
+
+
+def test_diffusion_nft_v_ref_is_the_base_model_with_a_nonzero_old_adapter():
+    """v_ref is the base model's velocity (adapters off), v_old the sampling adapter's. With a non-zero `old` the two
+    differ (at epoch 0 they coincide), and v_ref matches a separately loaded pipeline transformer without any LoRA."""
+    from fdfo import tiny
+    from fdfo.sd3 import SD3Policy
+
+    torch.manual_seed(0)
+    policy = SD3Policy(tiny.TINY_SD3, torch.device("cpu"), lora_rank=4, lora_alpha=8)
+    with torch.no_grad():  # the old adapter after some training: B != 0
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    cond, sigmas, _, items = _nft_rollout(policy, 3)
+    base = SD3Policy(tiny.TINY_SD3, torch.device("cpu"), lora_rank=None)
+    t = sigmas[items["timestep"]].float()
+    for j in range(items["timestep"].shape[1]):
+        x_t = items["x_t"][:, j]
+        with torch.no_grad():
+            v_base, v_old = base.velocity(x_t, t[:, j], cond), policy.velocity(x_t, t[:, j], cond)
+        gap = float((v_old - v_base).abs().max())
+        assert gap > 1e-2  # the adapter matters here
+        torch.testing.assert_close(items["v_ref"][:, j], v_base, rtol=0, atol=gap * 1e-4)
+        torch.testing.assert_close(items["v_old"][:, j], v_old, rtol=0, atol=gap * 1e-4)
+
+
+class _ShiftPolicy:
+    """A stand-in for SD3Policy in DiffusionNFT's rollout: v = x + 1 (sampling adapter), v_base = x."""
+
+    def velocity(self, x, sigma, cond, module=None):
+        return x + 1
+
+    def base_velocity(self, x, sigma, cond):
+        return x.clone()
+
+
+def test_diffusion_nft_trains_int_099_t_distinct_timesteps_per_sample():
+    """§11: int(0.99 T) of the T timesteps per sample. At T = 20 that is 19 (int(0.9 T) would be 18); at T = 10 both
+    give 9. Each sample's timesteps are distinct and drawn per sample."""
+    assert [diffusion_nft.trained_steps(t) for t in (10, 20, 40, 100)] == [9, 19, 39, 99]
+    assert [flow_grpo.trained_steps(t) for t in (10, 20, 40, 100)] == [9, 19, 39, 99]
+    sigmas = torch.linspace(1, 0, 21)
+    g = torch.Generator().manual_seed(0)
+    x0, items = diffusion_nft.rollout(_ShiftPolicy(), torch.randn(3, 4, 8, 8, generator=g), {}, sigmas,
+                                      lambda: torch.randn(3, 4, 8, 8, generator=g), None)
+    steps = items["timestep"]
+    assert steps.shape == (3, 19) and all(len(set(row.tolist())) == 19 for row in steps)
+    assert (steps >= 0).all() and (steps < 20).all() and len({tuple(row.tolist()) for row in steps}) > 1
+    assert items["x_t"].shape == (3, 19, 4, 8, 8)
+    torch.testing.assert_close(items["v_ref"], items["v_old"] - 1)

@@ -246,3 +246,24 @@ def test_baseline_step_gradient_is_the_mean_over_kept_items(monkeypatch):
         groups.baseline_micro_batch(policy, None, scaler, data, ids, cfg, 3)
     # step 0's items 0, 1, 2 belong to samples 0, 0, 1: kept w = 1, 2 -> mean 1.5
     assert p.grad.item() == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("preset, updates", [("flow_grpo", {7: 2, 15: 2}),
+                                             ("diffusion_nft", dict.fromkeys(range(1, 17), 1))])
+def test_the_presets_ema_interval_and_blends_per_update_point(preset, updates):
+    """The EMA a run builds from the preset (fdfo.algorithms.ema.baseline_copies, as train_loop.setup): Flow-GRPO
+    updates after steps 7 and 15 of 16 (interval 8, the authors' phase) and blends twice there as the authors' 32-GPU
+    loop does (keeping d^2 with d = (1 + s) / (10 + s)); DiffusionNFT once after every step. theta_s = s by hand."""
+    from fdfo.algorithms.ema import baseline_copies
+    from fdfo.config import PRESETS
+
+    param = torch.zeros((), dtype=torch.float64)
+    copies = baseline_copies(PRESETS[preset](), [param], step=0)
+    expected = 0.0
+    for s in range(1, 17):
+        param.fill_(float(s))
+        copies.after_step()
+        if s in updates:
+            keep = ((1 + s) / (10 + s)) ** updates[s]
+            expected = keep * expected + (1 - keep) * s
+        assert copies.ema[0].item() == pytest.approx(expected, rel=1e-12), s

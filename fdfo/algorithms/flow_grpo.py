@@ -142,7 +142,8 @@ ITEM_KEYS = ("state", "next", "logp_old")
 
 
 def trained_steps(num_steps: int) -> int:
-    """docs/algorithm.md §11: steps j = 0 ... int(0.99 T) - 1 are trained (all but the last for T <= 100)."""
+    """docs/algorithm.md §11: int(0.99 T) of the T steps are trained (all but one for T <= 100): Flow-GRPO's steps
+    j = 0 ... int(0.99 T) - 1, DiffusionNFT's int(0.99 T) random timesteps per sample."""
     return max(1, int(0.99 * num_steps))
 
 
