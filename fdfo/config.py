@@ -22,9 +22,10 @@ class SampleConfig:
     """Image height and width in pixels (a multiple of 16)."""
     batch_size: int | None = None
     """Pairs per sampling batch; default: the largest divisor of pairs-per-GPU <= max batch size."""
-    decode_batch_size: int | None = None
-    """Images per VAE decode call; default: all images of the sampling batch at once. The decode's peak memory
-    changes (about 1 GB per 512 px image in fp16), and at most the kernels' rounding: lowmem24 decodes one at a time."""
+    decode_batch_size: int | None = 1
+    """Images per VAE decode call; default 1, as the authors' training (their VAE's slicing). N > 1 decodes N at once
+    (None: the whole sampling batch): fewer, larger kernels, about 0.95 GB more peak memory per extra 512 px image
+    (fp16), and the kernels' rounding for that batch size (docs/performance.md)."""
     churn_schedule: Literal["raw", "interval", "prior"] = "raw"
     """Where fresh noise separates the two branches of a pair (docs/algorithm.md §2): raw (every step but the last),
     interval (around a random noise level per pair, experimental), prior (only before the first step, experimental)."""
@@ -183,8 +184,9 @@ def smoke_config() -> Config:
 
 def lowmem24_config() -> Config:
     """The paper's settings fitted to ONE 24 GB GPU (designed from the memory model in README "Performance", not
-    measured on such a card): gradient checkpointing, micro-batches of at most 2, one image per VAE decode, rollouts
-    in host memory, text encoders (default) and the reward model parked on CPU while training. The reward is
+    measured on such a card): gradient checkpointing, micro-batches of at most 2, one image per VAE decode (kept
+    whatever the default), rollouts in host memory, text encoders (default) and the reward model parked on CPU while
+    training. The reward is
     PickScore alone: the combined preset's VLM does not fit next to SD3.5-M on 24 GB. Same math as 'paper' otherwise
     (batching only)."""
     cfg = Config(preset="lowmem24", max_batch_size=2, reward_preset="pickscore")
