@@ -77,7 +77,9 @@ def test_bad_baseline_flags_are_refused_before_anything_is_written(tmp_path):
     cfg = tiny_config("flow_grpo", tmp_path / "run")
     cfg.baseline.group_size = 1
     cfg.train.timesteps_per_sample = 2
-    with pytest.raises(ValueError, match=r"--baseline.group-size 1 .*--train.timesteps-per-sample 2"):
+    cfg.baseline.ema_blends = 0
+    with pytest.raises(ValueError, match=r"--baseline.group-size 1 .*--train.timesteps-per-sample 2.*"
+                                         r"--baseline.ema-blends 0 is invalid: it must be >= 1"):
         train_loop.train(cfg)
     assert not (tmp_path / "run").exists()
 
@@ -127,6 +129,10 @@ def test_flow_grpo_training_loss_is_the_formula_on_the_rollout(monkeypatch, tmp_
     advantages = _hand_advantages(seen["rewards"], 4)
     first_step = len(data.steps[0]) // len(seen["micro"][0][0][4])  # micro-batches in the first optimizer step
     assert len(seen["loss"]) == len(seen["micro"]) == 2 * first_step
+    # §11: each optimizer step trains whole trajectories: all k items of a sample in one step, 4 samples per step
+    per_step = [(data.items[step] // k).tolist() for step in data.steps]
+    assert all(samples.count(i) == k for samples in per_step for i in samples)
+    assert not set(per_step[0]) & set(per_step[1]) and len(set(per_step[0])) == len(set(per_step[1])) == 4
     for m, ((args, _, result), (micro_args, _, _)) in enumerate(zip(seen["loss"], seen["micro"], strict=True)):
         logp, logp_old, adv, clip, mean, mean_ref, kl_std, beta = args
         ids = micro_args[4]
@@ -323,7 +329,6 @@ def test_algorithm_flag_runs_each_method_through_train_py(algorithm, tmp_path):
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     # samples per epoch: 2 prompts x (a pair for fdfo, else G = 4), split over 2 optimizer steps
     assert config["geometry"]["items_per_step"] * 2 == 2 * (2 if algorithm == "fdfo" else 4)
-
 
 
 def _nft_rollout(policy, num_steps, prompts=("a red apple", "a blue boat")):

@@ -267,3 +267,33 @@ def test_the_presets_ema_interval_and_blends_per_update_point(preset, updates):
             keep = ((1 + s) / (10 + s)) ** updates[s]
             expected = keep * expected + (1 - keep) * s
         assert copies.ema[0].item() == pytest.approx(expected, rel=1e-12), s
+
+
+def test_flow_grpo_steps_train_whole_trajectories_whatever_the_gpu_count():
+    """§11: each of Flow-GRPO's optimizer steps trains all trained steps of its samples. The flow_grpo preset's epoch
+    (1,152 samples x 9 trained steps, 2 optimizer steps): every sample's 9 items lie in one step, each step holds 576
+    samples, and step j trains the same items on 1 GPU as on 8 (each GPU an equal slice). With the items spread item
+    by item (trajectory 1, as FDFO) only about 2 / 2^9 = 0.4 % of the samples would be whole."""
+    from fdfo.config import PRESETS, batch_geometry
+    from fdfo.phases import item_steps
+
+    cfg = PRESETS["flow_grpo"]()
+    samples, k = 48 * 24, grpo.trained_steps(cfg.sample.num_solver_steps)
+    assert grpo.WHOLE_TRAJECTORIES and not nft.WHOLE_TRAJECTORIES and k == 9
+    by_world = {}
+    for world in (1, 8):
+        geom = batch_geometry(cfg, world)
+        ranks = [item_steps(samples * k, cfg, geom, 3, r, trajectory=k) for r in range(world)]
+        assert len({len(step) for steps in ranks for step in steps}) == 1  # equal slices
+        by_world[world] = [torch.cat([steps[j] for steps in ranks]).sort().values for j in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(by_world[1], by_world[8], strict=True))
+    step_of = torch.empty(samples * k, dtype=torch.long)
+    for j, ids in enumerate(by_world[1]):
+        step_of[ids] = j
+    per_sample = step_of.reshape(samples, k)
+    assert (per_sample == per_sample[:, :1]).all() and int((per_sample[:, 0] == 0).sum()) == 576
+    spread = item_steps(samples * k, cfg, batch_geometry(cfg, 1), 3, 0)
+    step_of[spread[1]] = 1
+    step_of[spread[0]] = 0
+    whole = (step_of.reshape(samples, k) == step_of.reshape(samples, k)[:, :1]).all(dim=1).float().mean()
+    assert whole < 0.02

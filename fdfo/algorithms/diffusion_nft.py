@@ -95,6 +95,7 @@ def old_policy_decay(step: int) -> float:
 # sampling adapter `old` and the evaluated EMA are fdfo.algorithms.ema.Copies).
 
 NEEDS_X0 = True  # whether item_loss reads the sample's final latent
+WHOLE_TRAJECTORIES = False  # one optimizer step per epoch: every step holds all items anyway
 ITEM_KEYS = ("x_t", "v_old", "v_ref")
 
 

@@ -138,6 +138,7 @@ def clipped_loss(
 # Flow-GRPO in the SD3 training loop (fdfo/phases.py runs the shared sampling, exchange and optimizer loops).
 
 NEEDS_X0 = False  # whether item_loss reads the sample's final latent
+WHOLE_TRAJECTORIES = True  # §11: each optimizer step trains all trained steps of its samples (fdfo.phases.item_steps)
 ITEM_KEYS = ("state", "next", "logp_old")
 
 
