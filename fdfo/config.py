@@ -186,9 +186,8 @@ def lowmem24_config() -> Config:
     """The paper's settings fitted to ONE 24 GB GPU (designed from the memory model in README "Performance", not
     measured on such a card): gradient checkpointing, micro-batches of at most 2, one image per VAE decode (kept
     whatever the default), rollouts in host memory, text encoders (default) and the reward model parked on CPU while
-    training. The reward is
-    PickScore alone: the combined preset's VLM does not fit next to SD3.5-M on 24 GB. Same math as 'paper' otherwise
-    (batching only)."""
+    training. The reward is PickScore alone: the combined preset's VLM does not fit next to SD3.5-M on 24 GB. Same
+    math as 'paper' otherwise (batching only)."""
     cfg = Config(preset="lowmem24", max_batch_size=2, reward_preset="pickscore")
     cfg.sample.decode_batch_size = 1
     cfg.train.gradient_checkpointing = True
@@ -237,7 +236,7 @@ def _smoke_baseline(algorithm: str, learning_rate: float) -> Config:
 
 
 # Measured (tests/test_algorithms_sd3.py, paired: the saved adapter, the EMA, vs the initial one on epoch 0's prompts
-# and noise, seeds 1, 2, 3): Flow-GRPO +0.0128 / +0.0164 / +0.0104 redness (7.5 to 25 standard errors), DiffusionNFT
+# and noise, seeds 1, 2, 3): Flow-GRPO +0.0119 / +0.0162 / +0.0129 redness (7.9 to 29 standard errors), DiffusionNFT
 # (DPM-Solver++(2M) rollouts) +0.0038 / +0.0021 / +0.0011 (6.0 to 20 standard errors).
 def smoke_flow_grpo_config() -> Config:
     cfg = _smoke_baseline("flow_grpo", 1e-2)
