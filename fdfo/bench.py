@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default 512; tiny 64)")
     p.add_argument("--sample-batch", type=int, default=None, help="pairs per sampling batch (default: as train.py)")
     p.add_argument("--train-batch", type=int, default=None, help="items per micro-batch (default: as train.py)")
-    p.add_argument("--decode-batch", type=int, default=None,
-                   help="images per VAE decode call (default: the whole sampling batch; --sample.decode-batch-size)")
+    p.add_argument("--decode-batch", type=int, default=1,
+                   help="images per VAE decode call (default 1, as training; --sample.decode-batch-size)")
     p.add_argument("--gradient-steps", type=int, default=4, help="optimizer steps per epoch (default 4)")
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="training autocast precision (default fp16, the reference; fp32 on CPU)")

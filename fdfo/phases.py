@@ -215,10 +215,20 @@ class TrainingSet:
     gathered_valid: torch.Tensor | None = None
 
 
-def item_steps(num_items: int, cfg: Config, geom: Geometry, epoch: int, rank: int) -> list[torch.Tensor]:
+def item_steps(num_items: int, cfg: Config, geom: Geometry, epoch: int, rank: int,
+               trajectory: int = 1) -> list[torch.Tensor]:
     """Global item ids of optimizer step j for `rank`: one permutation seeded by (seed, epoch) (§5.2), each step's
-    slice split evenly over the ranks, so step j trains the same items whatever the world size."""
-    perm = torch.randperm(num_items, generator=generator("cpu", cfg.seed, SHUFFLE_STREAM, epoch))
+    slice split evenly over the ranks, so step j trains the same items whatever the world size.
+
+    trajectory > 1 (Flow-GRPO, §11): the ids come in runs of `trajectory` (a sample's trained steps) and every step
+    trains whole runs: the runs are permuted, split into the steps, then each step's items are permuted."""
+    gen = generator("cpu", cfg.seed, SHUFFLE_STREAM, epoch)
+    if trajectory == 1:
+        perm = torch.randperm(num_items, generator=gen)
+    else:
+        runs = torch.randperm(num_items // trajectory, generator=gen)
+        ids = (runs[:, None] * trajectory + torch.arange(trajectory)).reshape(geom.gradient_steps, -1)
+        perm = torch.cat([row[torch.randperm(len(row), generator=gen)] for row in ids])
     per_step = num_items // geom.gradient_steps
     per_rank = per_step // geom.world_size
     return [perm[j * per_step + rank * per_rank: j * per_step + (rank + 1) * per_rank]

@@ -229,11 +229,9 @@ def setup(cfg: Config, locks: list) -> Run:
     scaler = torch.amp.GradScaler(device.type, enabled=policy.amp_dtype == torch.float16)
     copies = None
     if cfg.algorithm != "fdfo":
-        from fdfo.algorithms.ema import EMA_INTERVAL, Copies
+        from fdfo.algorithms.ema import baseline_copies
 
-        interval = cfg.baseline.ema_interval or EMA_INTERVAL[cfg.algorithm]
-        copies = Copies(policy.trainable_parameters(), counters["global_step"], cfg.baseline.ema_decay, interval,
-                        "nft" if cfg.algorithm == "diffusion_nft" else "grpo", old=cfg.algorithm == "diffusion_nft")
+        copies = baseline_copies(cfg, policy.trainable_parameters(), counters["global_step"])
     if state is not None:
         policy.load_adapter(resume)
         if copies is not None:  # the saved adapter is the EMA; theta (and old) come from training_state.pt

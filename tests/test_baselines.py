@@ -246,3 +246,54 @@ def test_baseline_step_gradient_is_the_mean_over_kept_items(monkeypatch):
         groups.baseline_micro_batch(policy, None, scaler, data, ids, cfg, 3)
     # step 0's items 0, 1, 2 belong to samples 0, 0, 1: kept w = 1, 2 -> mean 1.5
     assert p.grad.item() == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("preset, updates", [("flow_grpo", {7: 2, 15: 2}),
+                                             ("diffusion_nft", dict.fromkeys(range(1, 17), 1))])
+def test_the_presets_ema_interval_and_blends_per_update_point(preset, updates):
+    """The EMA a run builds from the preset (fdfo.algorithms.ema.baseline_copies, as train_loop.setup): Flow-GRPO
+    updates after steps 7 and 15 of 16 (interval 8, the authors' phase) and blends twice there as the authors' 32-GPU
+    loop does (keeping d^2 with d = (1 + s) / (10 + s)); DiffusionNFT once after every step. theta_s = s by hand."""
+    from fdfo.algorithms.ema import baseline_copies
+    from fdfo.config import PRESETS
+
+    param = torch.zeros((), dtype=torch.float64)
+    copies = baseline_copies(PRESETS[preset](), [param], step=0)
+    expected = 0.0
+    for s in range(1, 17):
+        param.fill_(float(s))
+        copies.after_step()
+        if s in updates:
+            keep = ((1 + s) / (10 + s)) ** updates[s]
+            expected = keep * expected + (1 - keep) * s
+        assert copies.ema[0].item() == pytest.approx(expected, rel=1e-12), s
+
+
+def test_flow_grpo_steps_train_whole_trajectories_whatever_the_gpu_count():
+    """§11: each of Flow-GRPO's optimizer steps trains all trained steps of its samples. The flow_grpo preset's epoch
+    (1,152 samples x 9 trained steps, 2 optimizer steps): every sample's 9 items lie in one step, each step holds 576
+    samples, and step j trains the same items on 1 GPU as on 8 (each GPU an equal slice). With the items spread item
+    by item (trajectory 1, as FDFO) only about 2 / 2^9 = 0.4 % of the samples would be whole."""
+    from fdfo.config import PRESETS, batch_geometry
+    from fdfo.phases import item_steps
+
+    cfg = PRESETS["flow_grpo"]()
+    samples, k = 48 * 24, grpo.trained_steps(cfg.sample.num_solver_steps)
+    assert grpo.WHOLE_TRAJECTORIES and not nft.WHOLE_TRAJECTORIES and k == 9
+    by_world = {}
+    for world in (1, 8):
+        geom = batch_geometry(cfg, world)
+        ranks = [item_steps(samples * k, cfg, geom, 3, r, trajectory=k) for r in range(world)]
+        assert len({len(step) for steps in ranks for step in steps}) == 1  # equal slices
+        by_world[world] = [torch.cat([steps[j] for steps in ranks]).sort().values for j in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(by_world[1], by_world[8], strict=True))
+    step_of = torch.empty(samples * k, dtype=torch.long)
+    for j, ids in enumerate(by_world[1]):
+        step_of[ids] = j
+    per_sample = step_of.reshape(samples, k)
+    assert (per_sample == per_sample[:, :1]).all() and int((per_sample[:, 0] == 0).sum()) == 576
+    spread = item_steps(samples * k, cfg, batch_geometry(cfg, 1), 3, 0)
+    step_of[spread[1]] = 1
+    step_of[spread[0]] = 0
+    whole = (step_of.reshape(samples, k) == step_of.reshape(samples, k)[:, :1]).all(dim=1).float().mean()
+    assert whole < 0.02

@@ -60,9 +60,8 @@ def test_lowmem24_preset_is_the_paper_run_with_memory_options_only():
 
     paper, low = asdict(Config()), asdict(PRESETS["lowmem24"]())
     changed = {k for k in paper if paper[k] != low[k]}
-    assert changed == {"preset", "max_batch_size", "reward_preset", "sample", "train", "reward"}
-    assert {k for k in paper["sample"] if paper["sample"][k] != low["sample"][k]} == {"decode_batch_size"}
-    assert (paper["sample"]["decode_batch_size"], low["sample"]["decode_batch_size"]) == (None, 1)
+    assert changed == {"preset", "max_batch_size", "reward_preset", "train", "reward"}
+    assert (paper["sample"]["decode_batch_size"], low["sample"]["decode_batch_size"]) == (1, 1)  # as the authors
     assert (low["max_batch_size"], low["reward_preset"]) == (2, "pickscore")
     assert {k for k in paper["train"] if paper["train"][k] != low["train"][k]} == {"gradient_checkpointing",
                                                                                  "rollout_device"}
@@ -71,9 +70,11 @@ def test_lowmem24_preset_is_the_paper_run_with_memory_options_only():
 
 
 def test_sample_phase_decodes_as_many_images_per_call_as_the_decode_batch_size(tmp_path, monkeypatch):
-    """--sample.decode-batch-size reaches the VAE: 2 pairs per sampling batch are 4 images, decoded 4 at once by
-    default and 1 at a time with 1 (the lowmem24 preset's value), to the same images up to the kernels' rounding."""
-    from fdfo.config import batch_geometry
+    """--sample.decode-batch-size reaches the VAE: 2 pairs per sampling batch are 4 images, decoded one per call by
+    default (as the authors' training, and lowmem24), 3 + 1 with 3 and all 4 at once with None, to the same images up
+    to the kernels' rounding. The baselines' sampling decodes one image per call by default too."""
+    from fdfo.algorithms.groups import sample_groups
+    from fdfo.config import PRESETS, batch_geometry
     from fdfo.phases import sample_phase
     from rewards import Term, WeightedReward
     from rewards.analytic import Redness
@@ -87,12 +88,20 @@ def test_sample_phase_decodes_as_many_images_per_call_as_the_decode_batch_size(t
     reward = WeightedReward([Term("redness", 1.0, Redness())], "cpu")
     prompts = ["a red apple", "a blue boat"]
     finals = []
-    for size, expected in ((None, [4]), (1, [1, 1, 1, 1])):
+    for size, expected in (("default", [1, 1, 1, 1]), (3, [3, 1]), (None, [4])):
         cfg = tiny_config(tmp_path, total_pairs_per_epoch=2)
-        cfg.sample.decode_batch_size = size
+        if size != "default":
+            cfg.sample.decode_batch_size = size
         calls.clear()
         samples = sample_phase(policy, reward, cfg, batch_geometry(cfg, 1), 0, prompts, 0)
         assert calls == expected
         finals.append(samples)
-    assert torch.equal(finals[0].final, finals[1].final)  # the same trajectories: only the decode was split
-    torch.testing.assert_close(finals[0].rewards["reward"], finals[1].rewards["reward"], rtol=0, atol=1e-4)
+    for other in finals[1:]:
+        assert torch.equal(finals[0].final, other.final)  # the same trajectories: only the decode was split
+        torch.testing.assert_close(finals[0].rewards["reward"], other.rewards["reward"], rtol=0, atol=1e-4)
+    for preset in ("smoke_flow_grpo", "smoke_diffusion_nft"):
+        cfg = PRESETS[preset]()
+        cfg.sample.num_solver_steps, cfg.baseline.group_size, cfg.total_pairs_per_epoch = 2, 2, 2
+        calls.clear()
+        sample_groups(policy, reward, cfg, batch_geometry(cfg, 1), 0, prompts, 0)
+        assert calls == [1, 1, 1, 1], preset

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fdfo.algorithms.dpm_solver import integer_timestep_sigmas, sample_dpm2m
-from fdfo.algorithms.flow_grpo import group_advantages
+from fdfo.algorithms.flow_grpo import group_advantages, trained_steps  # trained_steps: int(0.99 T) as Flow-GRPO
 
 WEIGHT_FLOOR = 1e-5
 LOSS_SCALE = 5.0
@@ -95,12 +95,8 @@ def old_policy_decay(step: int) -> float:
 # sampling adapter `old` and the evaluated EMA are fdfo.algorithms.ema.Copies).
 
 NEEDS_X0 = True  # whether item_loss reads the sample's final latent
+WHOLE_TRAJECTORIES = False  # one optimizer step per epoch: every step holds all items anyway
 ITEM_KEYS = ("x_t", "v_old", "v_ref")
-
-
-def trained_steps(num_steps: int) -> int:
-    """docs/algorithm.md §11: 9 of the 10 sampler timesteps per sample (int(0.9 T) in general, at least 1)."""
-    return max(1, int(0.9 * num_steps))
 
 
 @torch.no_grad()

@@ -35,11 +35,14 @@ def blend_(target: list[torch.Tensor], source: list[torch.Tensor], keep: float) 
 class Copies:
     """The EMA (and, with `old`, DiffusionNFT's sampling adapter) beside the trained LoRA parameters `params`.
 
-    step: optimizer steps done (the run's global step); cap, interval: the EMA's decay cap and update interval."""
+    step: optimizer steps done (the run's global step); cap, interval: the EMA's decay cap and update interval;
+    blends: how many times the blend runs at each update point (the authors' Flow-GRPO loop blends once per training
+    batch of the step: docs/algorithm.md §11), so the EMA keeps d**blends of its old value there."""
 
     def __init__(self, params: list[torch.Tensor], step: int, cap: float, interval: int, prefix: str,
-                 old: bool = False):
+                 old: bool = False, blends: int = 1):
         self.params, self.step, self.cap, self.interval, self.prefix = params, step, cap, interval, prefix
+        self.blends = blends
         self.ema = [p.detach().clone() for p in params]
         self.old = [p.detach().clone() for p in params] if old else None
 
@@ -50,7 +53,8 @@ class Copies:
     def after_step(self) -> None:
         self.step += 1
         if ema_updates_at(self.step, self.interval):
-            blend_(self.ema, self.params, keep=ema_decay(self.step, self.cap))
+            for _ in range(self.blends):
+                blend_(self.ema, self.params, keep=ema_decay(self.step, self.cap))
 
     @contextlib.contextmanager
     def swapped(self, values: list[torch.Tensor]):
@@ -81,3 +85,11 @@ class Copies:
                 p.copy_(v)
         if self.old is not None:
             self.old = [v.to(p.device, p.dtype) for p, v in zip(self.params, state[f"{self.prefix}_old"], strict=True)]
+
+
+def baseline_copies(cfg, params: list[torch.Tensor], step: int) -> Copies:
+    """The run's Copies for baseline `cfg.algorithm` (a Config) after `step` optimizer steps: the EMA's cap, interval
+    (default EMA_INTERVAL) and blends per update point from `cfg.baseline`; DiffusionNFT's `old` beside it."""
+    b, nft = cfg.baseline, cfg.algorithm == "diffusion_nft"
+    return Copies(params, step, b.ema_decay, b.ema_interval or EMA_INTERVAL[cfg.algorithm], "nft" if nft else "grpo",
+                  old=nft, blends=b.ema_blends)

@@ -138,11 +138,13 @@ def clipped_loss(
 # Flow-GRPO in the SD3 training loop (fdfo/phases.py runs the shared sampling, exchange and optimizer loops).
 
 NEEDS_X0 = False  # whether item_loss reads the sample's final latent
+WHOLE_TRAJECTORIES = True  # §11: each optimizer step trains all trained steps of its samples (fdfo.phases.item_steps)
 ITEM_KEYS = ("state", "next", "logp_old")
 
 
 def trained_steps(num_steps: int) -> int:
-    """docs/algorithm.md §11: steps j = 0 ... int(0.99 T) - 1 are trained (all but the last for T <= 100)."""
+    """docs/algorithm.md §11: int(0.99 T) of the T steps are trained (all but one for T <= 100): Flow-GRPO's steps
+    j = 0 ... int(0.99 T) - 1, DiffusionNFT's int(0.99 T) random timesteps per sample."""
     return max(1, int(0.99 * num_steps))
 
 

@@ -134,8 +134,10 @@ def build_group_items(samples: GroupSamples, cfg: Config, geom: Geometry, epoch:
     num_samples, num_timesteps = len(weight), samples.items["timestep"].shape[1]
     num_items = num_samples * geom.world_size * num_timesteps
     device = weight.device
-    per_rank = [torch.cat(item_steps(num_items, cfg, geom, epoch, r)) for r in range(geom.world_size)]
-    kept = algorithm_module(cfg.algorithm).kept_samples(weights).cpu()
+    algo = algorithm_module(cfg.algorithm)
+    trajectory = num_timesteps if algo.WHOLE_TRAJECTORIES else 1  # Flow-GRPO: a sample's items in one step
+    per_rank = [torch.cat(item_steps(num_items, cfg, geom, epoch, r, trajectory)) for r in range(geom.world_size)]
+    kept = algo.kept_samples(weights).cpu()
     scale = item_scales(kept, per_rank, num_timesteps, geom.gradient_steps, geom.world_size)
     per_rank_samples = [torch.unique(w // num_timesteps) for w in per_rank]
     per_rank_prompts = [torch.unique(s // cfg.baseline.group_size) for s in per_rank_samples]
@@ -149,7 +151,7 @@ def build_group_items(samples: GroupSamples, cfg: Config, geom: Geometry, epoch:
     prompt = torch.searchsorted(own_prompts, own_samples // cfg.baseline.group_size)[sample]
     count = len(items) // geom.gradient_steps
     per_sample = {"weight": weight}
-    if algorithm_module(cfg.algorithm).NEEDS_X0:
+    if algo.NEEDS_X0:
         per_sample["x0"] = samples.final.float()
     return GroupItems(
         items=items, rows=rows, sigmas=samples.sigmas, sample=sample.to(device), prompt=prompt.to(device),
