@@ -395,7 +395,7 @@ def check_config(cfg: Config) -> None:
     from rewards.build import check_specs, training_specs
 
     # every spec parses, plug-ins import, reward servers answer: before any model loads or the run folder exists
-    check_specs(training_specs(cfg.reward_preset, cfg.reward), cfg.reward)
+    check_specs(training_specs(cfg.reward_preset, cfg.reward), cfg.reward, cfg.sample.resolution)
 
 
 def _finite(x: float) -> bool:

@@ -157,7 +157,7 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
         check_output_path("--save-images", Path(cfg.save_images), folder=True)
     reward_names = [name for name in metrics if name != DIVERSITY]
     if reward_names:
-        check_specs(metric_specs(reward_names), cfg.reward)  # parsed, plug-ins imported, reward servers answering
+        check_specs(metric_specs(reward_names), cfg.reward, cfg.resolution)  # plug-ins import, servers answer
     return reward_names, DIVERSITY in metrics
 
 

@@ -63,7 +63,8 @@ def read_answer(sock: socket.socket) -> tuple[int | None, bytes]:
             return (None, b"") if not data else (int(data.split()[1]), b"")
         data += part
     head, body = data.split(b"\r\n\r\n", 1)
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    lines = head.lower().split(b"\r\n")
+    length = int(next(line.split(b":")[1] for line in lines if line.startswith(b"content-length")))
     while len(body) < length:
         part = sock.recv(65536)
         if not part:
