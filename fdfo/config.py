@@ -355,8 +355,8 @@ def check_config(cfg: Config) -> None:
     need(cfg.gradient_steps_per_epoch >= 1, "--gradient-steps-per-epoch", cfg.gradient_steps_per_epoch, ">= 1")
     need(cfg.max_batch_size is None or cfg.max_batch_size >= 1, "--max-batch-size", cfg.max_batch_size, ">= 1")
     need(s.batch_size is None or s.batch_size >= 1, "--sample.batch-size", s.batch_size, ">= 1")
-    need(s.decode_batch_size is None or s.decode_batch_size >= 1, "--sample.decode-batch-size", s.decode_batch_size,
-         ">= 1")
+    need(s.decode_batch_size is None or 1 <= s.decode_batch_size <= 2**16, "--sample.decode-batch-size",
+         s.decode_batch_size, "in 1..65536 (images per VAE call; leave it out to decode a sampling batch at once)")
     need(t.batch_size is None or t.batch_size >= 1, "--train.batch-size", t.batch_size, ">= 1")
     need(cfg.image_log_freq >= 0, "--image-log-freq", cfg.image_log_freq, ">= 0 (0 disables)")
     need(cfg.image_log_pairs >= 0, "--image-log-pairs", cfg.image_log_pairs, ">= 0")
