@@ -161,15 +161,15 @@ class RemoteScorer:
                                f"the run stopped before saving this epoch")
 
     def _exchange(self, method: str, path: str, data: bytes | None, deadline_s: float) -> tuple[int, dict, bytes]:
-        """(status, headers, body) of one request whose whole answer must arrive within `deadline_s` seconds; no
-        redirect is followed."""
+        """(status, headers (case-insensitive), body) of one request whose whole answer must arrive within
+        `deadline_s` seconds; no redirect is followed."""
         import requests
 
         start = time.monotonic()
         headers = auth_headers() | ({"Content-Type": "application/json"} if data is not None else {})
         with requests.request(method, f"{self.url}{path}", data=data, headers=headers, timeout=deadline_s,
                               allow_redirects=False, stream=True) as answer:
-            return answer.status_code, dict(answer.headers), read_within(answer, start + deadline_s)
+            return answer.status_code, answer.headers, read_within(answer, start + deadline_s)
 
     def _json(self, status: int, headers: dict, body: bytes, what: str) -> object:
         if 300 <= status < 400:
@@ -214,7 +214,8 @@ def read_within(answer, deadline: float) -> bytes:
         if sock is not None:
             sock.settimeout(left)
         try:
-            part = answer.raw.read1(65536) if hasattr(answer.raw, "read1") else answer.raw.read(1)  # urllib3 < 2
+            part = answer.raw.read1(65536, decode_content=True) if hasattr(answer.raw, "read1") else \
+                answer.raw.read(1, decode_content=True)  # urllib3 < 2: no read1
         except urllib3.exceptions.ReadTimeoutError as err:
             raise requests.Timeout(str(err)) from err
         except (urllib3.exceptions.HTTPError, OSError) as err:

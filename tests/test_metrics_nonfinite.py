@@ -32,11 +32,9 @@ def run(tmp_path, capsys, *metric_names):
             *(f"plugin:1:{tmp_path / 'nan_metrics.py'}:{name}" for name in metric_names)]
     try:
         metrics.main(argv)
-        code = 0
     except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+        return e.code, *capsys.readouterr()
+    return 0, *capsys.readouterr()
 
 
 def test_some_non_finite_scores_are_counted_under_the_table(tmp_path, capsys):

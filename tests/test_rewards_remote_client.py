@@ -177,3 +177,13 @@ def test_a_password_in_a_reward_server_url_is_refused_and_never_shown(tmp_path):
     with pytest.raises(ValueError) as e:
         parse_spec("remote:x:http://trainer:pa55word@host:8000")  # any message about such a spec hides it
     assert "weight 'x'" in str(e.value) and "pa55word" not in str(e.value)
+
+
+def test_a_compressed_answer_is_read_like_requests_reads_it():
+    import gzip
+
+    reply = healthy_then(lambda conn: answer(conn, "200 OK", gzip.compress(json.dumps(
+        {"scores": {"x": [0.25], "reward": [0.25]}}).encode()), "Content-Encoding: gzip"))
+    with fake_server(reply) as (url, _):
+        reward = build_from_specs([f"remote:1:{url}"], RewardConfig(), "cpu")
+        assert reward.components(["a"], eight_bit(1))["x"].tolist() == [0.25]

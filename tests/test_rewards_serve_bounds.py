@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from rewards import RewardConfig, build_from_specs
-from rewards.remote import encode_request
+from rewards.remote import TOKEN_ENV, encode_request
 from rewards.serve import ServeConfig, main, make_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,6 +244,10 @@ def test_a_port_in_use_a_bad_host_and_a_missing_device_are_one_line_each(capsys,
     assert line.startswith("error: --host 'no-such-host.invalid' cannot be resolved")
     line = run_main(["--reward.specs", "redness:1", "--port", "0", "--device", "cuda:99"], capsys, monkeypatch)
     assert line.startswith("error: --device 'cuda:99': ")
+    monkeypatch.setenv(TOKEN_ENV, "s3cret\n")
+    line = run_main(["--reward.specs", "redness:1", "--device", "cpu"], capsys, monkeypatch)
+    assert line.startswith(f"error: {TOKEN_ENV} has a line break in it")
+    monkeypatch.delenv(TOKEN_ENV)
     for flags, fragment in ((["--request-timeout", "0"], "--request-timeout 0.0 is invalid"),
                             (["--request-timeout", "1e300"], "--request-timeout 1e+300 is invalid"),
                             (["--max-connections", "0"], "--max-connections 0 is invalid")):
