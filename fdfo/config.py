@@ -361,8 +361,8 @@ def check_config(cfg: Config) -> None:
     need(cfg.gradient_steps_per_epoch >= 1, "--gradient-steps-per-epoch", cfg.gradient_steps_per_epoch, ">= 1")
     need(cfg.max_batch_size is None or cfg.max_batch_size >= 1, "--max-batch-size", cfg.max_batch_size, ">= 1")
     need(s.batch_size is None or s.batch_size >= 1, "--sample.batch-size", s.batch_size, ">= 1")
-    need(s.decode_batch_size is None or s.decode_batch_size >= 1, "--sample.decode-batch-size", s.decode_batch_size,
-         ">= 1")
+    need(s.decode_batch_size is None or 1 <= s.decode_batch_size <= 2**16, "--sample.decode-batch-size",
+         s.decode_batch_size, "in 1..65536 (images per VAE call; None decodes a whole sampling batch at once)")
     need(t.batch_size is None or t.batch_size >= 1, "--train.batch-size", t.batch_size, ">= 1")
     need(cfg.image_log_freq >= 0, "--image-log-freq", cfg.image_log_freq, ">= 0 (0 disables)")
     need(cfg.image_log_pairs >= 0, "--image-log-pairs", cfg.image_log_pairs, ">= 0")
@@ -402,7 +402,7 @@ def check_config(cfg: Config) -> None:
     from rewards.build import check_specs, training_specs
 
     # every spec parses, plug-ins import, reward servers answer: before any model loads or the run folder exists
-    check_specs(training_specs(cfg.reward_preset, cfg.reward), cfg.reward)
+    check_specs(training_specs(cfg.reward_preset, cfg.reward), cfg.reward, cfg.sample.resolution)
 
 
 def _finite(x: float) -> bool:

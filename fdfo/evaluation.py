@@ -29,6 +29,7 @@ import torch
 from fdfo import distributed, stats
 from fdfo.cli import check_device
 from fdfo.diversity import INSTALL_HINT, DreamSimEmbedder, dreamsim_available, mean_pairwise_sq_distance
+from fdfo.eval_table import check_scored, format_comparison, format_table
 from fdfo.files import atomic_path, make_folder, write_json_atomic
 from fdfo.images import to_uint8, uint8_to_pil
 from fdfo.outputs import check_output_path
@@ -157,7 +158,7 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
         check_output_path("--save-images", Path(cfg.save_images), folder=True)
     reward_names = [name for name in metrics if name != DIVERSITY]
     if reward_names:
-        check_specs(metric_specs(reward_names), cfg.reward)  # parsed, plug-ins imported, reward servers answering
+        check_specs(metric_specs(reward_names), cfg.reward, cfg.resolution)  # plug-ins import, servers answer
     return reward_names, DIVERSITY in metrics
 
 
@@ -236,6 +237,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             write_json_atomic(Path(cfg.out), results)
             print(f"wrote {cfg.out}", flush=True)
     distributed.barrier()
+    check_scored(results)  # every rank: a metric that scored no image is an error, after the table and --out
     return results
 
 
@@ -348,42 +350,6 @@ def compare_results(a: dict, b: dict, values_a: dict[str, np.ndarray], values_b:
 def _number(x: torch.Tensor) -> float | None:
     value = float(x)
     return value if math.isfinite(value) else None  # JSON has no NaN
-
-
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return f"{value:.{digits}f}" if value is not None else "nan"
-
-
-def _fmt_interval(interval: list) -> str:
-    low, high = interval
-    return "n/a" if low is None else f"[{_fmt(low)}, {_fmt(high)}]"
-
-
-def _fmt_p(p: float | None) -> str:
-    return "n/a" if p is None else f"{p:.2e}" if p < 1e-3 else f"{p:.4f}"
-
-
-def format_table(results: dict) -> str:
-    lines = [f"{'metric':<20} {'mean':>12} {'95% CI':>25} {'n':>7}"]
-    for name, s in results["stats"].items():
-        lines.append(f"{name:<20} {_fmt(s['mean']):>12} {_fmt_interval(s['ci95']):>25} {s['n']:>7}")
-    lines.append(f"({results['num_prompts']:,} prompts x {results['num_repeats']} of {results['prompt_set']}, "
-                 f"{results['checkpoint']}, {results['elapsed_s']:.0f} s; CI: t-interval over prompts, n = prompts)")
-    return "\n".join(lines)
-
-
-def format_comparison(results: dict) -> str:
-    a, b = results["a"], results["b"]
-    lines = [f"A: {a['checkpoint']} (guidance {a['guidance_scale']:g})",
-             f"B: {b['checkpoint']} (guidance {b['guidance_scale']:g})",
-             f"{'metric':<20} {'A':>10} {'B':>10} {'A - B':>10} {'95% CI of A - B':>25} {'p':>9} {'n':>7}"]
-    for name, d in results["difference"].items():
-        lines.append(f"{name:<20} {_fmt(a['stats'][name]['mean']):>10} {_fmt(b['stats'][name]['mean']):>10} "
-                     f"{_fmt(d['mean_difference']):>10} {_fmt_interval(d['ci95']):>25} {_fmt_p(d['p_value']):>9} "
-                     f"{d['n']:>7}")
-    lines.append(f"({a['num_prompts']:,} prompts x {a['num_repeats']} of {a['prompt_set']}, the same seeds for A and "
-                 f"B; p: {stats.PAIRED_TEST})")
-    return "\n".join(lines)
 
 
 def write_index(folder: Path, plan: Plan, names: list[str], scores: torch.Tensor, diversity: torch.Tensor | None

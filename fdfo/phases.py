@@ -22,7 +22,7 @@ from fdfo.objective import clip_fraction, pair_targets, spo_loss, spo_loss_veloc
 from fdfo.rng import generator, randn_per_sample
 from fdfo.safety import check_step
 from fdfo.sampling import CHURN_DRAWS, make_churn, sample_pairs
-from fdfo.scoring import batch_scorer
+from fdfo.scoring import batch_scorer, nonfinite_report
 
 NOISE_STREAM, SHUFFLE_STREAM = 1, 2
 TIMESTEP_STREAM = 0x4B54  # --train.timesteps-per-sample draws; far from the small stream numbers used elsewhere
@@ -251,8 +251,8 @@ def build_training_set(samples: EpochSamples, cfg: Config, geom: Geometry, epoch
     num_valid = int(valid_all.sum().item()) // 2
     num_pairs = len(valid_all) // 2
     if num_valid == 0:
-        raise RunError(f"epoch {epoch}: all {num_pairs} pairs got a non-finite reward; check the reward model "
-                           f"(--reward-preset {cfg.reward_preset}) and the sampled images")
+        raise RunError(f"epoch {epoch}: all {num_pairs} pairs got a non-finite reward; "
+                       f"{nonfinite_report(samples.rewards, cfg.reward_preset, cfg.reward)}")
     # K states per sample (all T by default); item = sample * K + j trains timestep timesteps[sample, j]
     num_timesteps = samples.states.shape[1]
     timesteps = samples.timesteps

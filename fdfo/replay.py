@@ -6,7 +6,8 @@ Not taken from the file: what config.json records about the run rather than sett
 (derived from the settings and the GPU count), `run_dir` (where that run lived: a replay starts a new folder unless
 --run-dir is passed, and `--run-dir` of that run resumes it) and `resume_from` (a checkpoint of that run's history).
 A key that is no setting of this version (a typo, a setting from another version) is refused, all of them in one
-message, as is a value of the wrong kind.
+message, as is a value of the wrong type (each named with its key, the file and the flag). Values are passed as
+`--flag=value`, so that a string starting with `--` stays a value.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from pathlib import Path
 
@@ -79,19 +81,58 @@ def _walk(cls, data: dict, prefix: str, flags: list[str], unknown: list[str], wr
                 _walk(hint, value, f"{name}.", flags, unknown, wrong)
             continue
         option = "--" + name.replace("_", "-")
-        if hint is bool:  # a flag pair: --x / --no-x
-            if not isinstance(value, bool):
-                wrong.append(f"{name} is {json.dumps(value)}, not true or false")
-                continue
+        if not fits(hint, value):
+            wrong.append(f"{name} is {json.dumps(value)}, not {describe(hint)} ({option})")
+        elif hint is bool:  # a flag pair: --x / --no-x
             head, dot, last = option[2:].rpartition(".")
             flags.append(option if value else f"--{head}{dot}no-{last}")
-            continue
-        values = value if isinstance(value, list) else [value]
-        if not all(_scalar(v) for v in values) or (isinstance(value, list) and typing.get_origin(hint) is not tuple):
-            wrong.append(f"{name} is {json.dumps(value)}, not a value of {option}")
-            continue
-        flags += [option, *("None" if v is None else repr(v) if isinstance(v, float) else str(v) for v in values)]
+        elif isinstance(value, list):  # a tuple setting takes its values as separate arguments
+            if any(isinstance(v, str) and v.startswith("-") for v in value):
+                wrong.append(f"{name} is {json.dumps(value)}: a value of {option} cannot start with '-'")
+            else:
+                flags += [option, *map(_text, value)]
+        else:
+            flags.append(f"{option}={_text(value)}")  # one argument: a value such as "--x" is not taken for a flag
 
 
-def _scalar(v) -> bool:
-    return v is None or isinstance(v, (bool, int, str)) or (isinstance(v, float) and math.isfinite(v))
+def _text(value) -> str:
+    return "None" if value is None else repr(value) if isinstance(value, float) else str(value)
+
+
+def fits(hint, value) -> bool:
+    """Whether the JSON `value` is a value of a setting of type `hint` (bool, int, float, str, None, a Literal, a
+    union of them, a fixed-length tuple or a tuple[X, ...]); numbers must be finite, and a bool is no number."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits(arg, value) for arg in args)
+    if origin is typing.Literal:
+        return any(value == arg and type(value) is type(arg) for arg in args)
+    if origin is tuple:
+        if not isinstance(value, list):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(fits(args[0], v) for v in value)
+        return len(value) == len(args) and all(fits(arg, v) for arg, v in zip(args, value))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return {bool: isinstance(value, bool), str: isinstance(value, str), type(None): value is None}.get(hint, False)
+
+
+def describe(hint) -> str:
+    """What `fits` accepts, in words: "a whole number", "null or a number", "a list of 2 numbers", ..."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(arg) for arg in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(json.dumps(arg) for arg in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {PLURAL.get(args[0], 'values')}"
+        return f"a list of {len(args)} {PLURAL.get(args[0], 'values')}"
+    return {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string",
+            type(None): "null"}.get(hint, str(hint))
+
+
+PLURAL = {int: "whole numbers", float: "finite numbers", str: "strings"}

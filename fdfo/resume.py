@@ -13,6 +13,7 @@ import torch
 
 from fdfo.checkpoints import adapter_settings, latest_checkpoint
 from fdfo.config import Config, Geometry
+from fdfo.config_history import with_added_defaults
 
 # What a resumed run does with a setting that differs from the run's config.json (dotted config paths).
 # Free: bookkeeping, batching, memory/speed options and logging; they change neither shapes nor what is optimised
@@ -31,6 +32,7 @@ RESUME_APPLIED = {"train.learning_rate", "train.betas", "train.weight_decay", "t
 # guidance_scale, churn_schedule, churn_weight, train.precision, train.timesteps_per_sample (another estimator), and
 # any setting added later (safe default): each
 # changes tensor shapes, the data or the reward, so the resumed run would no longer be the run its log describes.
+# A setting that the run's config.json predates counts as its default of the day it was added (fdfo/config_history.py).
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -62,14 +64,15 @@ def check_resume_settings(cfg: Config, geom: Geometry, resume: Path) -> list[str
     if path is None or not path.is_file():
         return []
     try:
-        saved = _flat(json.loads(path.read_text()))
+        saved, predated = with_added_defaults(_flat(json.loads(path.read_text())))
     except (OSError, ValueError, AttributeError) as e:
         raise ValueError(f"{path} is damaged ({e.__class__.__name__}: {e}); it records the settings of the run being "
                          f"resumed. Restore it, or pass a new --run-dir to start a new run.") from None
     current = _flat(resolved_config(cfg, geom, None))
     changed = [k for k in current if k in saved and saved[k] != current[k] and not k.startswith("geometry.")
                and k not in RESUME_FREE]
-    refused = [f"{_flag(k)} {saved[k]!r} -> {current[k]!r}" for k in changed if k not in RESUME_APPLIED]
+    refused = [f"{_flag(k)} {saved[k]!r}{' (the run predates this setting)' if k in predated else ''} -> "
+               f"{current[k]!r}" for k in changed if k not in RESUME_APPLIED]
     if refused:
         raise ValueError(f"cannot resume {resume}: {len(refused)} setting(s) differ from {path} and would change the "
                          f"run's shapes or meaning: {'; '.join(refused)}. Rerun with the recorded values to continue "

@@ -85,3 +85,18 @@ def _prepare(reward, prompts: list[str], host: dict[str, torch.Tensor], images: 
     if ready is not None:
         ready.synchronize()
     return reward.prepare_components(prompts, host, images)
+
+
+def nonfinite_report(rewards: dict[str, torch.Tensor], preset: str, cfg) -> str:
+    """Which terms of the reward (`--reward-preset preset`, RewardConfig `cfg`) scored this process's images
+    non-finite, and which terms are in use: the end of the message of an epoch in which no sample has a finite
+    reward."""
+    from rewards.build import training_specs
+
+    total = rewards["reward"].numel()
+    bad = {name: int((~torch.isfinite(v)).sum()) for name, v in rewards.items() if name != "reward"}
+    named = ", ".join(f"{name} ({count} of {total})" for name, count in bad.items() if count) or \
+        "none of the terms: their weighted sum overflowed"
+    specs = " ".join(repr(s) for s in training_specs(preset, cfg))
+    origin = f"--reward.specs {specs}" if cfg.specs else f"--reward-preset {preset}, that is {specs}"
+    return f"non-finite scores of this process's {total} images: {named}; check those terms of the reward ({origin})"

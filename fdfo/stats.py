@@ -51,12 +51,14 @@ def t_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float | None, 
 
 
 def summary(values: np.ndarray) -> dict:
-    """Mean, 95 % t-interval over prompts and the number of prompts of `[N]` or `[N, R]` values."""
+    """Mean, 95 % t-interval over prompts and the number of prompts of `[N]` or `[N, R]` values, and how many of the
+    values are NaN or infinite (`n_nonfinite`: one makes the mean and the interval undefined)."""
     values = np.asarray(values, dtype=np.float64)
     prompts = per_prompt(values)
     low, high = t_interval(prompts)
     return {"mean": _finite(values.mean()), "ci95": [low, high], "n": int(prompts.size),
-            "n_images": int(values.size), "std": _finite(values.std())}
+            "n_images": int(values.size), "std": _finite(values.std()),
+            "n_nonfinite": int((~np.isfinite(values)).sum())}
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> dict:

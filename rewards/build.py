@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Sequence
+from urllib.parse import urlsplit
 
 import torch
 
@@ -17,7 +19,7 @@ from rewards.analytic import Brightness, Redness
 from rewards.clip import CLIPScorer
 from rewards.config import RewardConfig
 from rewards.plugin import build_plugin, load_attribute, split_target
-from rewards.remote import RemoteScorer
+from rewards.remote import TOKEN_ENV, RemoteScorer
 from rewards.sharding import resolve_vlm_fsdp
 from rewards.vlm import ALIGNMENT_QUESTION, EVAL_ALIGNMENT_QUESTION, PHOTO_QUESTION, QUALITY_QUESTION, VLMScorer
 from rewards.weighted import Term, WeightedReward
@@ -75,17 +77,18 @@ def parse_spec(spec: str) -> TermSpec:
     """Parse "kind:weight" or "kind:weight:question" (the question may contain colons). ValueError if malformed."""
     parts = spec.split(":", 2)
     if len(parts) < 2:
-        raise ValueError(f"Bad reward spec {spec!r}: expected {_SPEC_FORMAT}.")
+        raise ValueError(f"Bad reward spec {redacted(spec)!r}: expected {_SPEC_FORMAT}.")
     kind, weight_text = parts[0].strip(), parts[1].strip()
     question = parts[2].strip() if len(parts) == 3 else None
     if kind not in KINDS:
-        raise ValueError(f"Bad reward spec {spec!r}: unknown kind {kind!r}; expected {_SPEC_FORMAT}.")
+        raise ValueError(f"Bad reward spec {redacted(spec)!r}: unknown kind {kind!r}; expected {_SPEC_FORMAT}.")
     try:
         weight = float(weight_text)
     except ValueError:
         weight = math.nan
     if not math.isfinite(weight):
-        raise ValueError(f"Bad reward spec {spec!r}: weight {weight_text!r} is not a finite number; {_SPEC_FORMAT}.")
+        raise ValueError(f"Bad reward spec {redacted(spec)!r}: weight {weight_text!r} is not a finite number; "
+                         f"{_SPEC_FORMAT}.")
     if kind in EXTERNAL_KINDS:
         return _external_spec(spec, kind, weight, question)
     if question is not None and kind not in VLM_KINDS:
@@ -100,21 +103,33 @@ def _external_spec(spec: str, kind: str, weight: float, rest: str | None) -> Ter
         split_target(spec, rest or "")  # raises for a malformed "file.py:Attr" / "module:Attr"
         return TermSpec(kind, weight, target=rest)
     if not rest or not rest.startswith(("http://", "https://")) or len(rest.split("://", 1)[1]) == 0:
-        raise ValueError(f'Bad reward spec {spec!r}: a reward server is "remote:WEIGHT:URL" with an http:// or '
-                         f'https:// URL, e.g. "remote:1.0:http://127.0.0.1:8000".')
+        raise ValueError(f'Bad reward spec {redacted(spec)!r}: a reward server is "remote:WEIGHT:URL" with an http:// '
+                         f'or https:// URL, e.g. "remote:1.0:http://127.0.0.1:8000".')
+    if "@" in urlsplit(rest).netloc:  # config.json and W&B record the spec: no password may ride in it
+        raise ValueError(f"Bad reward spec {redacted(spec)!r}: a reward server URL cannot hold a user name or "
+                         f"password (config.json records the URL); set the server's token in {TOKEN_ENV} instead.")
     return TermSpec(kind, weight, target=rest)
 
 
-def check_specs(specs: Sequence[str], cfg: RewardConfig | None = None) -> list[TermSpec]:
+def redacted(text: str) -> str:
+    """`text` with the user info of any URL in it ("http://user:password@host") replaced by ***."""
+    return re.sub(r"(://)[^/@\s]*@", r"\1***@", text)
+
+
+def check_specs(specs: Sequence[str], cfg: RewardConfig | None = None, resolution: int | None = None
+                ) -> list[TermSpec]:
     """The checks that need no model, run before anything loads or is created: every spec parses, every plug-in's
-    module imports and has its callable attribute, every reward server answers its health check."""
+    module imports and has its callable attribute, every reward server answers its health check (and, given the
+    image `resolution`, accepts requests of --reward.chunk-size images)."""
     parsed = [parse_spec(spec) for spec in specs]
     cfg = cfg or RewardConfig()
     for text, spec in zip(specs, parsed):
         if spec.kind == "plugin":
             load_attribute(text, *split_target(text, spec.target))
         elif spec.kind == "remote":
-            RemoteScorer(spec.target, text, cfg.remote_timeout, cfg.remote_retries, cfg.chunk_size).connect()
+            server = RemoteScorer(spec.target, text, cfg.remote_timeout, cfg.remote_retries, cfg.chunk_size).connect()
+            if resolution is not None:
+                server.check_request_size(resolution)
     return parsed
 
 

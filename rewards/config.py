@@ -49,11 +49,13 @@ FSDP mixed-precision policy makes them in training (their evaluation VLM, and me
     """Move the reward models to CPU between scoring phases (they come back on the next scoring call)."""
 
     remote_timeout: float = 600.0
-    """Seconds a remote: reward server may take to answer one request of --reward.chunk-size images."""
+    """Seconds within which a remote: reward server's whole answer to one request of --reward.chunk-size images must
+arrive (a deadline, not only silence); a later one is retried like a transport error."""
 
     remote_retries: int = 5
-    """Retries of a remote: request after a connection error, a timeout or HTTP 503 (waiting 1, 2, 4, ... s, at most \
-30 s each); a server still down after them stops the run like a pre-emption (rerun to resume)."""
+    """Retries of a remote: request after a transport error (refused or reset connection, an answer cut short or past \
+its deadline) or HTTP 503 (waiting 1, 2, 4, ... s, at most 30 s each); a server still down after them stops the run \
+like a pre-emption (rerun to resume)."""
 
     overlap_preprocessing: bool = False
     """Training only: run the reward models' CPU preprocessing of each sampling batch (device-to-host copy, image \

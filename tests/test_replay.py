@@ -64,7 +64,7 @@ def test_unknown_keys_are_refused_in_one_message_and_recorded_values_skipped(tmp
 @pytest.mark.parametrize("change, fragment", [
     ({"log_wandb": "yes"}, 'log_wandb is "yes", not true or false'),
     ({"sample": [1]}, "sample is [1], not an object of SampleConfig settings"),
-    ({"num_epochs": [1, 2]}, "num_epochs is [1, 2], not a value of --num-epochs"),
+    ({"num_epochs": [1, 2]}, "num_epochs is [1, 2], not a whole number"),
     ({"train": {"betas": [0.9, {"a": 1}]}}, "train.betas is"),
 ])
 def test_values_of_the_wrong_kind_are_refused(change, fragment, tmp_path):
@@ -103,3 +103,35 @@ def test_a_value_tyro_cannot_read_names_its_flag(tmp_path, capsys):
 def test_config_needs_a_file():
     with pytest.raises(ValueError, match="--config needs a file"):
         expand_config(["--config", "--num-epochs", "3"])
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"num_epochs": "abc"}, 'num_epochs is "abc", not a whole number (--num-epochs)'),
+    ({"num_epochs": True}, "num_epochs is true, not a whole number (--num-epochs)"),
+    ({"num_epochs": 2.5}, "num_epochs is 2.5, not a whole number (--num-epochs)"),
+    ({"train": {"learning_rate": "fast"}}, 'train.learning_rate is "fast", not a finite number '
+                                           '(--train.learning-rate)'),
+    ({"train": {"betas": [0.9, 0.99, 0.999]}}, "train.betas is [0.9, 0.99, 0.999], not a list of 2 finite numbers "
+                                               "(--train.betas)"),
+    ({"sample": {"churn_schedule": "rare"}}, 'sample.churn_schedule is "rare", not one of "raw", "interval", "prior" '
+                                             '(--sample.churn-schedule)'),
+    ({"max_batch_size": "4"}, 'max_batch_size is "4", not a whole number or null (--max-batch-size)'),
+    ({"reward": {"specs": ["--x"]}}, "reward.specs is [\"--x\"]: a value of --reward.specs cannot start with '-'"),
+])
+def test_train_py_names_the_file_and_the_key_of_a_value_of_the_wrong_type(change, fragment, tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(change))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", str(path), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and "╭" not in err, err  # no tyro box
+    assert err.strip() == f"error: --config {path}: {fragment}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_string_that_looks_like_a_flag_stays_a_value(tmp_path):
+    cfg = unusual_config()
+    cfg.run_name, cfg.prompt_file, cfg.train.learning_rate = "--no-log-wandb", "-prompts.txt", 1
+    replayed = parse(["--config", str(write_config(tmp_path / "config.json", cfg))])
+    assert (replayed.run_name, replayed.prompt_file, replayed.log_wandb) == ("--no-log-wandb", "-prompts.txt", True)
+    assert replayed.train.learning_rate == 1.0  # a whole number is a number

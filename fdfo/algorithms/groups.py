@@ -15,7 +15,7 @@ from fdfo.config import Config, Geometry
 from fdfo.errors import RunError
 from fdfo.phases import cat_rows, item_steps, sampling_batches
 from fdfo.rng import generator, randn_per_sample
-from fdfo.scoring import batch_scorer
+from fdfo.scoring import batch_scorer, nonfinite_report
 
 GROUP_STREAM = 0x4750  # per-sample noise of the baselines' rollouts (seed, epoch, prompt, sample in group)
 
@@ -104,8 +104,8 @@ def group_weights(samples: GroupSamples, cfg: Config) -> tuple[torch.Tensor, int
     rewards = dist.all_gather_cat(samples.rewards["reward"])
     valid = torch.isfinite(rewards)
     if not valid.any():
-        raise RunError(f"all {len(rewards)} samples got a non-finite reward; check the reward model "
-                       f"(--reward-preset {cfg.reward_preset}) and the sampled images")
+        raise RunError(f"all {len(rewards)} samples got a non-finite reward; "
+                       f"{nonfinite_report(samples.rewards, cfg.reward_preset, cfg.reward)}")
     keys = dist.all_gather_cat(prompt_keys(samples.prompts).to(rewards.device)).repeat_interleave(group)
     groups = torch.unique(keys, return_inverse=True)[1]
     weights = torch.zeros_like(rewards) if cfg.algorithm == "flow_grpo" else torch.full_like(rewards, 0.5)

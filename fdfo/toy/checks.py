@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 FLOAT_RANGES = {  # flag -> (lowest allowed, whether the lowest itself is allowed, how to say it)
     "lr": (0.0, False, "> 0"),
@@ -22,6 +23,8 @@ WHY = {"steps": " (a sampler of one step has nothing to train at intermediate no
        "eval_per_prompt": " (the pairwise diversity compares two samples of a prompt)",
        "cosine_batches": " (0: no direction measurement)"}
 TRUE_GRAD_CHUNK = 2048  # samples per backward pass of run.true_gradient
+LONGEST_S = 30 * 86400  # a run estimated to take longer than this is refused after its first epoch
+WARN_S = 3600  # ... and one longer than this is announced
 SHRINKS = "--dim, --modes, --samples-per-epoch, --steps, --prompts x --eval-per-prompt or --hidden"
 
 
@@ -52,6 +55,27 @@ def check(cfg) -> None:
     if have is not None and need > have:
         raise ValueError(f"these sizes need about {need / 2**30:,.1f} GiB of memory ({phase}), more than the "
                          f"{have / 2**30:,.1f} GiB available; lower {SHRINKS}")
+
+
+def check_duration(cfg, first_epoch_s: float, epochs: int) -> None:
+    """After the first of `epochs` epochs took `first_epoch_s` seconds: ValueError if the whole budget would take
+    longer than LONGEST_S (naming --evaluations and how many fit), a line on stderr if longer than WARN_S."""
+    estimate = first_epoch_s * epochs
+    if estimate > LONGEST_S:
+        fits = int(LONGEST_S / max(first_epoch_s, 1e-9)) * cfg.samples_per_epoch
+        raise ValueError(f"--evaluations {cfg.evaluations} would take about {_duration(estimate)} on this machine "
+                         f"(its first epoch of {cfg.samples_per_epoch} took {first_epoch_s:.3g} s); at most "
+                         f"{LONGEST_S // 86400} days are allowed: about {fits:,} evaluations")
+    if estimate > WARN_S:
+        print(f"--evaluations {cfg.evaluations}: about {_duration(estimate)} on this machine (estimated from the "
+              f"first epoch)", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("hours", 3600)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def memory_estimate(cfg) -> tuple[int, str]:

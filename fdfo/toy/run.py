@@ -4,6 +4,7 @@ and optionally measure how well its update direction matches the true gradient o
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -12,7 +13,7 @@ import torch
 
 from fdfo.outputs import check_output_path, save_figure, write_text
 from fdfo.toy import methods
-from fdfo.toy.checks import check, finite_or_none, strict_json
+from fdfo.toy.checks import check, check_duration, finite_or_none, strict_json
 from fdfo.toy.flows import REWARDS, ResidualNet, bump_reward, make_problem, model_velocity
 
 Algorithm = Literal["fdfo", "flow_grpo", "diffusion_nft", "backprop"]
@@ -162,9 +163,11 @@ def run(cfg: ToyConfig) -> dict:
     optimizer = torch.optim.Adam([p for p in ctx.net.parameters() if p.requires_grad], lr=cfg.lr)
     epochs = math.ceil(cfg.evaluations / cfg.samples_per_epoch)
     curve = [{"evaluations": 0, **evaluate(ctx, cfg.eval_per_prompt, cfg.reward)}]
-    diverged = None
+    diverged, start = None, time.perf_counter()
     for epoch in range(epochs):
         methods.train_epoch(ctx, cfg.algorithm, optimizer, cfg.samples_per_epoch, cfg.grad_steps, epoch)
+        if epoch == 0:  # an absurd budget is refused here, not left running for ever
+            check_duration(cfg, time.perf_counter() - start, epochs)
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
             spent = (epoch + 1) * cfg.samples_per_epoch
             metrics = evaluate(ctx, cfg.eval_per_prompt, cfg.reward)
