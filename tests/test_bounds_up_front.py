@@ -23,7 +23,7 @@ def test_a_huge_decode_batch_is_refused_before_anything_is_loaded(tmp_path, caps
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     assert err.strip() == (f"error: --sample.decode-batch-size {2**70} is invalid: it must be in 1..65536 (images per "
-                           f"VAE call; leave it out to decode a sampling batch at once)")
+                           f"VAE call; None decodes a whole sampling batch at once)")
     assert not (tmp_path / "run").exists()
 
 
