@@ -78,10 +78,15 @@ def connect(port: int) -> socket.socket:
 
 
 def exchange(port: int, data: bytes, half_close: bool = False) -> tuple[int | None, bytes]:
+    """Send `data` (then half-close) and read the answer. The server may answer and close before it has read all of
+    `data` (a refusal before the body): the send or the half-close then fails, and the answer is still there."""
     with connect(port) as sock:
-        sock.sendall(data)
-        if half_close:
-            sock.shutdown(socket.SHUT_WR)
+        try:
+            sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
         return read_answer(sock)
 
 
