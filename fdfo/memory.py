@@ -41,6 +41,13 @@ def _cast(value, dtype: torch.dtype):
     return value
 
 
+def _cast_arguments(args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """`_cast` of every argument, last first, as autocast's C++ kernels evaluate them (a compiler's choice that GCC
+    makes right to left; the kernel census, fdfo/bench/census.py, checks the order against the real kernels)."""
+    kwargs = dict(reversed([(k, _cast(v, dtype)) for k, v in reversed(kwargs.items())]))
+    return tuple(reversed([_cast(v, dtype) for v in reversed(args)])), kwargs
+
+
 class FusedAttention(torch.autograd.Function):
     """Scaled dot-product attention that keeps what a fused GPU kernel keeps: q, k, v, out and a float32 log-sum-exp
     `[B, H, Lq]`. Only for counting on the meta device: the output is uninitialised."""
@@ -58,23 +65,26 @@ class FusedAttention(torch.autograd.Function):
 
 
 class AutocastEmulation(TorchFunctionMode):
-    """Autocast's casting rules on meta tensors (dtype None: no autocast), and attention as `FusedAttention`.
+    """Autocast's casting rules on meta or fake tensors (dtype None: no autocast), and attention as `attention`
+    (default `FusedAttention`; the kernel census, fdfo/bench/census.py, passes the cuDNN kernels).
 
     The op lists default to CUDA's; tests pass CPU autocast's to compare with a real CPU run."""
 
-    def __init__(self, dtype: torch.dtype | None, lower_ops=LOWER_PRECISION_OPS, float32_ops=FLOAT32_OPS):
+    def __init__(self, dtype: torch.dtype | None, lower_ops=LOWER_PRECISION_OPS, float32_ops=FLOAT32_OPS,
+                 attention=None):
         super().__init__()
         self.dtype, self.lower_ops, self.float32_ops = dtype, lower_ops, float32_ops
+        self.attention = attention or (lambda q, k, v, *args, **kwargs: FusedAttention.apply(q, k, v))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if self.dtype is not None and name in self.lower_ops:
-            args, kwargs = _cast(args, self.dtype), {k: _cast(v, self.dtype) for k, v in kwargs.items()}
+            args, kwargs = _cast_arguments(args, kwargs, self.dtype)
         elif self.dtype is not None and name in self.float32_ops:
-            args, kwargs = _cast(args, torch.float32), {k: _cast(v, torch.float32) for k, v in kwargs.items()}
+            args, kwargs = _cast_arguments(args, kwargs, torch.float32)
         if name == "scaled_dot_product_attention":
-            return FusedAttention.apply(*args[:3])
+            return self.attention(*args, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -18,6 +18,12 @@ DESCRIPTION = "Throughput benchmark of one FDFO epoch (docs/performance.md)."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fdfo.bench", description=DESCRIPTION)
     p.add_argument("--tiny", action="store_true", help="tiny model shapes on CPU (a few seconds; for tests)")
     p.add_argument("--device", default=None, help="torch device; default cuda:<local rank> if available, else cpu")
@@ -56,12 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="after the measured epochs, torch.profiler tables (top 15 kernels) of one sampling forward and "
                         "one training micro-batch, into the JSON (fdfo/bench/profile.py)")
     p.add_argument("--flops-only", action="store_true", help="only count FLOPs on the meta device at the full shape")
+    p.add_argument("--census", action="store_true",
+                   help="no run: count the kernels of one sampling forward and one training micro-batch at SD3.5-M's "
+                        "shapes on fake tensors, on a CPU, in --precision fp16 or bf16 (fdfo/bench/census.py)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file (with --report: the markdown)")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="no run: summarise the bench JSON files in DIR (and DIR/status.txt) as markdown into --out")
-    args = p.parse_args(argv)
-    check_args(args)
-    return args
+    return p
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -76,6 +83,9 @@ def check_args(args: argparse.Namespace) -> None:
         return
     if args.out is not None:
         check_output_path("--out", args.out, folder=False)
+    if args.census:
+        check_census(args)
+        return
     check_device("--device", args.device)
     defaults = dict(pairs=2, steps=4, resolution=64, repeats=1) if args.tiny else dict(pairs=4, steps=40,
                                                                                        resolution=512, repeats=2)
@@ -85,6 +95,25 @@ def check_args(args: argparse.Namespace) -> None:
     check_numbers(args)
     check_combinations(args)
     check_geometry(args)
+
+
+# what --census counts is fixed (SD3.5-M or --tiny, 512 px, a sampling batch of 6 pairs, a micro-batch of 6, no
+# compile, on fake tensors): the flags of a measured run do not apply to it
+CENSUS_FIXED = ("device", "pairs", "steps", "resolution", "sample_batch", "train_batch", "decode_batch",
+                "timesteps_per_sample", "repeats", "memory_fraction", "gradient_steps", "guidance_scale", "compile",
+                "grad_checkpoint", "rollout_device", "reward", "overlap_rewards", "hold_side_models", "profile",
+                "flops_only")
+
+
+def check_census(args: argparse.Namespace) -> None:
+    """--census: fp16 or bf16 (it counts autocast's path), and no flag of a measured run."""
+    if args.precision not in ("fp16", "bf16"):
+        raise ValueError(f"--census counts the GPU's autocast path: --precision fp16 or bf16, not {args.precision}")
+    defaults = build_parser().parse_args([])
+    for name in CENSUS_FIXED:
+        if getattr(args, name) != getattr(defaults, name):
+            raise ValueError(f"--census counts one sampling forward and one training micro-batch at fixed shapes; "
+                             f"--{name.replace('_', '-')} does not apply to it (leave it out)")
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -175,12 +204,26 @@ def write_report(args: argparse.Namespace) -> dict:
     return {"report": text, "skipped": skipped}
 
 
+def write_census(args: argparse.Namespace) -> dict:
+    """--census: the table on stdout, the record as JSON into --out."""
+    from fdfo.bench.census import census, census_lines
+
+    record = census(args.precision, args.tiny)
+    print("\n".join(census_lines(record)))
+    if args.out:
+        replaced = write_text(args.out, json.dumps(record, indent=1) + "\n")
+        print(f"{'replaced' if replaced else 'wrote'} {args.out}")
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict:
     from fdfo.bench import epoch, flops
 
     args = parse_args(argv)  # every flag and the output path checked before any work
     if args.report is not None:
         return write_report(args)
+    if args.census:
+        return write_census(args)
     record = flops.flops_record(args) if args.flops_only else epoch.run(args)
     if dist.get_rank() == 0:
         print_summary(record)
