@@ -350,6 +350,8 @@ BAD_FLAGS = [
     (["--pairs", "2", "--gradient-steps", "2", "--decode-batch", "5"], "--decode-batch 5 must be between 1 and 4"),
     (["--memory-fraction", "nan"], r"--memory-fraction must be in \(0, 1\], got nan"),
     (["--out", ""], "--out is empty; give a file path"),
+    (["--levers", "fast"], "--levers 'fast': give all, none, or a comma-separated list of base-dtype, peft-cast, "
+                           "lora-cache, shared-cast"),
     (["--tiny", "--memory-fraction", "0.5"], "--memory-fraction caps CUDA memory and does nothing on a CPU"),
     (["--device", "cpu", "--memory-fraction", "0.5"], "--memory-fraction caps CUDA memory"),
 ]

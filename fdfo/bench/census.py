@@ -5,8 +5,10 @@ The policy is built as train.py builds it (SD3Policy with its LoRA, speed_option
 SD3.5-Medium's transformer at its real shapes, on the meta device, then given fake tensors (no weights, no memory):
 bf16 base weights as on a GPU, fp32 LoRA. Two calls are counted, op by op below autocast (fdfo/bench/dispatch.py):
 - the sampling forward: `policy.velocity` under no_grad on 12 rows (a sampling batch of 6 pairs) of rollout states
-  as the bench's profile feeds it, on fake cuda:0 tensors under CUDA autocast's own kernels; and again on CPU fake
-  tensors under the emulated op lists, which must give the same ops, dtypes and shapes (`emulation_check`);
+  as the bench's profile feeds it, the second call of its sampling phase (the first also casts the LoRA weights
+  that the `lora_cache` lever keeps while sampling), on fake cuda:0 tensors under CUDA autocast's own kernels;
+  and again on CPU fake tensors under the emulated op lists, which must give the same ops, dtypes and shapes
+  (`emulation_check`);
 - the training micro-batch: fdfo.phases._micro_batch on 6 items (forward, SPO loss, scaled backward, the
   micro-batch's statistics) under the emulated op lists, since autograd refuses a backward on fake CUDA tensors.
 `kernel_ops` counts the ops that launch a kernel (not views); `casts` the dtype conversions among them; `gbytes`
@@ -31,6 +33,7 @@ from fdfo.bench.dispatch import (
     to_fake,
 )
 from fdfo.bench.models import TEXT_TOKENS, build_models, model_configs
+from fdfo.sd3_speed import SpeedLevers
 
 SAMPLE_ROWS = 12  # one sampling batch of the paper's micro-batches: 6 pairs, 2 rows each
 TRAIN_ITEMS = 6  # one training micro-batch of the paper
@@ -38,10 +41,10 @@ RESOLUTION = {False: 512, True: 64}  # SD3.5-M at the paper's 512 px; the tiny m
 AMP = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def build_policy(tiny: bool, precision: str, device: torch.device, fake: FakeTensorMode):
-    """The policy as train.py builds it (fdfo/train_loop.py: SD3Policy, add_lora with the run's rank and alpha,
-    speed_options with the config's defaults), from the bench's models of the real shapes, built on the meta device
-    and then given fake tensors on `device`: bf16 base weights (as on a GPU), the run's autocast dtype."""
+def build_policy(tiny: bool, precision: str, device: torch.device, fake: FakeTensorMode, levers: SpeedLevers):
+    """The policy as train.py builds it (fdfo/train_loop.py: SD3Policy, add_lora with the run's rank and alpha, the
+    speed levers, speed_options with the config's defaults), from the bench's models of the real shapes, built on the
+    meta device and then given fake tensors on `device`: bf16 base weights (as on a GPU), the run's autocast dtype."""
     from fdfo.config import Config
     from fdfo.sd3 import SD3Policy
 
@@ -50,7 +53,7 @@ def build_policy(tiny: bool, precision: str, device: torch.device, fake: FakeTen
     meta = torch.device("meta")
     transformer, vae, scheduler = build_models(tiny, meta)
     policy = SD3Policy.from_components(transformer, vae, scheduler, meta, rank, alpha, cfg.sample.guidance_scale,
-                                       AMP[precision], dtype=torch.bfloat16)
+                                       AMP[precision], dtype=torch.bfloat16, levers=levers)
     policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
     to_fake(policy.transformer, fake, device)
     policy.device = device
@@ -68,19 +71,22 @@ def _inputs(policy, tiny: bool, rows: int) -> tuple[torch.Tensor, torch.Tensor, 
     return torch.empty(rows, *latent, device=device, dtype=policy.input_dtype), torch.empty(rows, device=device), cond
 
 
-def sample_forward(tiny: bool, precision: str, exact: bool) -> list:
-    """The ops of one sampling forward; exact: fake cuda:0 tensors under CUDA autocast's kernels, else CPU fake
+def sample_forward(tiny: bool, precision: str, exact: bool, levers: SpeedLevers | None = None) -> list:
+    """The ops of one sampling forward after the first of its sampling phase (which also makes the LoRA weight casts
+    kept while sampling, fdfo/sd3_speed.py); exact: fake cuda:0 tensors under CUDA autocast's kernels, else CPU fake
     tensors under the emulated op lists."""
     fake = FakeTensorMode()
     device = torch.device("cuda:0" if exact else "cpu")
-    policy = build_policy(tiny, precision, device, fake)
+    policy = build_policy(tiny, precision, device, fake, levers or SpeedLevers())
     autocast = cuda_autocast if exact else emulated_autocast
     policy.autocast = lambda: autocast(policy.amp_dtype)  # torch.autocast("cuda") turns itself off without a GPU
     policy.transformer.eval()
     with fake:
         x, sigma, cond = _inputs(policy, tiny, SAMPLE_ROWS)
-        with torch.no_grad(), CudaOnCpuBuild() if exact else contextlib.nullcontext(), OpCounter() as counter:
+        with torch.no_grad(), CudaOnCpuBuild() if exact else contextlib.nullcontext():
             policy.velocity(x, sigma, cond)
+            with OpCounter() as counter:
+                policy.velocity(x, sigma, cond)
     return counter.ops
 
 
@@ -97,14 +103,14 @@ def _training_set(policy, tiny: bool, items: int):
                        steps=[torch.arange(items)], invalid_pairs=0)
 
 
-def train_micro_batch(tiny: bool, precision: str) -> list:
+def train_micro_batch(tiny: bool, precision: str, levers: SpeedLevers | None = None) -> list:
     """The ops of one training micro-batch (fdfo.phases._micro_batch) on CPU fake tensors under the emulated op
     lists, with train.py's grad scaler."""
     from fdfo.config import Config
     from fdfo.phases import _micro_batch
 
     fake = FakeTensorMode()
-    policy = build_policy(tiny, precision, torch.device("cpu"), fake)
+    policy = build_policy(tiny, precision, torch.device("cpu"), fake, levers or SpeedLevers())
     policy.autocast = lambda: emulated_autocast(policy.amp_dtype)
     policy.transformer.train()
     with fake:
@@ -135,15 +141,16 @@ def emulation_check(exact: list, emulated: list) -> dict:
             "emulated_aten_ops": len(emulated), "differences": differences[:20]}
 
 
-def census(precision: str = "fp16", tiny: bool = False) -> dict:
+def census(precision: str = "fp16", tiny: bool = False, levers: SpeedLevers | None = None) -> dict:
     """The census record (module docstring)."""
-    exact = sample_forward(tiny, precision, exact=True)
-    emulated = sample_forward(tiny, precision, exact=False)
-    training = train_micro_batch(tiny, precision)
+    levers = levers or SpeedLevers()
+    exact = sample_forward(tiny, precision, True, levers)
+    emulated = sample_forward(tiny, precision, False, levers)
+    training = train_micro_batch(tiny, precision, levers)
     tcfg, _ = model_configs(tiny)
     shape = dict(model="tiny" if tiny else "SD3.5-Medium", resolution=RESOLUTION[tiny], text_tokens=TEXT_TOKENS,
                  blocks=tcfg["num_layers"], sample_rows=SAMPLE_ROWS, train_items=TRAIN_ITEMS)
-    return {"precision": precision, "shape": shape, "sample_forward": summary(exact),
+    return {"precision": precision, "levers": levers.names(), "shape": shape, "sample_forward": summary(exact),
             "train_micro_batch": summary(training) | _phases(training),
             "emulation_check": emulation_check(exact, emulated)}
 
@@ -154,8 +161,9 @@ def census_lines(record: dict) -> list[str]:
     rows = [("sampling forward", s), ("training micro-batch", t), ("  forward + loss", t["forward"]),
             ("  backward", t["backward"]), ("  statistics", t["statistics"])]
     shape = record["shape"]
+    levers = ", ".join(record["levers"]) or "none"
     lines = [f"kernel census, {record['precision']}, {shape['model']} at {shape['resolution']} px "
-             f"({shape['sample_rows']} sampling rows, micro-batch of {shape['train_items']}):",
+             f"({shape['sample_rows']} sampling rows, micro-batch of {shape['train_items']}), levers: {levers}",
              f"{'':22}{'kernels':>9}{'casts':>8}{'aten ops':>10}{'GB':>9}"]
     lines += [f"{name:22}{c['kernel_ops']:>9,}{c['casts']:>8,}{c['aten_ops']:>10,}{c['gbytes']:>9.2f}"
               for name, c in rows]

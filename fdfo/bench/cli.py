@@ -12,6 +12,7 @@ import torch
 
 from fdfo import distributed as dist
 from fdfo.outputs import check_output_path, write_text
+from fdfo.sd3_speed import SpeedLevers
 
 REPORT_OUT = "docs/benchmarks.md"  # --report's default --out
 DESCRIPTION = "Throughput benchmark of one FDFO epoch (docs/performance.md)."
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the measured epochs, torch.profiler tables (top 15 kernels) of one sampling forward and "
                         "one training micro-batch, into the JSON (fdfo/bench/profile.py)")
     p.add_argument("--flops-only", action="store_true", help="only count FLOPs on the meta device at the full shape")
+    p.add_argument("--levers", default="all",
+                   help="the bit-identical speed levers of the policy (fdfo/sd3_speed.py): all (default), none, or a "
+                        "comma-separated list of base-dtype, peft-cast, lora-cache, shared-cast")
     p.add_argument("--census", action="store_true",
                    help="no run: count the kernels of one sampling forward and one training micro-batch at SD3.5-M's "
                         "shapes on fake tensors, on a CPU, in --precision fp16 or bf16 (fdfo/bench/census.py)")
@@ -83,6 +87,7 @@ def check_args(args: argparse.Namespace) -> None:
         return
     if args.out is not None:
         check_output_path("--out", args.out, folder=False)
+    SpeedLevers.parse(args.levers)  # ValueError naming the allowed levers
     if args.census:
         check_census(args)
         return
@@ -208,7 +213,7 @@ def write_census(args: argparse.Namespace) -> dict:
     """--census: the table on stdout, the record as JSON into --out."""
     from fdfo.bench.census import census, census_lines
 
-    record = census(args.precision, args.tiny)
+    record = census(args.precision, args.tiny, SpeedLevers.parse(args.levers))
     print("\n".join(census_lines(record)))
     if args.out:
         replaced = write_text(args.out, json.dumps(record, indent=1) + "\n")

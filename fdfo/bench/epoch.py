@@ -25,6 +25,7 @@ from fdfo.phases import (
     timesteps_per_sample,
     train_phase,
 )
+from fdfo.sd3_speed import SpeedLevers
 
 PAPER_PAIRS_PER_EPOCH = 432
 PHASES = ("sample", "decode", "reward", "exchange", "train")
@@ -160,7 +161,7 @@ def build(args: argparse.Namespace, setup: Setup) -> Models:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     policy = SD3Policy.from_components(transformer, vae, scheduler, device, cfg.lora_rank, cfg.lora_alpha,
                                        cfg.sample.guidance_scale, amp_dtype(cfg.train.precision, device),
-                                       fake_encoder(tcfg, device, dtype))
+                                       fake_encoder(tcfg, device, dtype), levers=SpeedLevers.parse(args.levers))
     policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=policy.amp_dtype == torch.float16)
