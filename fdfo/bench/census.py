@@ -142,7 +142,10 @@ def emulation_check(exact: list, emulated: list) -> dict:
 
 
 def census(precision: str = "fp16", tiny: bool = False, levers: SpeedLevers | None = None) -> dict:
-    """The census record (module docstring)."""
+    """The census record (module docstring), with the cost model's H200 prediction (fdfo/bench/cost.py; not for
+    --tiny: it is calibrated at SD3.5-M's shapes)."""
+    from fdfo.bench.cost import cost_record
+
     levers = levers or SpeedLevers()
     exact = sample_forward(tiny, precision, True, levers)
     emulated = sample_forward(tiny, precision, False, levers)
@@ -150,9 +153,15 @@ def census(precision: str = "fp16", tiny: bool = False, levers: SpeedLevers | No
     tcfg, _ = model_configs(tiny)
     shape = dict(model="tiny" if tiny else "SD3.5-Medium", resolution=RESOLUTION[tiny], text_tokens=TEXT_TOKENS,
                  blocks=tcfg["num_layers"], sample_rows=SAMPLE_ROWS, train_items=TRAIN_ITEMS)
-    return {"precision": precision, "levers": levers.names(), "shape": shape, "sample_forward": summary(exact),
-            "train_micro_batch": summary(training) | _phases(training),
-            "emulation_check": emulation_check(exact, emulated)}
+    record = {"precision": precision, "levers": levers.names(), "shape": shape, "sample_forward": summary(exact),
+              "train_micro_batch": summary(training) | _phases(training),
+              "emulation_check": emulation_check(exact, emulated)}
+    if not tiny:  # calibrated on the census of the profiled code: fp16, no levers
+        profiled = SpeedLevers.parse("none")
+        calibration = (exact, training) if (precision, levers) == ("fp16", profiled) else (
+            sample_forward(False, "fp16", True, profiled), train_micro_batch(False, "fp16", profiled))
+        record["cost_model"] = cost_record(exact, training, calibration)
+    return record
 
 
 def census_lines(record: dict) -> list[str]:
@@ -175,4 +184,8 @@ def census_lines(record: dict) -> list[str]:
     check = record["emulation_check"]
     lines.append(f"emulated op lists give the exact sampling forward: {check['same_multiset']} "
                  f"({check['exact_aten_ops']:,} aten ops)")
+    if "cost_model" in record:
+        from fdfo.bench.cost import cost_lines
+
+        lines += cost_lines(record["cost_model"])
     return lines
