@@ -15,7 +15,8 @@ velocities, ratios and every LoRA gradient with torch.equal, fp16 and bf16):
   autograd node, whose backward casts the consumer's gradient back as autocast's own cast node does, so the
   gradients are summed in the input's dtype in the same order as before.
 With an autocast dtype they make the transformer a module for that autocast (SD3Policy.velocity, and a gradient
-checkpoint's recomputation, run it so); the policy without autocast (fp32 on a CPU) gets none of them.
+checkpoint's recomputation, run it so); the policy without autocast (fp32 on a CPU) gets none of them. Code that
+torch.compile traces (--train.compile) runs without lora_cache and shared_cast: the compiler fuses casts itself.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ class LeverRuntime:
         now if not). With autograd: None (autocast casts the weight, and its gradient needs that), and the kept cast
         is dropped (the weight is about to change)."""
         weight = module.weight
+        if torch.compiler.is_compiling():
+            return None  # compiled code fuses the casts itself
         if torch.is_grad_enabled():
             module.__dict__.pop("_fdfo_cast", None)
             return None
@@ -157,15 +160,15 @@ class LeverRuntime:
                     consumer.register_forward_pre_hook(self._share_input)
 
     def _open_memo(self, module, args):
-        self.memo = {}
+        self.memo = None if torch.compiler.is_compiling() else {}  # compiled code fuses the casts itself
 
     def _close_memo(self, module, args, output):
         self.memo = None
 
     def _share_input(self, module, args):
         x = args[0] if args else None
-        if self.memo is None or not isinstance(x, torch.Tensor) or not x.is_floating_point() \
-                or x.dtype == self.amp_dtype:
+        if self.memo is None or torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) \
+                or not x.is_floating_point() or x.dtype == self.amp_dtype:
             return None
         kept = self.memo.get(id(x))
         if kept is None:

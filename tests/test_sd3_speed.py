@@ -34,7 +34,9 @@ def inputs(policy, seed=1, rows=2):
     cfg = policy.pipe.transformer.config
     cond = {"embeds": torch.randn(rows, TOKENS, cfg.joint_attention_dim, generator=g).to(policy.dtype),
             "pooled": torch.randn(rows, cfg.pooled_projection_dim, generator=g).to(policy.dtype)}
-    return torch.randn(rows, *policy.latent_shape(64), generator=g), torch.rand(rows, generator=g), cond
+    device = policy.device
+    return (torch.randn(rows, *policy.latent_shape(64), generator=g).to(device),
+            torch.rand(rows, generator=g).to(device), {k: v.to(device) for k, v in cond.items()})
 
 
 def sample(policy, seed=1):
@@ -51,8 +53,9 @@ def train_step(policy, seed=1):
     g = torch.Generator().manual_seed(seed + 100)
     policy.transformer.train()
     v = policy.velocity(x.to(policy.input_dtype), sigma, cond)
-    v_ref = v.detach() + 0.01 * torch.randn(v.shape, generator=g)
-    loss, ratio = spo_loss(v, v_ref, torch.randn(v.shape, generator=g), torch.randn(len(v), generator=g), 0.03)
+    v_ref = v.detach() + 0.01 * torch.randn(v.shape, generator=g).to(v.device)
+    dx, dR = torch.randn(v.shape, generator=g).to(v.device), torch.randn(len(v), generator=g).to(v.device)
+    loss, ratio = spo_loss(v, v_ref, dx, dR, 0.03)
     (loss.sum() * 1024.0).backward()  # a grad scaler's factor
     grads = {n: p.grad.clone() for n, p in policy.transformer.named_parameters() if p.requires_grad}
     policy.transformer.zero_grad(set_to_none=True)
@@ -226,3 +229,59 @@ def test_without_autocast_the_policy_is_peft_and_diffusers_own():
     layer = policy.pipe.transformer.transformer_blocks[0].attn.to_q
     assert layer.base_layer.weight.dtype == torch.float32 and layer.cast_input_dtype_enabled
     assert type(layer.lora_A["default"]) is torch.nn.Linear and not layer.base_layer._forward_pre_hooks
+
+
+@pytest.mark.slow
+def test_compiled_blocks_with_the_levers_equal_compiled_blocks_without():
+    """--train.compile traces the blocks without lora_cache and shared_cast (no graph break at their Python state),
+    so the compiled model gives the same bits with the levers as without (bf16 CPU autocast)."""
+    import torch._dynamo
+
+    results = []
+    for levers in (NONE, ALL):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        policy = gpu_like(torch.bfloat16, levers)
+        del policy.autocast
+        policy.speed_options(compile_blocks=True)
+        results.append((sample(policy), train_step(policy)))
+        assert not torch._dynamo.utils.counters["graph_break"], levers
+    (s0, (v0, r0, g0)), (s1, (v1, r1, g1)) = results
+    assert torch.equal(s0, s1) and torch.equal(v0, v1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_the_levers_change_no_number_under_cuda_autocast(amp):
+    """The same comparison with CUDA's own autocast and kernels (a bf16 base on CUDA; attention on the math backend
+    and deterministic algorithms, so that the comparison is not between two runs of nondeterministic kernels)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            runs = []
+            for levers in (NONE, ALL):
+                torch.manual_seed(0)
+                policy = SD3Policy(tiny.TINY_SD3, torch.device("cuda"), 4, 8, amp_dtype=amp, levers=levers)
+                with torch.no_grad():
+                    for i, p in enumerate(p for n, p in policy.transformer.named_parameters() if "lora_B" in n):
+                        p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+                runs.append((sample(policy), sample(policy), *train_step(policy)))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    (s0, _, v0, r0, g0), (s1, s1_kept, v1, r1, g1) = runs
+    assert torch.equal(s0, s1) and torch.equal(s0, s1_kept) and torch.equal(v0, v1) and torch.equal(r0, r1)
+    assert all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_casts_every_bf16_bit_pattern_as_the_cpu_does():
+    bf16 = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    cpu, cuda = bf16.to(torch.float16), bf16.cuda().to(torch.float16).cpu()
+    nan = torch.isnan(cpu)
+    assert torch.equal(torch.isnan(cuda), nan)
+    assert torch.equal(cpu[~nan].view(torch.int16), cuda[~nan].view(torch.int16))
