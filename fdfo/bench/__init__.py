@@ -12,10 +12,12 @@ model with the stub). --flops-only counts the FLOPs on the meta device (no weigh
     python -m fdfo.bench --pairs 4 --out b.json     # on a GPU, full shape, 512 px, 40 steps
     python -m fdfo.bench --pairs 6 --sample-batch 3 --reward pickscore --overlap-rewards
     python -m fdfo.bench --flops-only
+    python -m fdfo.bench --census --precision fp16 --out c.json   # kernels counted on a CPU, and their cost model
 
 The package: cli.py (flags, checks, main, the summary), epoch.py (the measured epochs), models.py (the models of
 the real shapes), flops.py (the FLOP model), profile.py (--profile), report.py (--report), reward.py (the
-PickScore-shaped reward), side.py (the models a run holds beside the transformer).
+PickScore-shaped reward), side.py (the models a run holds beside the transformer), census.py and dispatch.py (the
+kernel census, --census), cost.py (its cost model).
 """
 
 from fdfo.bench.cli import main, parse_args, print_summary
