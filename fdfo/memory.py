@@ -6,8 +6,9 @@ hook that adds up every distinct storage autograd keeps, parameters excluded. Tw
   output and a float32 log-sum-exp per query, not the L x L probability matrices that the meta device's math path
   would keep (they would dominate the figure);
 - `torch.autocast` does nothing on the meta device, so `AutocastEmulation` applies CUDA autocast's casting rules by
-  hand: matmul-like ops run in the autocast dtype on cast copies (autograd keeps the cast copies of the frozen base
-  weights too: autocast caches casts only of weights that require grad), norms, softmax and reductions in float32.
+  hand: matmul-like ops run in the autocast dtype on cast copies, norms, softmax and reductions in float32. Autograd
+  would keep the cast copies of the frozen base weights too (autocast caches casts only of weights that require
+  grad), but the policy stores them in the autocast dtype (fdfo/sd3_speed.py), so it keeps none.
 It leaves out the weights, gradients and optimizer state, temporaries that live within one op, and allocator
 slack; the bench (`python -m fdfo.bench`) measures the real peak.
 """
@@ -20,6 +21,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from fdfo.sd3 import T5_MAX_LENGTH
+from fdfo.sd3_speed import SpeedLevers
 
 TEXT_TOKENS = 77 + T5_MAX_LENGTH  # CLIP-L and CLIP-G side by side (77), then T5
 
@@ -41,6 +43,13 @@ def _cast(value, dtype: torch.dtype):
     return value
 
 
+def _cast_arguments(args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """`_cast` of every argument, last first, as autocast's C++ kernels evaluate them (a compiler's choice that GCC
+    makes right to left; the kernel census, fdfo/bench/census.py, checks the order against the real kernels)."""
+    kwargs = dict(reversed([(k, _cast(v, dtype)) for k, v in reversed(kwargs.items())]))
+    return tuple(reversed([_cast(v, dtype) for v in reversed(args)])), kwargs
+
+
 class FusedAttention(torch.autograd.Function):
     """Scaled dot-product attention that keeps what a fused GPU kernel keeps: q, k, v, out and a float32 log-sum-exp
     `[B, H, Lq]`. Only for counting on the meta device: the output is uninitialised."""
@@ -58,23 +67,26 @@ class FusedAttention(torch.autograd.Function):
 
 
 class AutocastEmulation(TorchFunctionMode):
-    """Autocast's casting rules on meta tensors (dtype None: no autocast), and attention as `FusedAttention`.
+    """Autocast's casting rules on meta or fake tensors (dtype None: no autocast), and attention as `attention`
+    (default `FusedAttention`; the kernel census, fdfo/bench/census.py, passes the cuDNN kernels).
 
     The op lists default to CUDA's; tests pass CPU autocast's to compare with a real CPU run."""
 
-    def __init__(self, dtype: torch.dtype | None, lower_ops=LOWER_PRECISION_OPS, float32_ops=FLOAT32_OPS):
+    def __init__(self, dtype: torch.dtype | None, lower_ops=LOWER_PRECISION_OPS, float32_ops=FLOAT32_OPS,
+                 attention=None):
         super().__init__()
         self.dtype, self.lower_ops, self.float32_ops = dtype, lower_ops, float32_ops
+        self.attention = attention or (lambda q, k, v, *args, **kwargs: FusedAttention.apply(q, k, v))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if self.dtype is not None and name in self.lower_ops:
-            args, kwargs = _cast(args, self.dtype), {k: _cast(v, self.dtype) for k, v in kwargs.items()}
+            args, kwargs = _cast_arguments(args, kwargs, self.dtype)
         elif self.dtype is not None and name in self.float32_ops:
-            args, kwargs = _cast(args, torch.float32), {k: _cast(v, torch.float32) for k, v in kwargs.items()}
+            args, kwargs = _cast_arguments(args, kwargs, torch.float32)
         if name == "scaled_dot_product_attention":
-            return FusedAttention.apply(*args[:3])
+            return self.attention(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -145,15 +157,19 @@ def count_saved(module: torch.nn.Module, blocks: list[torch.nn.Module], run) -> 
 
 def sd3_activation_bytes(config: dict, *, batch: int, latent_side: int, text_tokens: int, model_dtype: torch.dtype,
                          amp_dtype: torch.dtype | None, lora_rank: int, guidance: bool = False,
-                         checkpointing: bool = False, float32_ops: frozenset[str] = FLOAT32_OPS) -> int:
+                         checkpointing: bool = False, float32_ops: frozenset[str] = FLOAT32_OPS,
+                         levers: SpeedLevers | None = None) -> int:
     """Estimated bytes autograd keeps for one training forward of `batch` items through the SD3 transformer of
-    `config` (diffusers `SD3Transformer2DModel` kwargs) with the LoRA of `fdfo.sd3.add_lora`: latents
-    `[batch, C, latent_side, latent_side]`, `text_tokens` text tokens, twice the batch with CFG. float32_ops: the ops
-    autocast runs in float32 (CUDA's; tests pass CPU autocast's)."""
+    `config` (diffusers `SD3Transformer2DModel` kwargs) with the LoRA of `fdfo.sd3.add_lora` and the policy's speed
+    levers (fdfo/sd3_speed.py; default all on: base weights stored in the autocast dtype keep no cast copies, a
+    shared cast keeps one copy for its consumers): latents `[batch, C, latent_side, latent_side]`, `text_tokens` text
+    tokens, twice the batch with CFG. float32_ops: the ops autocast runs in float32 (CUDA's; tests pass CPU
+    autocast's)."""
     from diffusers import SD3Transformer2DModel
     from diffusers.utils import logging as diffusers_logging
 
     from fdfo.sd3 import add_lora
+    from fdfo.sd3_speed import LeverRuntime
 
     rows = batch * (2 if guidance else 1)
     verbosity = diffusers_logging.get_verbosity()
@@ -165,6 +181,7 @@ def sd3_activation_bytes(config: dict, *, batch: int, latent_side: int, text_tok
         diffusers_logging.set_verbosity(verbosity)
     with torch.device("meta"):
         model = add_lora(base, lora_rank, 2.0 * lora_rank)
+        LeverRuntime(model, amp_dtype, levers or SpeedLevers())
         x = torch.empty(rows, base.config.in_channels, latent_side, latent_side, dtype=model_dtype)
         inputs = dict(hidden_states=x, timestep=torch.empty(rows),
                       encoder_hidden_states=torch.empty(rows, text_tokens, base.config.joint_attention_dim,
@@ -186,7 +203,7 @@ def training_activation_bytes(policy, cfg, geom) -> int:
                                 latent_side=policy.latent_shape(cfg.sample.resolution)[-1], text_tokens=TEXT_TOKENS,
                                 model_dtype=policy.dtype, amp_dtype=policy.amp_dtype, lora_rank=cfg.lora_rank,
                                 guidance=cfg.sample.guidance_scale != 1.0,
-                                checkpointing=cfg.train.gradient_checkpointing)
+                                checkpointing=cfg.train.gradient_checkpointing, levers=policy.levers.levers)
 
 
 def activation_note(policy, cfg, geom) -> str:

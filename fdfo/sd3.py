@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from fdfo.sd3_speed import LeverRuntime, SpeedLevers
+
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"  # the default base model (training and generation)
 LORA_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -66,6 +68,11 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float):
     return model
 
 
+def base_dtype(device: torch.device) -> torch.dtype:
+    """The frozen base's default dtype: bf16 on CUDA (the authors'), float32 elsewhere (CPU has slow bf16 kernels)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 class SD3Policy:
     """The SD3 pipeline as a velocity field `v(x, sigma, cond)` plus prompt encoding and decoding.
 
@@ -73,16 +80,20 @@ class SD3Policy:
     """
 
     def __init__(self, pretrained: str, device: torch.device, lora_rank: int | None, lora_alpha: float = 0.0,
-                 guidance_scale: float = 1.0, amp_dtype: torch.dtype | None = None):
+                 guidance_scale: float = 1.0, amp_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
+                 levers: SpeedLevers | None = None):
         """lora_rank None: no trainable adapter, `transformer` is the plain pipeline transformer (generation, where a
-        published adapter is merged into it, see fdfo.generation)."""
+        published adapter is merged into it, see fdfo.generation). dtype: of the frozen base; default bf16 on CUDA,
+        float32 elsewhere (tests and the kernel census pass bf16 to follow the GPU's path on a CPU). levers: the
+        bit-identical speed levers (fdfo/sd3_speed.py; default all on)."""
         self.device = device
-        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.dtype = dtype or base_dtype(device)
         self.amp_dtype = amp_dtype
         self.guidance_scale = guidance_scale
         self.pipe = load_pipeline(pretrained, device, self.dtype)
         self.transformer = (self.pipe.transformer if lora_rank is None
                             else add_lora(self.pipe.transformer, lora_rank, lora_alpha))
+        self.levers = LeverRuntime(self.transformer, amp_dtype, levers or SpeedLevers())
         self.latent_channels = self.pipe.transformer.config.in_channels
         self._negative = None
         self._encode_fn = None
@@ -90,17 +101,18 @@ class SD3Policy:
     @classmethod
     def from_components(cls, transformer: torch.nn.Module, vae: torch.nn.Module, scheduler, device: torch.device,
                         lora_rank: int | None, lora_alpha: float = 0.0, guidance_scale: float = 1.0,
-                        amp_dtype: torch.dtype | None = None, encode_fn=None) -> SD3Policy:
+                        amp_dtype: torch.dtype | None = None, encode_fn=None,
+                        dtype: torch.dtype | None = None, levers: SpeedLevers | None = None) -> SD3Policy:
         """A policy from in-memory modules, no pipeline folder (benchmarks: random-init models of the real shapes).
 
         encode_fn(prompts) -> {"embeds": [B, S, D], "pooled": [B, D_pooled]} stands in for the text encoders.
-        The modules are frozen and moved to `device` in the policy dtype (bf16 on GPU, fp32 on CPU).
+        The modules are frozen and moved to `device` in the policy dtype (`dtype`; default bf16 on GPU, fp32 on CPU).
         """
         import types
 
         self = cls.__new__(cls)
         self.device = device
-        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.dtype = dtype or base_dtype(device)
         self.amp_dtype = amp_dtype
         self.guidance_scale = guidance_scale
         for module in (transformer, vae):
@@ -108,6 +120,7 @@ class SD3Policy:
         self.pipe = types.SimpleNamespace(transformer=transformer, vae=vae, scheduler=scheduler,
                                           vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
         self.transformer = transformer if lora_rank is None else add_lora(transformer, lora_rank, lora_alpha)
+        self.levers = LeverRuntime(self.transformer, amp_dtype, levers or SpeedLevers())
         self.latent_channels = transformer.config.in_channels
         self._negative = None
         self._encode_fn = encode_fn
@@ -275,3 +288,4 @@ class SD3Policy:
                              f"unexpected {list(result.unexpected_keys)[:3]}")
         for p in self.trainable_parameters():
             p.data = p.data.float()
+        self.levers.drop_casts()

@@ -86,7 +86,7 @@ fi
 # Parts in order of what users need most, so that a cut budget drops the least important ones.
 # 1. the bench at full SD3.5-M shape, 512 px, 40 steps, the paper's micro-batches of 6 (6 pairs, 2 optimizer steps:
 #    sample batch 6, train batch 6), 2 epochs with the second measured; the fp16 run also profiles one sampling
-#    forward and one training micro-batch (top 15 CUDA kernels, fdfo/bench_profile.py)
+#    forward and one training micro-batch (top 15 CUDA kernels, fdfo/bench/profile.py)
 BENCH=("$PY" -m fdfo.bench --pairs 6 --gradient-steps 2 --sample-batch 6 --train-batch 6 --steps 40 --resolution 512)
 part bench-fp16 130 "${BENCH[@]}" --precision fp16 --profile --out "$RES/bench-fp16.json"
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fdfo import bench
+from fdfo.bench import epoch, flops
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +77,10 @@ def test_peak_table_and_user_errors():
         bench.parse_args(["--pairs", "0"])
     with pytest.raises(ValueError, match="--resolution 100 must be a multiple of 16"):
         bench.parse_args(["--resolution", "100"])
-    with pytest.raises(ValueError, match="--decode-batch must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="--decode-batch 0 must be between 1 and 8"):
         bench.parse_args(["--decode-batch", "0"])
-    assert bench.bench_config(bench.parse_args(["--tiny", "--decode-batch", "1"])).sample.decode_batch_size == 1
+    assert bench.bench_config(bench.parse_args(["--tiny"])).sample.decode_batch_size == 1  # training's default
+    assert bench.bench_config(bench.parse_args(["--tiny", "--decode-batch", "3"])).sample.decode_batch_size == 3
 
 
 @pytest.mark.slow
@@ -102,7 +104,7 @@ def _pickscore_epoch(monkeypatch, tmp_path, overlap: bool) -> tuple[dict, dict, 
 
     seen: dict = {}
     threads: set = set()
-    sample_phase, train_phase = bench.sample_phase, bench.train_phase
+    sample_phase, train_phase = epoch.sample_phase, epoch.train_phase
     prepare = WeightedReward.prepare_components
 
     def sample_hook(policy, *args):
@@ -121,8 +123,8 @@ def _pickscore_epoch(monkeypatch, tmp_path, overlap: bool) -> tuple[dict, dict, 
 
     out = tmp_path / f"overlap{overlap}.json"
     with monkeypatch.context() as patch:  # undone on return: the next call wraps the originals again
-        patch.setattr(bench, "sample_phase", sample_hook)
-        patch.setattr(bench, "train_phase", train_hook)
+        patch.setattr(epoch, "sample_phase", sample_hook)
+        patch.setattr(epoch, "train_phase", train_hook)
         patch.setattr(WeightedReward, "prepare_components", prepare_hook)
         bench.main(["--tiny", "--reward", "pickscore", "--sample-batch", "1", "--steps", "2", "--gradient-steps", "1",
                     "--out", str(out)] + (["--overlap-rewards"] if overlap else []))
@@ -202,7 +204,7 @@ def _vit_params(width: int, mlp: int, layers: int) -> int:
 def test_vit_h14_builder_has_the_published_size():
     """CLIP ViT-H/14 by hand: 986,109,441 parameters; open_clip's docs/model_profile.csv lists ViT-H-14 as 986.11 M
     (image tower 632.08 M, text tower 354.03 M)."""
-    from fdfo import bench_reward
+    from fdfo.bench import reward as bench_reward
     from fdfo.tiny import tiny_clip_tokenizer
 
     model = bench_reward.clip_model(tiny=False, tokenizer=tiny_clip_tokenizer(), device="meta")
@@ -235,7 +237,7 @@ def test_reward_flops_on_meta_equal_a_real_forward_of_the_tiny_clip():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fdfo import bench_reward
+    from fdfo.bench import reward as bench_reward
     from fdfo.tiny import tiny_clip_tokenizer
 
     prompts = [f"prompt {i}" for i in range(3)]
@@ -253,7 +255,7 @@ def test_reward_flops_on_meta_equal_a_real_forward_of_the_tiny_clip():
 
 def test_vit_h14_image_flops_match_open_clip():
     """open_clip's docs/model_profile.csv: ViT-H-14 at 224 px, 334.59 GFLOP per image for the image tower."""
-    from fdfo import bench_reward
+    from fdfo.bench import reward as bench_reward
 
     assert bench_reward.count_flops(tiny=False, prompts=["prompt 0"])["reward_image"] / 1e9 == pytest.approx(
         334.59, abs=0.005)
@@ -276,7 +278,7 @@ def _t5_encoder_params(vocab, d_model, inner, d_ff, layers, heads, buckets=32):
 def test_side_models_have_the_published_sizes():
     """SD3.5-M's text encoders: CLIP-L/14 123.65 M, OpenCLIP bigG/14 694.66 M, T5 v1.1 XXL encoder 4.762 B parameters;
     held in bf16 (11.16 GB), PickScore in fp32 (3.94 GB)."""
-    from fdfo.bench_side import parameter_count, side_model_bytes, text_encoders
+    from fdfo.bench.side import parameter_count, side_model_bytes, text_encoders
 
     expected = [_clip_text_params(49408, 768, 3072, 12, 768), _clip_text_params(49408, 1280, 5120, 32, 1280),
                 _t5_encoder_params(32128, 4096, 64 * 64, 10240, 24, 64)]
@@ -289,7 +291,7 @@ def test_side_models_have_the_published_sizes():
 def test_holding_keeps_its_buffer_for_the_block_only():
     import weakref
 
-    from fdfo.bench_side import holding
+    from fdfo.bench.side import holding
 
     context = holding(64, torch.device("cpu"))
     buffer = context.__enter__()
@@ -301,7 +303,7 @@ def test_holding_keeps_its_buffer_for_the_block_only():
 
 
 def test_tiny_bench_holds_the_side_models_while_sampling(monkeypatch, tmp_path):
-    from fdfo import bench_side
+    from fdfo.bench import side as bench_side
 
     held = []
     real = bench_side.holding
@@ -310,7 +312,7 @@ def test_tiny_bench_holds_the_side_models_while_sampling(monkeypatch, tmp_path):
         held.append(nbytes)
         return real(nbytes, device)
 
-    monkeypatch.setattr(bench, "holding", spy)
+    monkeypatch.setattr(epoch, "holding", spy)
     record = bench.main(["--tiny", "--hold-side-models", "--out", str(tmp_path / "b.json")])
     sizes = bench_side.side_model_bytes(True, with_pickscore=True)
     assert record["side_models_gb"] == {k: v / 1e9 for k, v in sizes.items()}
@@ -345,8 +347,12 @@ BAD_FLAGS = [
     (["--sample-batch", "3"], r"--sample-batch 3 must divide --pairs 4; valid values: \[1, 2, 4\]"),
     (["--pairs", "4", "--train-batch", "0"], r"--train-batch 0 must divide the 2 samples per optimizer step"),
     (["--timesteps-per-sample", "41"], "--timesteps-per-sample 41 must be between 1 and --steps 40"),
+    (["--decode-batch", str(2**70)], r"--decode-batch 1180591620717411303424 must be between 1 and 8 \(2 x --pairs 4"),
+    (["--pairs", "2", "--gradient-steps", "2", "--decode-batch", "5"], "--decode-batch 5 must be between 1 and 4"),
     (["--memory-fraction", "nan"], r"--memory-fraction must be in \(0, 1\], got nan"),
     (["--out", ""], "--out is empty; give a file path"),
+    (["--levers", "fast"], "--levers 'fast': give all, none, or a comma-separated list of base-dtype, peft-cast, "
+                           "lora-cache, shared-cast"),
     (["--tiny", "--memory-fraction", "0.5"], "--memory-fraction caps CUDA memory and does nothing on a CPU"),
     (["--device", "cpu", "--memory-fraction", "0.5"], "--memory-fraction caps CUDA memory"),
 ]
@@ -354,8 +360,8 @@ BAD_FLAGS = [
 
 def test_every_flag_is_checked_with_the_bench_names(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("the bench ran"))
-    monkeypatch.setattr(bench, "flops_record", lambda args: pytest.fail("the FLOPs were counted"))
+    monkeypatch.setattr(epoch, "run", lambda args: pytest.fail("the bench ran"))
+    monkeypatch.setattr(flops, "flops_record", lambda args: pytest.fail("the FLOPs were counted"))
     for flags, message in BAD_FLAGS:
         with pytest.raises(ValueError, match=message) as error:
             bench.main(flags)
@@ -390,7 +396,7 @@ def test_cpu_summary_has_no_gpu_numbers(tiny_record, capsys):
 
 
 def test_out_is_written_whole_and_replaced(tiny_record, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(bench, "run", lambda args: tiny_record)
+    monkeypatch.setattr(epoch, "run", lambda args: tiny_record)
     out = tmp_path / "b.json"
     bench.main(["--tiny", "--out", str(out)])
     assert capsys.readouterr().out.endswith(f"wrote {out}\n") and json.loads(out.read_text()) == tiny_record

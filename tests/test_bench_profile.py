@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from fdfo import bench
-from fdfo.bench_profile import kernel_table, profile_markdown, short_name
+from fdfo.bench.profile import kernel_table, profile_markdown, short_name
 
 
 def _event(key, count, device_us, cpu_us, device_type):

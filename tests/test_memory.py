@@ -9,20 +9,23 @@ import torch
 from fdfo import tiny
 from fdfo.memory import AutocastEmulation, SavedTensorCount, count_saved, sd3_activation_bytes
 from fdfo.sd3 import add_lora
+from fdfo.sd3_speed import LeverRuntime, SpeedLevers
 
 TEXT = 205
 SIDE = 8
 
 
-def real_saved_bytes(batch: int, autocast: torch.dtype | None = None) -> int:
+def real_saved_bytes(batch: int, autocast: torch.dtype | None = None, dtype: torch.dtype = torch.float32,
+                     levers: SpeedLevers | None = None) -> int:
     """Bytes of the distinct non-parameter storages autograd saves in a real CPU forward of the tiny LoRA
-    transformer (fp32 weights): what the estimate predicts, measured with real tensors and real kernels (CPU SDPA
-    takes its flash path, which keeps q, k, v, out and the log-sum-exp)."""
+    transformer (base weights in `dtype`, the policy's speed levers): what the estimate predicts, measured with real
+    tensors and real kernels (CPU SDPA takes its flash path, which keeps q, k, v, out and the log-sum-exp)."""
     from diffusers import SD3Transformer2DModel
 
     cfg = dict(tiny.TRANSFORMER_CONFIG)
     torch.manual_seed(0)
-    model = add_lora(SD3Transformer2DModel(**cfg).requires_grad_(False), 4, 8)
+    model = add_lora(SD3Transformer2DModel(**cfg).to(dtype).requires_grad_(False), 4, 8)
+    LeverRuntime(model, autocast, levers or SpeedLevers())
     params = {p.data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -32,9 +35,10 @@ def real_saved_bytes(batch: int, autocast: torch.dtype | None = None) -> int:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    inputs = dict(hidden_states=torch.randn(batch, cfg["in_channels"], SIDE, SIDE), timestep=torch.ones(batch),
-                  encoder_hidden_states=torch.randn(batch, TEXT, cfg["joint_attention_dim"]),
-                  pooled_projections=torch.randn(batch, cfg["pooled_projection_dim"]))
+    inputs = dict(hidden_states=torch.randn(batch, cfg["in_channels"], SIDE, SIDE, dtype=dtype),
+                  timestep=torch.ones(batch),
+                  encoder_hidden_states=torch.randn(batch, TEXT, cfg["joint_attention_dim"], dtype=dtype),
+                  pooled_projections=torch.randn(batch, cfg["pooled_projection_dim"], dtype=dtype))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
             model(**inputs, return_dict=False)[0].float()
@@ -77,6 +81,41 @@ def test_autocast_keeps_the_cast_copies_backward_needs():
                 with AutocastEmulation(dtype):
                     layer(x)
             assert count_saved(layer, [], run).outside == expected
+
+
+def test_the_speed_levers_drop_the_cast_weight_copies_and_share_the_projection_inputs():
+    """With the base stored in the autocast dtype autograd keeps no cast copy of a frozen weight, and q, k, v's LoRA
+    A keep one copy of their shared input instead of three. On a real CPU autocast run (bf16 over an fp32 base: CPU
+    autocast cannot run fp16 over a bf16 base) the estimate's saving equals the measured one byte for byte, and the
+    weight lever alone drops a 2-byte copy of each frozen weight whose layer's input needs a gradient."""
+    none, bf16 = SpeedLevers.parse("none"), torch.bfloat16
+    real = real_saved_bytes(2, bf16, levers=none) - real_saved_bytes(2, bf16)
+    options = dict(amp_dtype=bf16, float32_ops=frozenset())
+    assert estimate(2, levers=none, **options) - estimate(2, **options) == real > 0
+    weights_only = estimate(2, levers=SpeedLevers.parse("base-dtype"), **options)
+    frozen = sum(2 * m.weight.numel() for m in _frozen_layers_whose_input_needs_a_gradient())
+    assert estimate(2, levers=none, **options) - weights_only == frozen > 0
+
+
+def _frozen_layers_whose_input_needs_a_gradient():
+    """The frozen Linear / Conv2d layers whose input requires grad in a training forward (autograd keeps their weight
+    for the input's gradient), seen on a real fp32 forward."""
+    from diffusers import SD3Transformer2DModel
+
+    model = add_lora(SD3Transformer2DModel(**tiny.TRANSFORMER_CONFIG).requires_grad_(False), 4, 8)
+    seen = []
+    lora_parts = {id(m) for n, m in model.named_modules() if ".lora_" in n}
+    frozen = [m for m in model.modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and id(m) not in lora_parts]
+    handles = [m.register_forward_pre_hook(lambda mod, args: seen.append(mod) if args[0].requires_grad else None)
+               for m in frozen]
+    cfg = tiny.TRANSFORMER_CONFIG
+    model(hidden_states=torch.randn(1, cfg["in_channels"], SIDE, SIDE), timestep=torch.ones(1),
+          encoder_hidden_states=torch.randn(1, TEXT, cfg["joint_attention_dim"]),
+          pooled_projections=torch.randn(1, cfg["pooled_projection_dim"]))
+    for handle in handles:
+        handle.remove()
+    return seen
 
 
 def test_fused_attention_keeps_qkv_output_and_logsumexp():

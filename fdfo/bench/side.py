@@ -51,7 +51,7 @@ def side_model_bytes(tiny: bool, with_pickscore: bool) -> dict[str, int]:
     and, when `with_pickscore` (the bench's stub reward stands in for it), PickScore in fp32."""
     sizes = {"text_encoders": 2 * sum(parameter_count(m) for m in text_encoders(tiny))}
     if with_pickscore:
-        from fdfo.bench_reward import clip_model
+        from fdfo.bench.reward import clip_model
         from fdfo.tiny import tiny_clip_tokenizer
 
         sizes["pickscore"] = 4 * parameter_count(clip_model(tiny, tiny_clip_tokenizer(), "meta"))

@@ -99,7 +99,7 @@ def report_markdown(folder: Path, skipped: list | None = None) -> str:
         lines.append("")
         for name, r, _ in records:
             if r.get("profile"):
-                from fdfo.bench_profile import profile_markdown
+                from fdfo.bench.profile import profile_markdown
 
                 lines += [f"### Profile of {name.removesuffix('.json')}", ""] + profile_markdown(r["profile"])
     notes = folder / "notes.md"  # how the run was made (commands, calls), kept beside its JSON files

@@ -93,7 +93,7 @@ def pickscore_reward(tiny: bool, device: torch.device, chunk_size: int):
 
 
 def count_flops(tiny: bool, prompts: list[str]) -> dict[str, float]:
-    """FLOPs of the scorer's CLIP forwards, counted without weights (meta device) as fdfo.bench.count_flops counts
+    """FLOPs of the scorer's CLIP forwards, counted without weights (meta device) as fdfo.bench.flops.count_flops counts
     the transformer: the image tower (+ projection) per image at the crop size, and the text tower (+ projection) per
     prompt at the length of `prompts` padded together (the scorer pads each chunk to its longest prompt)."""
     from torch.utils.flop_counter import FlopCounterMode

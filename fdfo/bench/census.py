@@ -1,0 +1,191 @@
+"""`python -m fdfo.bench --census`: the kernels one sampling forward and one training micro-batch launch on a GPU,
+counted on a CPU (docs/performance.md "Kernel census").
+
+The policy is built as train.py builds it (SD3Policy with its LoRA, speed_options with train.py's defaults) from
+SD3.5-Medium's transformer at its real shapes, on the meta device, then given fake tensors (no weights, no memory):
+bf16 base weights as on a GPU, fp32 LoRA. Two calls are counted, op by op below autocast (fdfo/bench/dispatch.py):
+- the sampling forward: `policy.velocity` under no_grad on 12 rows (a sampling batch of 6 pairs) of rollout states
+  as the bench's profile feeds it, the second call of its sampling phase (the first also casts the LoRA weights
+  that the `lora_cache` lever keeps while sampling), on fake cuda:0 tensors under CUDA autocast's own kernels;
+  and again on CPU fake tensors under the emulated op lists, which must give the same ops, dtypes and shapes
+  (`emulation_check`);
+- the training micro-batch: fdfo.phases._micro_batch on 6 items (forward, SPO loss, scaled backward, the
+  micro-batch's statistics) under the emulated op lists, since autograd refuses a backward on fake CUDA tensors.
+`kernel_ops` counts the ops that launch a kernel (not views); `casts` the dtype conversions among them; `gbytes`
+the bytes they read and write. With --tiny the same at the tiny model's shapes (what the tests use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fdfo.bench.dispatch import (
+    KINDS,
+    CudaOnCpuBuild,
+    OpCounter,
+    cuda_autocast,
+    emulated_autocast,
+    multiset,
+    summary,
+    to_fake,
+)
+from fdfo.bench.models import TEXT_TOKENS, build_models, model_configs
+from fdfo.sd3_speed import SpeedLevers
+
+SAMPLE_ROWS = 12  # one sampling batch of the paper's micro-batches: 6 pairs, 2 rows each
+TRAIN_ITEMS = 6  # one training micro-batch of the paper
+RESOLUTION = {False: 512, True: 64}  # SD3.5-M at the paper's 512 px; the tiny model at its 64 px
+AMP = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_policy(tiny: bool, precision: str, device: torch.device, fake: FakeTensorMode, levers: SpeedLevers):
+    """The policy as train.py builds it (fdfo/train_loop.py: SD3Policy, add_lora with the run's rank and alpha, the
+    speed levers, speed_options with the config's defaults), from the bench's models of the real shapes, built on the
+    meta device and then given fake tensors on `device`: bf16 base weights (as on a GPU), the run's autocast dtype."""
+    from fdfo.config import Config
+    from fdfo.sd3 import SD3Policy
+
+    cfg = Config()
+    rank, alpha = (8, 16.0) if tiny else (cfg.lora_rank, cfg.lora_alpha)  # the bench's ranks (fdfo/bench/epoch.py)
+    meta = torch.device("meta")
+    transformer, vae, scheduler = build_models(tiny, meta)
+    policy = SD3Policy.from_components(transformer, vae, scheduler, meta, rank, alpha, cfg.sample.guidance_scale,
+                                       AMP[precision], dtype=torch.bfloat16, levers=levers)
+    policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
+    to_fake(policy.transformer, fake, device)
+    policy.device = device
+    return policy
+
+
+def _inputs(policy, tiny: bool, rows: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Rollout states `[rows, C, h, w]` in the network's input dtype (as the rollouts store them and the bench's
+    profile feeds them), float32 noise levels, text embeddings in the base dtype; fake, on the policy's device."""
+    tcfg, _ = model_configs(tiny)
+    latent = policy.latent_shape(RESOLUTION[tiny])
+    device, dtype = policy.device, policy.dtype
+    cond = {"embeds": torch.empty(rows, TEXT_TOKENS, tcfg["joint_attention_dim"], device=device, dtype=dtype),
+            "pooled": torch.empty(rows, tcfg["pooled_projection_dim"], device=device, dtype=dtype)}
+    return torch.empty(rows, *latent, device=device, dtype=policy.input_dtype), torch.empty(rows, device=device), cond
+
+
+def sample_forward(tiny: bool, precision: str, exact: bool, levers: SpeedLevers | None = None) -> list:
+    """The ops of one sampling forward after the first of its sampling phase (which also makes the LoRA weight casts
+    kept while sampling, fdfo/sd3_speed.py); exact: fake cuda:0 tensors under CUDA autocast's kernels, else CPU fake
+    tensors under the emulated op lists."""
+    fake = FakeTensorMode()
+    device = torch.device("cuda:0" if exact else "cpu")
+    policy = build_policy(tiny, precision, device, fake, levers or SpeedLevers())
+    autocast = cuda_autocast if exact else emulated_autocast
+    policy.autocast = lambda: autocast(policy.amp_dtype)  # torch.autocast("cuda") turns itself off without a GPU
+    policy.transformer.eval()
+    with fake:
+        x, sigma, cond = _inputs(policy, tiny, SAMPLE_ROWS)
+        with torch.no_grad(), CudaOnCpuBuild() if exact else contextlib.nullcontext():
+            policy.velocity(x, sigma, cond)
+            with OpCounter() as counter:
+                policy.velocity(x, sigma, cond)
+    return counter.ops
+
+
+def _training_set(policy, tiny: bool, items: int):
+    """A fake TrainingSet of `items` rows (one micro-batch), its tensors in the dtypes train.py gives them."""
+    from fdfo.phases import TrainingSet
+
+    x, _, cond = _inputs(policy, tiny, items)
+    steps = 40
+    index = torch.zeros(items, dtype=torch.long)
+    return TrainingSet(items=torch.arange(items), states=x, velocities=torch.empty_like(x),
+                       sigmas=torch.empty(steps + 1), timestep=index, sample=index, prompt=index,
+                       dx=torch.empty(items, *x.shape[1:]), dR=torch.empty(items), cond=cond,
+                       steps=[torch.arange(items)], invalid_pairs=0)
+
+
+def train_micro_batch(tiny: bool, precision: str, levers: SpeedLevers | None = None) -> list:
+    """The ops of one training micro-batch (fdfo.phases._micro_batch) on CPU fake tensors under the emulated op
+    lists, with train.py's grad scaler."""
+    from fdfo.config import Config
+    from fdfo.phases import _micro_batch
+
+    fake = FakeTensorMode()
+    policy = build_policy(tiny, precision, torch.device("cpu"), fake, levers or SpeedLevers())
+    policy.autocast = lambda: emulated_autocast(policy.amp_dtype)
+    policy.transformer.train()
+    with fake:
+        data = _training_set(policy, tiny, TRAIN_ITEMS)
+        scaler = torch.amp.GradScaler("cpu", enabled=policy.amp_dtype == torch.float16)
+        with OpCounter() as counter:
+            _micro_batch(policy, policy.transformer, scaler, data, data.steps[0], Config(), TRAIN_ITEMS)
+    return counter.ops
+
+
+def _phases(ops: list) -> dict:
+    """forward (with the loss and its scaling), backward, and the statistics after it."""
+    first = next((i for i, op in enumerate(ops) if op.backward), len(ops))
+    last = max((i for i, op in enumerate(ops) if op.backward), default=first - 1)
+    return {"forward": summary(ops[:first]), "backward": summary(ops[first:last + 1]),
+            "statistics": summary(ops[last + 1:])}
+
+
+def emulation_check(exact: list, emulated: list) -> dict:
+    """Whether the emulated op lists give the sampling forward the exact run's ops (name, dtypes and shapes in and
+    out): as a multiset, and in the same order."""
+    a, b = multiset(exact), multiset(emulated)
+    differences = [dict(op=key[0], exact=a.get(key, 0), emulated=b.get(key, 0))
+                   for key in sorted(set(a) | set(b), key=str) if a.get(key, 0) != b.get(key, 0)]
+    same_order = [(op.name, op.inputs, op.outputs) for op in exact] == [(op.name, op.inputs, op.outputs)
+                                                                        for op in emulated]
+    return {"same_multiset": not differences, "same_sequence": same_order, "exact_aten_ops": len(exact),
+            "emulated_aten_ops": len(emulated), "differences": differences[:20]}
+
+
+def census(precision: str = "fp16", tiny: bool = False, levers: SpeedLevers | None = None) -> dict:
+    """The census record (module docstring), with the cost model's H200 prediction (fdfo/bench/cost.py; not for
+    --tiny: it is calibrated at SD3.5-M's shapes)."""
+    from fdfo.bench.cost import cost_record
+
+    levers = levers or SpeedLevers()
+    exact = sample_forward(tiny, precision, True, levers)
+    emulated = sample_forward(tiny, precision, False, levers)
+    training = train_micro_batch(tiny, precision, levers)
+    tcfg, _ = model_configs(tiny)
+    shape = dict(model="tiny" if tiny else "SD3.5-Medium", resolution=RESOLUTION[tiny], text_tokens=TEXT_TOKENS,
+                 blocks=tcfg["num_layers"], sample_rows=SAMPLE_ROWS, train_items=TRAIN_ITEMS)
+    record = {"precision": precision, "levers": levers.names(), "shape": shape, "sample_forward": summary(exact),
+              "train_micro_batch": summary(training) | _phases(training),
+              "emulation_check": emulation_check(exact, emulated)}
+    if not tiny:  # calibrated on the census of the profiled code: fp16, no levers
+        profiled = SpeedLevers.parse("none")
+        calibration = (exact, training) if (precision, levers) == ("fp16", profiled) else (
+            sample_forward(False, "fp16", True, profiled), train_micro_batch(False, "fp16", profiled))
+        record["cost_model"] = cost_record(exact, training, calibration)
+    return record
+
+
+def census_lines(record: dict) -> list[str]:
+    """The census as a table: kernel ops, casts, aten ops and GB per call, then kernels per class."""
+    s, t = record["sample_forward"], record["train_micro_batch"]
+    rows = [("sampling forward", s), ("training micro-batch", t), ("  forward + loss", t["forward"]),
+            ("  backward", t["backward"]), ("  statistics", t["statistics"])]
+    shape = record["shape"]
+    levers = ", ".join(record["levers"]) or "none"
+    lines = [f"kernel census, {record['precision']}, {shape['model']} at {shape['resolution']} px "
+             f"({shape['sample_rows']} sampling rows, micro-batch of {shape['train_items']}), levers: {levers}",
+             f"{'':22}{'kernels':>9}{'casts':>8}{'aten ops':>10}{'GB':>9}"]
+    lines += [f"{name:22}{c['kernel_ops']:>9,}{c['casts']:>8,}{c['aten_ops']:>10,}{c['gbytes']:>9.2f}"
+              for name, c in rows]
+    lines.append(f"{'kernels by class':22}" + "".join(f"{k[:11]:>12}" for k in ("sampling", "training")))
+    for kind in KINDS:
+        counts = [c["by_kind"].get(kind, {}).get("ops", 0) for c in (s, t)]
+        if any(counts):
+            lines.append(f"  {kind:20}" + "".join(f"{n:>12,}" for n in counts))
+    check = record["emulation_check"]
+    lines.append(f"emulated op lists give the exact sampling forward: {check['same_multiset']} "
+                 f"({check['exact_aten_ops']:,} aten ops)")
+    if "cost_model" in record:
+        from fdfo.bench.cost import cost_lines
+
+        lines += cost_lines(record["cost_model"])
+    return lines
