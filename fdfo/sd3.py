@@ -172,8 +172,9 @@ class SD3Policy:
         clamped, under the training autocast as the authors run them (fp16 by default: the VAE's first layer sees
         fp16 latents, and the images come out with fp16 values); without autocast in the VAE's own dtype.
 
-        batch_size: images per VAE call (--sample.decode-batch-size); default all B at once. Every operation of the
-        VAE decoder works per image, so smaller calls only lower the peak memory of the decode.
+        batch_size: images per VAE call (--sample.decode-batch-size, 1 by default as the authors' training); None: all
+        B at once. Every operation of the VAE decoder works per image, so the batch size changes the decode's peak
+        memory and the kernels' rounding (docs/performance.md), not the math.
         """
         vae = self.pipe.vae
         latents = latents.float() / vae.config.scaling_factor + vae.config.shift_factor
