@@ -370,7 +370,11 @@ def load_generator(checkpoint: str | Checkpoint | None, pretrained_model: str | 
     else:
         source = "the default: the checkpoint records no guidance scale"
     if base is None:
+        from fdfo.threads import single_thread_if_tiny
+        from fdfo.tiny import TINY_SD3
+
         ensure_hub_reachable([pretrained_model])
+        single_thread_if_tiny(pretrained_model == TINY_SD3)  # generate.py, metrics.py on the tiny model: one thread
         base = BaseModel(pretrained_model, device or dist.init())
     elif base.pretrained_model != pretrained_model:
         raise ValueError(f"the shared base model is {base.pretrained_model}, not {pretrained_model}")

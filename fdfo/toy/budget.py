@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fdfo.cli import tool_main
 from fdfo.outputs import check_output_path, save_figure, write_text
+from fdfo.threads import single_thread_if_tiny
 from fdfo.toy.checks import strict_json
 from fdfo.toy.run import run
 from fdfo.toy.sweep import FRESH_SEEDS, GRID, SETTINGS, best_reward, evals_to_reach, method_config
@@ -208,6 +209,7 @@ def budget_runs(cfg: BudgetConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    single_thread_if_tiny(True)  # toy flows: one CPU thread unless OMP_NUM_THREADS is set (fdfo/threads.py)
     tool_main(BudgetConfig, budget_runs, "python -m fdfo.toy.budget", __doc__, argv)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fdfo.cli import tool_main
 from fdfo.outputs import check_output_path, save_figure, write_text
+from fdfo.threads import single_thread_if_tiny
 from fdfo.toy.checks import strict_json
 from fdfo.toy.sweep import SETTINGS, best_reward
 
@@ -165,6 +166,7 @@ def diversity(cfg: DiversityConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    single_thread_if_tiny(True)  # toy flows: one CPU thread unless OMP_NUM_THREADS is set (fdfo/threads.py)
     tool_main(DiversityConfig, diversity, "python -m fdfo.toy.diversity", __doc__, argv)
 
 
