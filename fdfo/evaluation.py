@@ -60,10 +60,12 @@ dreamsim_diversity; redness, brightness (analytic, no download: smoke runs); you
 checkpoints, else stabilityai/stable-diffusion-3.5-medium."""
     guidance_scale: float | None = None
     """CFG scale; default: the one the checkpoint was trained with (1.0 for the base model)."""
-    num_steps: int = 40
-    """Euler steps per image."""
-    resolution: int = 512
-    """Image height and width in pixels (a multiple of 16)."""
+    num_steps: int | None = None
+    """Euler steps per image; default 40, or on the built-in tiny model (builtin:tiny-sd3, e.g. a smoke run's
+    checkpoint) the steps the checkpoint was trained with (else 6)."""
+    resolution: int | None = None
+    """Image height and width in pixels (a multiple of 16); default 512, or on the built-in tiny model the checkpoint's
+    training size (else 64)."""
     batch_size: int = 8
     """Images generated (and scored) together on each GPU; does not change the images."""
     seed: int | None = None
@@ -83,7 +85,8 @@ checkpoints, else stabilityai/stable-diffusion-3.5-medium."""
     compare: str | None = None
     """A second checkpoint (any form --checkpoint takes; "base" for the base model) to score on the same prompts and \
 seeds: reports per metric the mean difference (checkpoint - compare), its 95 % interval and a paired t-test's \
-p-value. Its guidance scale is its own default unless --guidance-scale is given (then both use it)."""
+p-value. Its guidance scale is its own default unless --guidance-scale is given (then both use it); its steps and \
+size are the checkpoint's."""
     reward: RewardConfig = field(default_factory=RewardConfig)
 
 
@@ -145,11 +148,12 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
         if getattr(cfg.reward, option) != getattr(defaults, option):
             raise ValueError(f"{flag} {getattr(cfg.reward, option)!r} is a train.py option; metrics.py computes the "
                              f"--metrics it is given and would ignore it: leave it out.")
-    if cfg.batch_size < 1 or cfg.num_steps < 1:
+    if cfg.batch_size < 1 or (cfg.num_steps is not None and cfg.num_steps < 1):
         raise ValueError(f"--batch-size and --num-steps must be >= 1, got {cfg.batch_size} and {cfg.num_steps}.")
     from fdfo.generation import check_guidance_scale, check_resolution
 
-    check_resolution(cfg.resolution)
+    if cfg.resolution is not None:
+        check_resolution(cfg.resolution)
     check_guidance_scale(cfg.guidance_scale)
     if cfg.out:
         check_output_path("--out", Path(cfg.out), folder=False)
@@ -203,8 +207,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                                guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, resolution=cfg.resolution)
     other = None
     if cfg.compare is not None:
-        other = load_generator(compare, base=generator.base, device=device,
-                               guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, resolution=cfg.resolution)
+        other = load_generator(compare, base=generator.base, device=device, guidance_scale=cfg.guidance_scale,
+                               num_steps=generator.num_steps, resolution=generator.resolution)  # A's: paired images
     scorer = build_metrics(reward_names, cfg.reward, device) if reward_names else None
     embedder = None
     if want_diversity:

@@ -99,6 +99,17 @@ def sampling_defaults(checkpoints: Iterable[Checkpoint], pretrained_model: str, 
             f"{which}: {default[2]}")
 
 
+def sampling_note(checkpoint: Checkpoint, num_steps: int | None, resolution: int | None) -> str | None:
+    """One line when requested steps or size differ from what `checkpoint` records it was trained at, else None."""
+    differ = [(given, trained, unit) for given, trained, unit in ((resolution, checkpoint.resolution, "px"),
+                                                                   (num_steps, checkpoint.num_steps, "steps"))
+              if given is not None and trained is not None and given != trained]
+    if not differ:
+        return None
+    return (f"{checkpoint.description} was trained at {' and '.join(f'{t} {u}' for _, t, u in differ)}; sampling it "
+            f"at {' and '.join(f'{g} {u}' for g, _, u in differ)} gives images it was not trained on")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Adapters
 
@@ -358,6 +369,8 @@ def load_generator(checkpoint: str | Checkpoint | None, pretrained_model: str | 
     recorded = ckpt.pretrained_model
     if pretrained_model is None:
         pretrained_model = base.pretrained_model if base is not None else choose_base_model([ckpt])
+    if (note := sampling_note(ckpt, num_steps, resolution)) is not None:
+        dist.warn0(note)
     num_steps, resolution, sampling_source = sampling_defaults([ckpt], pretrained_model, num_steps, resolution)
     if recorded is not None and recorded != pretrained_model:
         dist.warn0(f"{ckpt.description} was trained on {recorded}, but the base model is {pretrained_model}")

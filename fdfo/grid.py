@@ -197,9 +197,12 @@ def generate_grid(cfg) -> Path:
     seeds = [cfg.seed + index for index in range(len(grid_prompts))]
     generators = []
     for ckpt in checkpoints:  # all adapters are checked against the model before any sampling
+        first = generators[0] if generators else None  # the blocks share the first one's steps and size
         with dist.rank0_first():
-            generators.append(load_generator(ckpt, pretrained, device, cfg.guidance_scale, cfg.num_steps,
-                                             cfg.resolution, base=generators[0].base if generators else None))
+            generators.append(load_generator(ckpt, pretrained, device, cfg.guidance_scale,
+                                             first.num_steps if first else cfg.num_steps,
+                                             first.resolution if first else cfg.resolution,
+                                             base=first.base if first else None))
         dist.print0(describe(generators[-1]))
     blocks = []
     with tqdm(total=len(generators) * len(grid_prompts), desc="images", disable=dist.get_rank() != 0) as bar:
