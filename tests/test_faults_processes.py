@@ -67,8 +67,10 @@ def test_a_rank_whose_peer_stopped_first_ends_with_one_line(tmp_path):
         2, ["error: rank 0 refuses its settings"])
     assert code1 == 2 and "Traceback" not in err1, err1[-3000:]
     (line,) = [line for line in err1.splitlines() if line.startswith("error: ")]
-    assert line.startswith("error: rank 1 lost the connection to another process of this run (Connection closed by "
-                           "peer [127.0.0.1]:"), line
+    # gloo's words depend on when the connection went: "Connection closed by peer [127.0.0.1]:P", or under load
+    # "Read error [127.0.0.1]:P: Connection reset by peer"
+    assert line.startswith("error: rank 1 lost the connection to another process of this run ("), line
+    assert "[127.0.0.1]:" in line and "by peer" in line, line
     assert line.endswith("): another rank stopped first (its own message says why), or the network between them "
                          "failed"), line
 
