@@ -189,7 +189,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Generate, score and aggregate; rank 0 prints the table and writes --out / --save-images/index.jsonl.
     Returns the results (the same dict on every rank). With --compare, both checkpoints are scored on the same
     prompts and seeds (one base model in memory) and the results hold both and their paired differences."""
-    from fdfo.generation import describe, load_generator
+    from fdfo.generation import describe, load_generator, shared_settings
     from fdfo.hub import resolve_checkpoint
 
     start = time.perf_counter()
@@ -203,12 +203,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     with distributed.rank0_first():  # both checkpoints found and checked (recorded SHA-256) before any model loads
         checkpoint = resolve_checkpoint(cfg.checkpoint)
         compare = resolve_checkpoint(cfg.compare) if cfg.compare is not None else None
-    generator = load_generator(checkpoint, pretrained_model=cfg.pretrained_model, device=device,
-                               guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, resolution=cfg.resolution)
+    # both sides at the same steps and size (on the tiny model: what a checkpoint was trained at)
+    pretrained, steps, size, why = shared_settings([c for c in (checkpoint, compare) if c is not None],
+                                                   cfg.pretrained_model, cfg.num_steps, cfg.resolution)
+    generator = load_generator(checkpoint, pretrained, device, cfg.guidance_scale, steps, size)
     other = None
     if cfg.compare is not None:
-        other = load_generator(compare, base=generator.base, device=device, guidance_scale=cfg.guidance_scale,
-                               num_steps=generator.num_steps, resolution=generator.resolution)  # A's: paired images
+        other = load_generator(compare, base=generator.base, guidance_scale=cfg.guidance_scale, num_steps=steps,
+                               resolution=size)
+    for gen in (generator, other) if other is not None else (generator,):
+        gen.sampling_source = why
     scorer = build_metrics(reward_names, cfg.reward, device) if reward_names else None
     embedder = None
     if want_diversity:

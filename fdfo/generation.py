@@ -99,6 +99,15 @@ def sampling_defaults(checkpoints: Iterable[Checkpoint], pretrained_model: str, 
             f"{which}: {default[2]}")
 
 
+def shared_settings(checkpoints: list[Checkpoint], pretrained_model: str | None = None, num_steps: int | None = None,
+                    resolution: int | None = None) -> tuple[str, int, int, str]:
+    """(base model, num_steps, resolution, why) for checkpoints sampled together (a grid's blocks side by side, the
+    two sides of metrics.py --compare): `choose_base_model` and `sampling_defaults` over them all, so that every one
+    is sampled at the same steps and size (a tiny model's: those of the first checkpoint that records its training)."""
+    pretrained = choose_base_model(checkpoints, pretrained_model)
+    return (pretrained, *sampling_defaults(checkpoints, pretrained, num_steps, resolution))
+
+
 def sampling_note(checkpoint: Checkpoint, num_steps: int | None, resolution: int | None) -> str | None:
     """One line when requested steps or size differ from what `checkpoint` records it was trained at, else None."""
     differ = [(given, trained, unit) for given, trained, unit in ((resolution, checkpoint.resolution, "px"),
@@ -410,4 +419,4 @@ def describe(gen: ImageSampler) -> str:
 
 
 __all__ = ["Adapter", "BaseModel", "ImageSampler", "choose_base_model", "describe", "load_generator", "read_adapter",
-           "resolve_guidance"]
+           "resolve_guidance", "shared_settings"]

@@ -168,7 +168,7 @@ def generate_grid(cfg) -> Path:
     from tqdm import tqdm
 
     from fdfo.cli import check_device
-    from fdfo.generation import check_guidance_scale, check_resolution, choose_base_model, describe, load_generator
+    from fdfo.generation import check_guidance_scale, check_resolution, describe, load_generator, shared_settings
     from fdfo.hub import resolve_checkpoint
     from fdfo.prompts import load_prompts
 
@@ -190,19 +190,17 @@ def generate_grid(cfg) -> Path:
     device = dist.init(cfg.device)
     with dist.rank0_first():  # rank 0 downloads into the shared cache first
         checkpoints = [resolve_checkpoint(spec) for spec in (cfg.checkpoint or [None])]
-    pretrained = choose_base_model(checkpoints, cfg.pretrained_model)
+    pretrained, steps, size, why = shared_settings(checkpoints, cfg.pretrained_model, cfg.num_steps, cfg.resolution)
 
     per_prompt = cfg.grid_rows * cfg.grid_cols
     grid_prompts = [p for p in prompts for _ in range(per_prompt)]
     seeds = [cfg.seed + index for index in range(len(grid_prompts))]
     generators = []
     for ckpt in checkpoints:  # all adapters are checked against the model before any sampling
-        first = generators[0] if generators else None  # the blocks share the first one's steps and size
         with dist.rank0_first():
-            generators.append(load_generator(ckpt, pretrained, device, cfg.guidance_scale,
-                                             first.num_steps if first else cfg.num_steps,
-                                             first.resolution if first else cfg.resolution,
-                                             base=first.base if first else None))
+            generators.append(load_generator(ckpt, pretrained, device, cfg.guidance_scale, steps, size,
+                                             base=generators[0].base if generators else None))
+        generators[-1].sampling_source = why
         dist.print0(describe(generators[-1]))
     blocks = []
     with tqdm(total=len(generators) * len(grid_prompts), desc="images", disable=dist.get_rank() != 0) as bar:

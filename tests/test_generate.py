@@ -531,13 +531,13 @@ def test_a_smoke_checkpoint_is_sampled_at_its_training_steps_and_size(hub, tmp_p
     assert (again.num_steps, again.resolution) == (2, 48)
 
     out = tmp_path / "grid.png"
-    generate_grid(GenerateConfig(checkpoint=(str(run), "base"), out=str(out), num_prompts=1, grid_cols=1,
+    generate_grid(GenerateConfig(checkpoint=("base", str(run)), out=str(out), num_prompts=1, grid_cols=1,
                                  device="cpu"))
-    assert Image.open(out).size == GridLayout(2, 1, 1, 1, 48).size  # the base model beside it at the same size
+    assert Image.open(out).size == GridLayout(2, 1, 1, 1, 48).size  # the base model beside it, at its size
     printed = capsys.readouterr().out
-    assert "2 Euler steps, 48 px (steps and size: the training run's)" in printed
+    assert printed.count("2 Euler steps, 48 px (steps and size: the training run's)") == 2
     assert "base model on builtin:tiny-sd3: guidance scale 1 (the default: the checkpoint records no guidance " \
-           "scale), 2 Euler steps, 48 px\n" in printed
+           "scale), 2 Euler steps, 48 px" in printed
 
 
 def test_metrics_py_evaluates_a_smoke_checkpoint_at_its_training_steps_and_size(hub, tmp_path, capsys):
