@@ -97,14 +97,21 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def guarded(fn: Callable[[], object]) -> None:
-    """Run `fn`; a user error becomes `error: <message>` on stderr and exit status 2; Ctrl-C / SIGTERM one
-    `interrupted` line and 130 / 143."""
+    """Run `fn`; a user error becomes `error: <message>` on stderr and exit status 2, as does a lost connection to
+    another process of a torchrun launch (fdfo.distributed.lost_peer); Ctrl-C / SIGTERM one `interrupted` line and
+    130 / 143."""
     import signal
 
     try:
         fn()
     except USER_ERRORS as e:
         fail(str(e))
+    except RuntimeError as e:  # another process of a torchrun launch went away: one line, not a traceback
+        from fdfo.distributed import lost_peer
+
+        if (line := lost_peer(e)) is None:
+            raise
+        fail(line)
     except (Interrupted, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         hint = getattr(e, "hint", "")

@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import math
 import os
+import re
 import sys
 import warnings
 from typing import Any, Iterator
@@ -51,6 +52,26 @@ def init(device: str | None = None, timeout_s: float = 1800.0) -> torch.device:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
         print0(f"process group: {backend}, world size {get_world_size()}")
     return dev
+
+
+# What gloo and NCCL say when another process of the run went away: it stopped first (torchrun stops the others a moment
+# later, and a rank still joining the group or in a collective may see the closed connection before that), or the
+# network between them failed
+PEER_GONE = ("closed by peer", "reset by peer", "broken pipe", "remote process exited")
+
+
+def lost_peer(e: BaseException) -> str | None:
+    """One line for the error a rank of a multi-process run gets when another process went away (gloo's
+    "Connection closed by peer" while joining the group or in a collective, NCCL's remote error); None for any other
+    error, which keeps its traceback."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    lowered = text.lower()
+    if (not isinstance(e, RuntimeError) or get_world_size() < 2 or not ("gloo" in lowered or "nccl" in lowered)
+            or not any(k in lowered for k in PEER_GONE)):
+        return None
+    detail = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text).split(" This is typically")[0].strip()
+    return (f"rank {get_rank()} lost the connection to another process of this run ({detail}): another rank stopped "
+            f"first (its own message says why), or the network between them failed")
 
 
 def shutdown() -> None:

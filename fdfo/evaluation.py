@@ -61,10 +61,12 @@ dreamsim_diversity; redness, brightness (analytic, no download: smoke runs); you
 checkpoints, else stabilityai/stable-diffusion-3.5-medium."""
     guidance_scale: float | None = None
     """CFG scale; default: the one the checkpoint was trained with (1.0 for the base model)."""
-    num_steps: int = 40
-    """Euler steps per image."""
-    resolution: int = 512
-    """Image height and width in pixels (a multiple of 16)."""
+    num_steps: int | None = None
+    """Euler steps per image; default 40, or on the built-in tiny model (builtin:tiny-sd3, e.g. a smoke run's
+    checkpoint) the steps the checkpoint was trained with (else 6)."""
+    resolution: int | None = None
+    """Image height and width in pixels (a multiple of 16); default 512, or on the built-in tiny model the checkpoint's
+    training size (else 64)."""
     batch_size: int = 8
     """Images generated (and scored) together on each GPU; does not change the images."""
     seed: int | None = None
@@ -84,7 +86,8 @@ checkpoints, else stabilityai/stable-diffusion-3.5-medium."""
     compare: str | None = None
     """A second checkpoint (any form --checkpoint takes; "base" for the base model) to score on the same prompts and \
 seeds: reports per metric the mean difference (checkpoint - compare), its 95 % interval and a paired t-test's \
-p-value. Its guidance scale is its own default unless --guidance-scale is given (then both use it)."""
+p-value. Its guidance scale is its own default unless --guidance-scale is given (then both use it); its steps and \
+size are the checkpoint's."""
     reward: RewardConfig = field(default_factory=RewardConfig)
 
 
@@ -146,11 +149,12 @@ def check_config(cfg: EvalConfig) -> tuple[list[str], bool]:
         if getattr(cfg.reward, option) != getattr(defaults, option):
             raise ValueError(f"{flag} {getattr(cfg.reward, option)!r} is a train.py option; metrics.py computes the "
                              f"--metrics it is given and would ignore it: leave it out.")
-    if cfg.batch_size < 1 or cfg.num_steps < 1:
+    if cfg.batch_size < 1 or (cfg.num_steps is not None and cfg.num_steps < 1):
         raise ValueError(f"--batch-size and --num-steps must be >= 1, got {cfg.batch_size} and {cfg.num_steps}.")
     from fdfo.generation import check_guidance_scale, check_resolution
 
-    check_resolution(cfg.resolution)
+    if cfg.resolution is not None:
+        check_resolution(cfg.resolution)
     check_guidance_scale(cfg.guidance_scale)
     if cfg.out:
         check_output_path("--out", Path(cfg.out), folder=False)
@@ -186,7 +190,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Generate, score and aggregate; rank 0 prints the table and writes --out / --save-images/index.jsonl.
     Returns the results (the same dict on every rank). With --compare, both checkpoints are scored on the same
     prompts and seeds (one base model in memory) and the results hold both and their paired differences."""
-    from fdfo.generation import describe, load_generator
+    from fdfo.generation import describe, load_generator, shared_settings
     from fdfo.hub import resolve_checkpoint
 
     start = time.perf_counter()
@@ -200,12 +204,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     with distributed.rank0_first():  # both checkpoints found and checked (recorded SHA-256) before any model loads
         checkpoint = resolve_checkpoint(cfg.checkpoint)
         compare = resolve_checkpoint(cfg.compare) if cfg.compare is not None else None
-    generator = load_generator(checkpoint, pretrained_model=cfg.pretrained_model, device=device,
-                               guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, resolution=cfg.resolution)
+    # both sides at the same steps and size (on the tiny model: what a checkpoint was trained at)
+    pretrained, steps, size, why = shared_settings([c for c in (checkpoint, compare) if c is not None],
+                                                   cfg.pretrained_model, cfg.num_steps, cfg.resolution)
+    generator = load_generator(checkpoint, pretrained, device, cfg.guidance_scale, steps, size)
     other = None
     if cfg.compare is not None:
-        other = load_generator(compare, base=generator.base, device=device,
-                               guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, resolution=cfg.resolution)
+        other = load_generator(compare, base=generator.base, guidance_scale=cfg.guidance_scale, num_steps=steps,
+                               resolution=size)
+    for gen in (generator, other) if other is not None else (generator,):
+        gen.sampling_source = why
     scorer = build_metrics(reward_names, cfg.reward, device) if reward_names else None
     embedder = None
     if want_diversity:

@@ -99,6 +99,26 @@ def sampling_defaults(checkpoints: Iterable[Checkpoint], pretrained_model: str, 
             f"{which}: {default[2]}")
 
 
+def shared_settings(checkpoints: list[Checkpoint], pretrained_model: str | None = None, num_steps: int | None = None,
+                    resolution: int | None = None) -> tuple[str, int, int, str]:
+    """(base model, num_steps, resolution, why) for checkpoints sampled together (a grid's blocks side by side, the
+    two sides of metrics.py --compare): `choose_base_model` and `sampling_defaults` over them all, so that every one
+    is sampled at the same steps and size (a tiny model's: those of the first checkpoint that records its training)."""
+    pretrained = choose_base_model(checkpoints, pretrained_model)
+    return (pretrained, *sampling_defaults(checkpoints, pretrained, num_steps, resolution))
+
+
+def sampling_note(checkpoint: Checkpoint, num_steps: int | None, resolution: int | None) -> str | None:
+    """One line when requested steps or size differ from what `checkpoint` records it was trained at, else None."""
+    differ = [(given, trained, unit) for given, trained, unit in ((resolution, checkpoint.resolution, "px"),
+                                                                   (num_steps, checkpoint.num_steps, "steps"))
+              if given is not None and trained is not None and given != trained]
+    if not differ:
+        return None
+    return (f"{checkpoint.description} was trained at {' and '.join(f'{t} {u}' for _, t, u in differ)}; sampling it "
+            f"at {' and '.join(f'{g} {u}' for g, _, u in differ)} gives images it was not trained on")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Adapters
 
@@ -358,6 +378,8 @@ def load_generator(checkpoint: str | Checkpoint | None, pretrained_model: str | 
     recorded = ckpt.pretrained_model
     if pretrained_model is None:
         pretrained_model = base.pretrained_model if base is not None else choose_base_model([ckpt])
+    if (note := sampling_note(ckpt, num_steps, resolution)) is not None:
+        dist.warn0(note)
     num_steps, resolution, sampling_source = sampling_defaults([ckpt], pretrained_model, num_steps, resolution)
     if recorded is not None and recorded != pretrained_model:
         dist.warn0(f"{ckpt.description} was trained on {recorded}, but the base model is {pretrained_model}")
@@ -370,7 +392,11 @@ def load_generator(checkpoint: str | Checkpoint | None, pretrained_model: str | 
     else:
         source = "the default: the checkpoint records no guidance scale"
     if base is None:
+        from fdfo.threads import single_thread_if_tiny
+        from fdfo.tiny import TINY_SD3
+
         ensure_hub_reachable([pretrained_model])
+        single_thread_if_tiny(pretrained_model == TINY_SD3)  # generate.py, metrics.py on the tiny model: one thread
         base = BaseModel(pretrained_model, device or dist.init())
     elif base.pretrained_model != pretrained_model:
         raise ValueError(f"the shared base model is {base.pretrained_model}, not {pretrained_model}")
@@ -393,4 +419,4 @@ def describe(gen: ImageSampler) -> str:
 
 
 __all__ = ["Adapter", "BaseModel", "ImageSampler", "choose_base_model", "describe", "load_generator", "read_adapter",
-           "resolve_guidance"]
+           "resolve_guidance", "shared_settings"]

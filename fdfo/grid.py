@@ -168,7 +168,7 @@ def generate_grid(cfg) -> Path:
     from tqdm import tqdm
 
     from fdfo.cli import check_device
-    from fdfo.generation import check_guidance_scale, check_resolution, choose_base_model, describe, load_generator
+    from fdfo.generation import check_guidance_scale, check_resolution, describe, load_generator, shared_settings
     from fdfo.hub import resolve_checkpoint
     from fdfo.prompts import load_prompts
 
@@ -190,7 +190,7 @@ def generate_grid(cfg) -> Path:
     device = dist.init(cfg.device)
     with dist.rank0_first():  # rank 0 downloads into the shared cache first
         checkpoints = [resolve_checkpoint(spec) for spec in (cfg.checkpoint or [None])]
-    pretrained = choose_base_model(checkpoints, cfg.pretrained_model)
+    pretrained, steps, size, why = shared_settings(checkpoints, cfg.pretrained_model, cfg.num_steps, cfg.resolution)
 
     per_prompt = cfg.grid_rows * cfg.grid_cols
     grid_prompts = [p for p in prompts for _ in range(per_prompt)]
@@ -198,8 +198,9 @@ def generate_grid(cfg) -> Path:
     generators = []
     for ckpt in checkpoints:  # all adapters are checked against the model before any sampling
         with dist.rank0_first():
-            generators.append(load_generator(ckpt, pretrained, device, cfg.guidance_scale, cfg.num_steps,
-                                             cfg.resolution, base=generators[0].base if generators else None))
+            generators.append(load_generator(ckpt, pretrained, device, cfg.guidance_scale, steps, size,
+                                             base=generators[0].base if generators else None))
+        generators[-1].sampling_source = why
         dist.print0(describe(generators[-1]))
     blocks = []
     with tqdm(total=len(generators) * len(grid_prompts), desc="images", disable=dist.get_rank() != 0) as bar:

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fdfo.checkpoints import newest_checkpoint_in, state_problem
+from fdfo.hub_names import BASE_NAMES, HUB_HOSTS, is_hub_address
+from fdfo.offline import ensure_hub_reachable
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT format
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # diffusers format (fdfo.export, save_lora_weights)
 STATE_FILE = "state.json"
-BASE_NAMES = ("", "base", "none")
-HUB_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
 FORMS = ("https://huggingface.co/ORG/REPO/tree/REV/SUB/DIR, https://huggingface.co/ORG/REPO, hf:ORG/REPO[/SUB/DIR], "
          "a local PEFT folder (adapter_config.json + adapter_model.safetensors) or diffusers LoRA folder "
          "(pytorch_lora_weights.safetensors), a run folder or "
@@ -159,12 +159,9 @@ def _parse_hf(spec: str) -> HubRef:
 
 def parse_hub_ref(spec: str) -> HubRef | None:
     """The hub folder named by `spec`, or None when `spec` is not a hub reference. Malformed ones: ValueError."""
-    if spec.startswith("hf:"):
-        return _parse_hf(spec)
-    lowered = spec.lower()
-    if "://" in lowered or lowered.startswith(tuple(f"{h}/" for h in HUB_HOSTS)):
-        return _parse_url(spec)
-    return None
+    if not is_hub_address(spec):
+        return None
+    return _parse_hf(spec) if spec.startswith("hf:") else _parse_url(spec)
 
 
 def infer_guidance_scale(path: str) -> float | None:
@@ -267,8 +264,6 @@ def download_adapter(ref: HubRef) -> Path:
     rev = f" at revision {ref.revision!r}" if ref.revision else ""
     fetch = f"hf download {ref.repo_id} {' '.join(prefix + f for f in ADAPTER_FILES)}" + (
         f" --revision {ref.revision}" if ref.revision else "")
-    from fdfo.offline import ensure_hub_reachable
-
     ensure_hub_reachable([str(ref)])
     try:
         root = snapshot_download(ref.repo_id, revision=ref.revision,

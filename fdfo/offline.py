@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from fdfo import distributed as dist
-from fdfo.hub import BASE_NAMES, HUB_HOSTS
+from fdfo.hub_names import BASE_NAMES, is_hub_address
 
 _hub_checked = False
 
@@ -23,7 +23,7 @@ def needs_hub(name: str | None) -> bool:
     """Whether loading `name` (a model id, folder or checkpoint address) may download from the Hugging Face hub."""
     if not name or name.startswith("builtin:") or name.strip().lower() in BASE_NAMES:
         return False
-    if name.startswith("hf:") or "://" in name or name.lower().startswith(tuple(f"{h}/" for h in HUB_HOSTS)):
+    if is_hub_address(name):
         return True
     return not Path(name).expanduser().exists()
 

@@ -111,6 +111,22 @@ def cut_long_prompts(numbered: list[tuple[int, str]], path: Path, unit: str) -> 
     return [prompt[:MAX_PROMPT_CHARS] for _, prompt in numbered]
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]  # the checkout this code runs from
+
+
+def recorded_path(path: str) -> str:
+    """How a run's config.json records the prompt file: relative to the repository when the file is inside it, so
+    that `--config` replays on another clone or machine; else absolute (`replayed_path` reads it back)."""
+    absolute = Path(path).expanduser().resolve()
+    return absolute.relative_to(REPOSITORY).as_posix() if absolute.is_relative_to(REPOSITORY) else str(absolute)
+
+
+def replayed_path(recorded: str) -> str:
+    """The file a path recorded by `recorded_path` names here: a relative one inside this repository."""
+    path = Path(recorded).expanduser()
+    return str(path if path.is_absolute() else REPOSITORY / path)
+
+
 def load_prompt_list(path: str | Path, hint: str) -> list[str]:
     """A JSON list of prompt strings, used verbatim (no whitespace changes, docs/algorithm.md §9)."""
     path = Path(path)

@@ -20,6 +20,7 @@ import typing
 from pathlib import Path
 
 from fdfo.config import Config
+from fdfo.prompts import replayed_path
 
 RECORDED = ("geometry", "run_dir", "resume_from")  # in config.json, but not settings to carry over
 
@@ -55,6 +56,8 @@ def config_flags(path: Path) -> list[str]:
         raise ValueError(f"{flag}: cannot be read as JSON ({e.__class__.__name__}: {e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{flag}: holds a JSON {type(data).__name__}, not an object of settings")
+    if isinstance(data.get("prompt_file"), str):  # recorded relative to the repository: this clone's file
+        data["prompt_file"] = replayed_path(data["prompt_file"])
     flags, unknown, wrong = [], [], []
     _walk(Config, {k: v for k, v in data.items() if k not in RECORDED}, "", flags, unknown, wrong)
     if unknown:

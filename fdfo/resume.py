@@ -14,6 +14,7 @@ import torch
 from fdfo.checkpoints import adapter_settings, latest_checkpoint
 from fdfo.config import Config, Geometry
 from fdfo.config_history import with_added_defaults
+from fdfo.prompts import recorded_path, replayed_path
 
 # What a resumed run does with a setting that differs from the run's config.json (dotted config paths).
 # Free: bookkeeping, batching, memory/speed options and logging; they change neither shapes nor what is optimised
@@ -51,7 +52,8 @@ def _flag(key: str) -> str:
 
 def resolved_config(cfg: Config, geom: Geometry, run_dir: Path | None) -> dict:
     """The config as config.json records it (as it reads back from the file: tuples become lists)."""
-    config = dataclasses.asdict(cfg) | {"geometry": dataclasses.asdict(geom), "run_dir": str(run_dir or cfg.run_dir)}
+    config = dataclasses.asdict(cfg) | {"geometry": dataclasses.asdict(geom), "run_dir": str(run_dir or cfg.run_dir),
+                                        "prompt_file": recorded_path(cfg.prompt_file)}  # portable to another clone
     return json.loads(json.dumps(config))
 
 
@@ -68,6 +70,8 @@ def check_resume_settings(cfg: Config, geom: Geometry, resume: Path) -> list[str
     except (OSError, ValueError, AttributeError) as e:
         raise ValueError(f"{path} is damaged ({e.__class__.__name__}: {e}); it records the settings of the run being "
                          f"resumed. Restore it, or pass a new --run-dir to start a new run.") from None
+    if isinstance(saved.get("prompt_file"), str):  # one spelling of the same file (older runs recorded it absolute)
+        saved["prompt_file"] = recorded_path(replayed_path(saved["prompt_file"]))
     current = _flat(resolved_config(cfg, geom, None))
     changed = [k for k in current if k in saved and saved[k] != current[k] and not k.startswith("geometry.")
                and k not in RESUME_FREE]

@@ -1,12 +1,13 @@
-"""Run as 2 gloo processes (RANK / WORLD_SIZE / MASTER_* set) by tests/test_numerics_authors.py: a module with a
-buffer, wrapped by fdfo.distributed.wrap_ddp; each rank then sets its own buffer value, runs forward + backward, and
-prints one JSON line with the buffer it used and its averaged gradient."""
+"""Run as 2 gloo processes by tests/test_numerics_authors.py (tests/gloo_pair.py): a module with a buffer, wrapped by
+fdfo.distributed.wrap_ddp; each rank then sets its own buffer value, runs forward + backward, and prints one JSON line
+with the buffer it used and its averaged gradient."""
 
 import json
 
 import torch
 
 from fdfo import distributed
+from tests.gloo_pair import join
 
 
 class Scaled(torch.nn.Module):
@@ -20,7 +21,8 @@ class Scaled(torch.nn.Module):
 
 
 def main():
-    device = distributed.init("cpu")
+    join()
+    device = distributed.init("cpu")  # the group is joined: the device only
     rank = distributed.get_rank()
     module = Scaled()
     ddp = distributed.wrap_ddp(module, device)

@@ -57,6 +57,43 @@ def test_a_worker_ends_when_its_launcher_is_killed(tmp_path):
     assert not _alive(worker), "the orphaned worker should have stopped"
 
 
+def test_a_rank_whose_peer_stopped_first_ends_with_one_line(tmp_path):
+    """Rank 0 refuses its settings and exits; rank 1, waiting for it in a collective, sees the closed connection
+    (under torchrun, also before the launcher stops it) and ends with one line, not a traceback."""
+    from tests.gloo_pair import run_pair
+
+    (code0, _, err0), (code1, _, err1) = run_pair("tests/lost_peer_worker.py", tmp_path)
+    assert (code0, [line for line in err0.splitlines() if line.startswith("error: ")]) == (
+        2, ["error: rank 0 refuses its settings"])
+    assert code1 == 2 and "Traceback" not in err1, err1[-3000:]
+    (line,) = [line for line in err1.splitlines() if line.startswith("error: ")]
+    # gloo's words depend on when the connection went: "Connection closed by peer [127.0.0.1]:P", or under load
+    # "Read error [127.0.0.1]:P: Connection reset by peer"
+    assert line.startswith("error: rank 1 lost the connection to another process of this run ("), line
+    assert "[127.0.0.1]:" in line and "by peer" in line, line
+    assert line.endswith("): another rank stopped first (its own message says why), or the network between them "
+                         "failed"), line
+
+
+@pytest.mark.parametrize("message, world, expected", [
+    ("Gloo connectFullMesh failed with [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] "
+     "Connection closed by peer [127.0.0.1]:27325. This is typically caused by a remote worker crashing. Check the "
+     "logs of the remote worker before reporting an error. GLHF!", "2",
+     "rank 1 lost the connection to another process of this run (Gloo connectFullMesh failed with Connection closed "
+     "by peer [127.0.0.1]:27325.): another rank stopped first (its own message says why), or the network between "
+     "them failed"),  # what a torchrun rank still joining the group printed as a traceback (issue 33)
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:5", "1", None),
+    ("CUDA error: out of memory", "2", None),
+])
+def test_lost_peer_names_only_a_lost_connection_of_a_multi_process_run(monkeypatch, message, world, expected):
+    from fdfo.distributed import lost_peer
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "1")
+    assert lost_peer(RuntimeError(message)) == expected
+    assert lost_peer(ValueError(message)) is None
+
+
 def _alive(pid):
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

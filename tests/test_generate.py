@@ -531,9 +531,45 @@ def test_a_smoke_checkpoint_is_sampled_at_its_training_steps_and_size(hub, tmp_p
     assert (again.num_steps, again.resolution) == (2, 48)
 
     out = tmp_path / "grid.png"
-    generate_grid(GenerateConfig(checkpoint=(str(run),), out=str(out), num_prompts=1, grid_cols=1, device="cpu"))
-    assert Image.open(out).size == GridLayout(1, 1, 1, 1, 48).size
-    assert "2 Euler steps, 48 px (steps and size: the training run's)" in capsys.readouterr().out
+    generate_grid(GenerateConfig(checkpoint=("base", str(run)), out=str(out), num_prompts=1, grid_cols=1,
+                                 device="cpu"))
+    assert Image.open(out).size == GridLayout(2, 1, 1, 1, 48).size  # the base model beside it, at its size
+    printed = capsys.readouterr().out
+    assert printed.count("2 Euler steps, 48 px (steps and size: the training run's)") == 2
+    assert "base model on builtin:tiny-sd3: guidance scale 1 (the default: the checkpoint records no guidance " \
+           "scale), 2 Euler steps, 48 px" in printed
+
+
+def test_metrics_py_evaluates_a_smoke_checkpoint_at_its_training_steps_and_size(hub, tmp_path, capsys):
+    """metrics.py as generate.py: without --num-steps / --resolution a tiny-model checkpoint is evaluated at the steps
+    and size it was trained at, --compare's checkpoint at the same; a flag that differs from them gets one line."""
+    import json
+    import shutil
+
+    from fdfo.evaluation import EvalConfig, evaluate, select_prompts
+
+    run = tmp_path / "runs" / "00000-smoke"
+    folder = run / "checkpoints" / "epoch-0000004"
+    shutil.copytree(local(hub, FDFO_REPO, NO_CFG), folder)
+    (folder / "state.json").write_text(json.dumps({"pretrained_model": tiny.TINY_SD3, "resolution": 32,
+                                                   "num_solver_steps": 3}))
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    common = dict(checkpoint=str(run), prompt_set=str(tmp_path / "prompts.txt"), num_prompts=1,
+                  metrics=("redness",), device="cpu")
+    results = evaluate(EvalConfig(compare="base", save_images=str(tmp_path / "images"), **common))
+    assert [(results[k]["num_steps"], results[k]["resolution"]) for k in "ab"] == [(3, 32), (3, 32)]
+    assert Image.open(tmp_path / "images" / "a" / "00000-00.png").size == (32, 32)
+    assert Image.open(tmp_path / "images" / "b" / "00000-00.png").size == (32, 32)
+    prompt = PROMPTS[select_prompts(len(PROMPTS), 1, 0)[0]]
+    expected = load_generator(str(run), device=torch.device("cpu"), num_steps=3, resolution=32).generate([prompt], [0])
+    saved = torch.from_numpy(np.array(Image.open(tmp_path / "images" / "a" / "00000-00.png"))).int()
+    assert torch.equal(saved, to_uint8(expected)[0].permute(1, 2, 0))  # the 3-step images, not 40 or 6 steps
+    out = capsys.readouterr()
+    assert "3 Euler steps, 32 px" in out.out and not warnings_in(out.err)
+
+    evaluate(EvalConfig(resolution=48, **common))
+    assert warnings_in(capsys.readouterr().err) == [
+        f"warning: {folder} was trained at 32 px; sampling it at 48 px gives images it was not trained on"]
 
 
 def test_without_network_the_cache_still_loads_after_one_line(hub, tmp_path):

@@ -174,28 +174,17 @@ def test_metric_pixels_equal_the_authors_rounding_of_a_bf16_pipeline_exactly(tmp
 # DDP without buffer broadcasts
 
 
-def test_ddp_does_not_broadcast_buffers_before_each_forward():
+def test_ddp_does_not_broadcast_buffers_before_each_forward(tmp_path):
     """Two gloo processes: a rank's own buffer value survives the forward (DDP's default would overwrite it with rank
-    0's before every forward), and the gradients are still averaged over the ranks."""
+    0's before every forward), and the gradients are still averaged over the ranks. The ranks meet through a file and
+    wait for each other as long as it takes (tests/gloo_pair.py)."""
     import json
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    workers = [subprocess.Popen([sys.executable, "tests/ddp_buffers_worker.py"], cwd=root, text=True,
-                                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE) for r in (0, 1)]
-    outputs = [w.communicate(timeout=300) for w in workers]
-    assert all(w.returncode == 0 for w in workers), [err[-2000:] for _, err in outputs]
-    lines = [json.loads(line) for out, _ in outputs for line in out.splitlines() if line.startswith("{")]
+    from tests.gloo_pair import run_pair
+
+    outputs = run_pair("tests/ddp_buffers_worker.py", tmp_path)
+    assert [code for code, _, _ in outputs] == [0, 0], [err[-2000:] for _, _, err in outputs]
+    lines = [json.loads(line) for _, out, _ in outputs for line in out.splitlines() if line.startswith("{")]
     by_rank = {line["rank"]: line for line in lines}
     assert by_rank[0]["scale"] == [1.0, 1.0] and by_rank[1]["scale"] == [2.0, 2.0]
     assert by_rank[0]["grad"] == by_rank[1]["grad"] == [1.5, 1.5]  # mean of 1 (rank 0) and 2 (rank 1)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +39,9 @@ def unusual_config():
 def test_a_config_json_replays_every_setting(make, tmp_path):
     original = make()
     replayed = parse(["--config", str(write_config(tmp_path / "config.json", original))])
-    expected = dataclasses.replace(original, run_dir=None, resume_from=None)  # where that run lived is not taken
+    # where that run lived is not taken; its prompt file is the same file, named absolutely
+    expected = dataclasses.replace(original, run_dir=None, resume_from=None,
+                                   prompt_file=str(Path(original.prompt_file).resolve()))
     assert dataclasses.asdict(replayed) == dataclasses.asdict(expected)
 
 
@@ -133,5 +136,85 @@ def test_a_string_that_looks_like_a_flag_stays_a_value(tmp_path):
     cfg = unusual_config()
     cfg.run_name, cfg.prompt_file, cfg.train.learning_rate = "--no-log-wandb", "-prompts.txt", 1
     replayed = parse(["--config", str(write_config(tmp_path / "config.json", cfg))])
-    assert (replayed.run_name, replayed.prompt_file, replayed.log_wandb) == ("--no-log-wandb", "-prompts.txt", True)
+    assert (replayed.run_name, replayed.log_wandb) == ("--no-log-wandb", True)
+    assert Path(replayed.prompt_file).name == "-prompts.txt"  # a value (resolved in the repository, as recorded)
     assert replayed.train.learning_rate == 1.0  # a whole number is a number
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Portable runs: the prompt file relative to the repository
+
+
+def test_the_prompt_file_is_recorded_relative_to_the_repository_and_replayed_from_this_clone(tmp_path, monkeypatch):
+    import fdfo.prompts
+
+    root = Path(train.__file__).resolve().parent
+    cfg = smoke_config()
+    assert Path(cfg.prompt_file).is_absolute()  # the preset finds its prompts from any working directory
+    assert json.loads(write_config(tmp_path / "smoke.json", cfg).read_text())["prompt_file"] == "prompt_sets/smoke.txt"
+    (tmp_path / "mine.txt").write_text("a prompt\n")
+    monkeypatch.chdir(root / "prompt_sets")
+    cfg.prompt_file = "smoke.txt"  # relative to a working directory inside the repository
+    assert json.loads(write_config(tmp_path / "here.json", cfg).read_text())["prompt_file"] == "prompt_sets/smoke.txt"
+    monkeypatch.chdir(tmp_path)
+    cfg.prompt_file = "mine.txt"  # a file outside the repository: absolute
+    outside = str(tmp_path.resolve() / "mine.txt")
+    assert json.loads(write_config(tmp_path / "mine.json", cfg).read_text())["prompt_file"] == outside
+
+    clone = tmp_path / "elsewhere" / "clone"  # the same files replayed by another checkout of the repository
+    monkeypatch.setattr(fdfo.prompts, "REPOSITORY", clone)
+    assert parse(["--config", str(tmp_path / "smoke.json")]).prompt_file == str(clone / "prompt_sets" / "smoke.txt")
+    assert parse(["--config", str(tmp_path / "mine.json")]).prompt_file == outside
+
+
+def test_a_run_that_recorded_its_prompt_file_absolute_still_resumes(tmp_path):
+    from fdfo.resume import check_resume_settings
+
+    cfg = smoke_config()
+    cfg.run_dir = str(tmp_path / "run")
+    old = json.loads(json.dumps(dataclasses.asdict(cfg)))  # an older config.json: the absolute path as given
+    assert Path(old["prompt_file"]).is_absolute()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(old))
+    resume = tmp_path / "run" / "checkpoints" / "epoch-0000004"
+    assert check_resume_settings(cfg, batch_geometry(cfg, 1), resume) == []
+    cfg.prompt_file = str(tmp_path / "other.txt")  # another file is still refused
+    with pytest.raises(ValueError, match=r"--prompt-file 'prompt_sets/smoke.txt' -> '.*other.txt'"):
+        check_resume_settings(cfg, batch_geometry(cfg, 1), resume)
+
+
+@pytest.mark.slow  # two tiny training runs in fresh processes, about 25 s
+def test_a_run_replays_from_another_clone_in_another_folder(tmp_path):
+    """A smoke run in one copy of the repository, that copy moved away (as on another machine), and its config.json
+    replayed by a second copy, started from a third folder: the same settings and prompts give the same rewards."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(train.__file__).resolve().parent
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    for clone in ("a", "b"):
+        for name in files:
+            if (root / name).is_file():
+                (tmp_path / clone / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(root / name, tmp_path / clone / name)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    small = ["--num-epochs", "1", "--total-pairs-per-epoch", "4", "--gradient-steps-per-epoch", "1"]
+
+    def run(clone, *args):
+        done = subprocess.run([sys.executable, str(tmp_path / clone / "train.py"), *args], cwd=elsewhere, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((Path(args[args.index("--run-dir") + 1]) / "log.jsonl").read_text().splitlines()[-1])
+
+    first = run("a", "--preset", "smoke", *small, "--run-dir", str(tmp_path / "run-a"))
+    recorded = json.loads((tmp_path / "run-a" / "config.json").read_text())
+    assert recorded["prompt_file"] == "prompt_sets/smoke.txt"
+    shutil.move(tmp_path / "a", tmp_path / "gone")  # the first checkout's files are no longer where they were
+    again = run("b", "--config", str(tmp_path / "run-a" / "config.json"), "--run-dir", str(tmp_path / "run-b"))
+    assert json.loads((tmp_path / "run-b" / "config.json").read_text())["prompt_file"] == "prompt_sets/smoke.txt"
+    assert again["reward_mean"] == first["reward_mean"] and again["epoch"] == first["epoch"] == 0

@@ -220,8 +220,10 @@ def write_census(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     from fdfo.bench import epoch, flops
+    from fdfo.threads import single_thread_if_tiny
 
     args = parse_args(argv)  # every flag and the output path checked before any work
+    single_thread_if_tiny(args.tiny)  # tiny shapes gain nothing from threads (fdfo/threads.py)
     if args.report is not None:
         return write_report(args)
     if args.census:

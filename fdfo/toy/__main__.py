@@ -13,6 +13,7 @@ import sys
 
 from fdfo.cli import guarded
 from fdfo.errors import RunError
+from fdfo.threads import single_thread_if_tiny
 from fdfo.toy.run import ToyConfig, run
 
 QUICK = dict(evaluations=512, cosine_batches=8, true_grad_samples=2048, out="runs/toy")
@@ -34,6 +35,7 @@ def quick_sentence(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     import tyro
 
+    single_thread_if_tiny(True)  # toy flows: one CPU thread unless OMP_NUM_THREADS is set (fdfo/threads.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     quick = "--quick" in argv
     if quick:

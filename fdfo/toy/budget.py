@@ -18,7 +18,9 @@ from pathlib import Path
 
 from fdfo.cli import tool_main
 from fdfo.outputs import check_output_path, save_figure, write_text
+from fdfo.threads import single_thread_if_tiny
 from fdfo.toy.checks import strict_json
+from fdfo.toy.curves import COLORS, collect, gap_fractions
 from fdfo.toy.run import run
 from fdfo.toy.sweep import FRESH_SEEDS, GRID, SETTINGS, best_reward, evals_to_reach, method_config
 
@@ -56,8 +58,6 @@ def gap_fraction(curve: list[dict], best: float) -> float | None:
 
 def peak(curve: list[dict], best: float) -> tuple[float, int]:
     """The largest fraction of the gap closed at any evaluation point, and the evaluations spent there (the first)."""
-    from fdfo.toy.diversity import gap_fractions
-
     points = [(f, c["evaluations"]) for f, c in zip(gap_fractions(curve, best), curve) if f is not None]
     fraction = max(f for f, _ in points)
     return fraction, next(e for f, e in points if f == fraction)
@@ -128,8 +128,6 @@ def plot(runs_by_setting: dict[str, dict[str, list[dict]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fdfo.toy.diversity import COLORS, gap_fractions
-
     names = list(runs_by_setting)
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -153,17 +151,6 @@ def plot(runs_by_setting: dict[str, dict[str, list[dict]]], path: Path) -> None:
         save_figure(fig, path, dpi=70)
     finally:
         plt.close(fig)
-
-
-def collect(folder: Path, methods: tuple[str, ...], budget: int) -> dict[str, list[dict]]:
-    """The runs of this budget found in `folder`, per method in the order of `methods`, by seed."""
-    runs: dict[str, list[dict]] = {}
-    for method in methods:
-        found = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{method}-seed*.json"))]
-        found = sorted((r for r in found if r["config"]["evaluations"] == budget), key=lambda r: r["config"]["seed"])
-        if found:
-            runs[method] = found
-    return runs
 
 
 def budget_runs(cfg: BudgetConfig) -> None:
@@ -208,6 +195,7 @@ def budget_runs(cfg: BudgetConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    single_thread_if_tiny(True)  # toy flows: one CPU thread unless OMP_NUM_THREADS is set (fdfo/threads.py)
     tool_main(BudgetConfig, budget_runs, "python -m fdfo.toy.budget", __doc__, argv)
 
 

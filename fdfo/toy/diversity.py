@@ -21,13 +21,13 @@ from pathlib import Path
 
 from fdfo.cli import tool_main
 from fdfo.outputs import check_output_path, save_figure, write_text
+from fdfo.threads import single_thread_if_tiny
 from fdfo.toy.checks import strict_json
-from fdfo.toy.sweep import SETTINGS, best_reward
+from fdfo.toy.curves import COLORS, collect, gap_fractions
+from fdfo.toy.sweep import GRID, SETTINGS, best_reward
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 KEYS = ("pairwise", "modes")
-COLORS = {"fdfo": "tab:blue", "fdfo_velocity": "tab:cyan", "flow_grpo": "tab:red", "diffusion_nft": "tab:green",
-          "backprop": "tab:gray"}
 
 
 @dataclass
@@ -43,12 +43,6 @@ class DiversityConfig:
     curves from those runs (every method found) instead of the sweep's fresh seeds."""
     evaluations: int = 65536
     """The budget of the runs read from --runs."""
-
-
-def gap_fractions(curve: list[dict], best: float) -> list[float | None]:
-    """Each evaluation point's reward as the fraction of the gap from the run's starting reward to `best`."""
-    start = curve[0]["reward"]
-    return [None if c["reward"] is None else (c["reward"] - start) / (best - start) for c in curve]
 
 
 def at_level(curve: list[dict], key: str, level: float, best: float) -> float | None:
@@ -148,9 +142,6 @@ def diversity(cfg: DiversityConfig) -> None:
     plot_path = check_output_path("--plot", cfg.plot, folder=False)
     curves = {name: json.loads((sweep_dir / f"{name}.json").read_text())["curves"] for name in cfg.settings}
     if cfg.runs:
-        from fdfo.toy.budget import collect
-        from fdfo.toy.sweep import GRID
-
         for name in cfg.settings:
             found = collect(Path(cfg.runs) / name, tuple(GRID), cfg.evaluations)
             if found:
@@ -165,6 +156,7 @@ def diversity(cfg: DiversityConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    single_thread_if_tiny(True)  # toy flows: one CPU thread unless OMP_NUM_THREADS is set (fdfo/threads.py)
     tool_main(DiversityConfig, diversity, "python -m fdfo.toy.diversity", __doc__, argv)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from fdfo.cli import tool_main
 from fdfo.outputs import check_output_path, save_figure, write_text
+from fdfo.threads import single_thread_if_tiny
 from fdfo.toy.checks import finite_or_none, strict_json
 from fdfo.toy.run import ToyConfig, run
 
@@ -192,6 +193,7 @@ def plot(name: str, summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    single_thread_if_tiny(True)  # toy flows: one CPU thread unless OMP_NUM_THREADS is set (fdfo/threads.py)
     tool_main(SweepConfig, sweep, "python -m fdfo.toy.sweep", __doc__, argv)
 
 
