@@ -21,7 +21,8 @@ RESUME_FREE = {"preset", "num_epochs", "save_freq", "resume_from", "run_dir", "r
                "offload_text_encoders", "image_log_freq", "image_log_pairs", "log_wandb", "device",
                "sample.batch_size", "sample.decode_batch_size", "train.batch_size", "train.compile",
                "train.gradient_checkpointing", "train.rollout_device", "reward.chunk_size", "reward.vlm_fsdp",
-               "reward.offload", "reward.overlap_preprocessing", "reward.remote_timeout", "reward.remote_retries"}
+               "reward.offload", "reward.overlap_preprocessing", "reward.remote_timeout", "reward.remote_retries",
+               "eval.every", "eval.stop_after"}  # not what the held-out records measure (eval.prompts etc. are)
 # Applied from the first resumed step and printed: optimizer hyperparameters (written into the restored optimizer's
 # param_groups, which otherwise keep the saved values) and the step-wise clipping / KL settings read every step.
 RESUME_APPLIED = {"train.learning_rate", "train.betas", "train.weight_decay", "train.eps", "train.max_grad_norm",
