@@ -116,8 +116,7 @@ def reward_figure(series: dict[str, Series], title: str = "", heldout: dict[str,
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[0].legend(loc="best", fontsize="small")
-    held = "; held-out: ± 95 % CI" if heldout else ""
-    axes[0].set_title(f"{title}reward per epoch (mean ± std over the epoch's samples{held})")
+    axes[0].set_title(f"{title}reward per epoch (mean ± std over the epoch's samples)")
     clip, ax = series["clipfrac"], axes[len(rewards)]
     ax.plot(clip["epoch"], clip["value"], marker="o", markersize=3, color="tab:red", gid="clipfrac")
     ax.set_ylabel("clipfrac")

@@ -206,7 +206,9 @@ def test_stop_and_resume_give_the_records_of_one_run(tmp_path, monkeypatch):
 
     train_loop.train(config("once", 2))
     train_loop.train(config("twice", 1))
+    first = heldout_records(tmp_path / "twice")
     train_loop.train(config("twice", 2))
+    assert heldout_records(tmp_path / "twice")[:2] == first  # epoch 1's record (its time too) is kept, not redone
     # a run stopped during an evaluation: the one of epoch 1, after its first batch of images
     original, calls = heldout.KeepFirst.generate, []
 
