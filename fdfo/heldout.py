@@ -168,8 +168,11 @@ class Heldout:
         n = min(GRID_PROMPTS, len(self.plan.prompts))
         keep = KeepFirst(self.sampler, self.plan.image_seed, n)
         devices = [policy.device] if policy.device.type == "cuda" else []
-        # the training's random streams are untouched (fork_rng); a baseline is evaluated with its EMA, as saved
-        with torch.random.fork_rng(devices=devices), copies.swapped(copies.ema) if copies else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(torch.random.fork_rng(devices=devices))  # the training's random streams: untouched
+            if copies is not None:
+                stack.enter_context(copies.swapped(copies.ema))  # a baseline is evaluated with its EMA, as saved
             scores, _ = generate_and_score(self.plan, keep, self.scorer, None, self.batch_size, None)
         scores = gather_prompts(scores, len(self.plan.prompts), policy.device)
         grid = gather_grid(keep, n, policy.device)

@@ -108,19 +108,21 @@ def test_bad_eval_flags_are_refused_before_anything_is_made(tmp_path, fields, fr
 
 
 def test_records_are_metrics_py_on_the_checkpoint_and_best_resolves(tmp_path):
-    """The record of epoch E is metrics.py's number for checkpoint E on the same prompts and seeds; best.json names
-    the best evaluated checkpoint, and RUN:best resolves to it in generate.py and metrics.py."""
+    """The record of epoch E is metrics.py's number for checkpoint E on the same prompts and seeds (the reward's term
+    and an --eval.metrics metric); best.json names the best evaluated checkpoint, and RUN:best resolves to it in
+    generate.py and metrics.py."""
     run = tmp_path / "run"
-    train_loop.train(with_eval(tiny_config(run, num_epochs=2), num_prompts=5, seed=3))
+    train_loop.train(with_eval(tiny_config(run, num_epochs=2), num_prompts=5, seed=3, metrics=("brightness",)))
     records = heldout_records(run)
     assert [r["epoch"] for r in records] == [0, 1, 2] and all(r["heldout_num_prompts"] == 5 for r in records)
     assert len({r["heldout_reward_mean"] for r in records}) == 3  # the policy changes, and so does its reward
     for record in records[1:]:
         folder = run / f"checkpoints/epoch-{record['epoch']:07d}"
         results = evaluate(EvalConfig(checkpoint=str(folder), prompt_set=SMOKE_HELDOUT_PROMPTS, num_prompts=5, seed=3,
-                                      metrics=("redness",), batch_size=8, **TINY_SAMPLING))  # the run's 4 x 2
+                                      metrics=("redness", "brightness"), batch_size=8, **TINY_SAMPLING))  # 4 x 2
         assert record["heldout_redness_mean"] == record["heldout_reward_mean"]
         assert record["heldout_reward_mean"] == results["metrics"]["redness"]  # same images, batches, rounding
+        assert record["heldout_brightness_mean"] == results["metrics"]["brightness"]
         low, high = results["stats"]["redness"]["ci95"]
         assert record["heldout_reward_ci95"] == pytest.approx((high - low) / 2, rel=1e-5)
     best = max(records[1:], key=lambda r: r["heldout_reward_mean"])
