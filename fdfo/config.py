@@ -102,7 +102,7 @@ class Config:
     num_epochs: int = 1000
     """Epoch to stop after (counting epochs already done when resuming)."""
     save_freq: int = 5
-    """Save a checkpoint every this many epochs (and after the last one)."""
+    """Save a checkpoint every this many epochs (and after the last one, and at every held-out evaluation)."""
     resume_from: str | None = None
     """Checkpoint folder (runs/.../checkpoints/epoch-XXXXXXX) to continue from; default: the newest in --run-dir."""
     run_dir: str | None = None
