@@ -141,7 +141,7 @@ def setup(cfg: Config, locks: list) -> Run:
     dist.print0(rollout_memory_note(policy, cfg, geom))
     if dist.get_rank() == 0:  # a meta-device forward (about a second at full size): once is enough
         dist.print0(activation_note(policy, cfg, geom))
-    optimizer, scaler, copies = training_state(cfg, policy, device, counters["global_step"], state)
+    optimizer, scaler, copies = training_state(cfg, policy, device, counters["global_step"])
     if state is not None:
         policy.load_adapter(resume)
         if copies is not None:  # the saved adapter is the EMA; theta (and old) come from training_state.pt
@@ -205,7 +205,7 @@ def resume_point(cfg: Config, geom: Geometry) -> tuple[Path | None, dict, dict |
     return resume, counters, state, check_resume_settings(cfg, geom, resume)
 
 
-def training_state(cfg: Config, policy, device: torch.device, global_step: int, state: dict | None):
+def training_state(cfg: Config, policy, device: torch.device, global_step: int):
     """The optimizer, the grad scaler and a baseline's adapter copies (EMA, old), as they start (a resumed run then
     loads its saved state into them)."""
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate, betas=cfg.train.betas,
