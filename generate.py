@@ -14,7 +14,8 @@ $CHECKPOINT is the browser address of a Hugging Face folder
 (https://huggingface.co/nvidia/finite-difference-flow-optimization/tree/main/fdfo-combined-reward-no-cfg/epoch-0000100),
 a repository holding an adapter at its root (https://huggingface.co/worstcoder/SD3.5M-DiffusionNFT-MultiReward),
 hf:ORG/REPO[/SUB/DIR], a local PEFT folder or diffusers LoRA folder (pytorch_lora_weights.safetensors), one of our
-runs (runs/<id>-<name>, its newest checkpoint) or checkpoints (runs/<id>-<name>/checkpoints/epoch-XXXXXXX), or `base`.
+runs (runs/<id>-<name>, its newest checkpoint; runs/<id>-<name>:best, the one with the best held-out reward) or
+checkpoints (runs/<id>-<name>/checkpoints/epoch-XXXXXXX), or `base`.
 Only that folder is downloaded. The guidance scale defaults to the one the checkpoint was trained with. Every image is
 what diffusers' StableDiffusion3Pipeline gives for its prompt and seed (the LoRA as an unmerged PEFT adapter).
 `python generate.py --help` lists every flag.

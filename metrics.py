@@ -12,9 +12,10 @@ Multi-GPU (the same images and numbers on any number of GPUs):
 Two checkpoints on the same prompts and seeds (mean difference A - B, its 95 % interval, paired t-test p-value):
     python metrics.py --checkpoint $A --compare $B --prompt-set hpdv2 --num-prompts 3200 --metrics hpsv2
 
-$CHECKPOINT: a run checkpoint folder, a PEFT LoRA folder, a huggingface.co URL or hf:<org>/<repo>/<subfolder>; leave
---checkpoint out to evaluate the base model. Fetch the prompt sets first with `python -m fdfo.prompts download hpdv2`
-(or pickscore_train). `python metrics.py --help` lists every flag.
+$CHECKPOINT: a run checkpoint folder (RUN:best: the one with the best held-out reward of train.py's evaluation), a PEFT
+LoRA folder, a huggingface.co URL or hf:<org>/<repo>/<subfolder>; leave --checkpoint out to evaluate the base model.
+Fetch the prompt sets first with `python -m fdfo.prompts download hpdv2` (or pickscore_train). `python metrics.py
+--help` lists every flag.
 """
 
 from fdfo.cli import guarded, run_main

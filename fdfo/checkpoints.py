@@ -26,6 +26,8 @@ from fdfo.files import disk_full_error, fsync_path, is_disk_full, make_folder
 CHECKPOINT_RE = re.compile(r"^epoch-(\d{7})$")
 RUN_RE = re.compile(r"^(\d{5})-")
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_state.pt", "state.json")
+BEST_FILE = "best.json"  # names the checkpoint of the best held-out reward (fdfo/heldout.py): `RUN:best` for tools
+BEST_SUFFIX = ":best"
 
 
 def new_run_dir(root: str | Path, name: str) -> Path:
@@ -191,3 +193,30 @@ def adapter_settings(folder: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {folder} is damaged ({path.name}: {e.__class__.__name__}: {e}). Delete it to "
                          f"resume from the previous checkpoint, or pass --resume-from another one.") from None
+
+
+def best_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint folder `run_dir/best.json` names (`{"epoch", "checkpoint", "heldout_reward_mean"}`, written by
+    train.py's held-out evaluation): what `RUN:best` means to generate.py and metrics.py. Loud errors for a missing
+    run folder, a run without best.json, a damaged file, or a checkpoint that is gone."""
+    run_dir = Path(run_dir)
+    spec = f"{run_dir}{BEST_SUFFIX}"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint {spec!r}: no run folder {run_dir}")
+    path = run_dir / BEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {spec!r}: {run_dir} has no {BEST_FILE}; train.py writes it at its "
+                                f"held-out evaluations (--eval.every) once a trained checkpoint has been evaluated. "
+                                f"Pass a checkpoint folder instead, e.g. {run_dir / 'checkpoints' / 'epoch-XXXXXXX'}")
+    try:
+        best = json.loads(path.read_text())
+        name = best["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {spec!r}: {path} is damaged ({e.__class__.__name__}: {e})") from None
+    parts = Path(name).parts if isinstance(name, str) else ()
+    if len(parts) != 2 or parts[0] != "checkpoints" or not CHECKPOINT_RE.match(parts[1]):
+        raise ValueError(f"checkpoint {spec!r}: {path} names {name!r}, not checkpoints/epoch-XXXXXXX")
+    folder = run_dir / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint {spec!r}: {path} names {name}, which is not in {run_dir} any more")
+    return folder

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fdfo.heldout_config import HeldoutConfig, check_heldout_metrics, heldout_problems, smoke_heldout
 from fdfo.sd3 import SD35_MEDIUM
 from rewards.config import RewardConfig
 
@@ -106,7 +107,7 @@ class Config:
     num_epochs: int = 1000
     """Epoch to stop after (counting epochs already done when resuming)."""
     save_freq: int = 5
-    """Save a checkpoint every this many epochs (and after the last one)."""
+    """Save a checkpoint every this many epochs (and after the last one, and at every held-out evaluation)."""
     resume_from: str | None = None
     """Checkpoint folder (runs/.../checkpoints/epoch-XXXXXXX) to continue from; default: the newest in --run-dir."""
     run_dir: str | None = None
@@ -144,6 +145,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    eval: HeldoutConfig = field(default_factory=HeldoutConfig)  # held-out evaluation (fdfo/heldout.py)
 
     @property
     def samples_per_prompt(self) -> int:
@@ -179,6 +181,7 @@ def smoke_config() -> Config:
         image_log_pairs=2,
         sample=SampleConfig(num_solver_steps=6, resolution=64, churn_weight=0.2),
         train=TrainConfig(learning_rate=1e-2),
+        eval=smoke_heldout(),
     )
 
 
@@ -397,12 +400,14 @@ def check_config(cfg: Config) -> None:
     r = cfg.reward
     need(_finite(r.remote_timeout) and r.remote_timeout > 0, "--reward.remote-timeout", r.remote_timeout, "> 0")
     need(r.remote_retries >= 0, "--reward.remote-retries", r.remote_retries, ">= 0")
+    problems += heldout_problems(cfg)
     if problems:
         raise ValueError("; ".join(problems))
     from rewards.build import check_specs, training_specs
 
     # every spec parses, plug-ins import, reward servers answer: before any model loads or the run folder exists
     check_specs(training_specs(cfg.reward_preset, cfg.reward), cfg.reward, cfg.sample.resolution)
+    check_heldout_metrics(cfg)
 
 
 def _finite(x: float) -> bool:

@@ -42,7 +42,18 @@ ADDED_LATER = {
     "train.trust_region": "separation",  # 02e458c
     "sample.decode_batch_size": None,  # 93866ed (default 1 since 420e2c3; not compared on resume)
     "baseline.ema_blends": 1,  # 8a2257d
+    "eval.every": 0,  # bdf9cd3 (before it, no run evaluated held-out prompts; 10 by default since)
+    "eval.num_prompts": 64,  # bdf9cd3
+    "eval.prompts": "pickscore_test",  # bdf9cd3
+    "eval.seed": 0,  # bdf9cd3
+    "eval.metrics": [],  # bdf9cd3
+    "eval.stop_after": 0,  # bdf9cd3
 }
+
+# Settings that only say how records the run has never written are made: a run that predates them takes today's
+# values on resume (a run made before held-out evaluation has no held-out record its new ones must stay comparable
+# with); a run that recorded them still refuses a change (fdfo/resume.py).
+FREE_IF_PREDATED = frozenset({"eval.num_prompts", "eval.prompts", "eval.seed", "eval.metrics"})
 
 
 def with_added_defaults(saved: dict) -> tuple[dict, set[str]]:

@@ -44,8 +44,9 @@ METRICS = (*EVAL_METRICS, *SMOKE_METRICS, DIVERSITY)
 @dataclass
 class EvalConfig:
     checkpoint: str | None = None
-    """LoRA to evaluate: one of our run checkpoints (runs/.../checkpoints/epoch-XXXXXXX), a PEFT folder, a \
-https://huggingface.co/<org>/<repo>/tree/main/<folder> URL or hf:<org>/<repo>/<subfolder>; omit for the base model."""
+    """LoRA to evaluate: one of our run checkpoints (runs/.../checkpoints/epoch-XXXXXXX; runs/<run>:best for the best \
+held-out one), a PEFT folder, a https://huggingface.co/<org>/<repo>/tree/main/<folder> URL or \
+hf:<org>/<repo>/<subfolder>; omit for the base model."""
     prompt_set: str = "hpdv2"
     """Prompts: pickscore_train, hpdv2 (see `python -m fdfo.prompts download`), or the path of a text file."""
     num_prompts: int | None = None

@@ -8,7 +8,8 @@ Accepted forms (docs/algorithm.md §9):
 * `hf:ORG/REPO[@REV][/SUB/DIR]`;
 * a local folder holding `adapter_config.json` + `adapter_model.safetensors` (PEFT format), or
   `pytorch_lora_weights.safetensors` (diffusers format, as `fdfo.export` or diffusers' `save_lora_weights` write it);
-* one of our run checkpoints `runs/<id>-<name>/checkpoints/epoch-XXXXXXX`, or a run folder (its newest checkpoint);
+* one of our run checkpoints `runs/<id>-<name>/checkpoints/epoch-XXXXXXX`, or a run folder (its newest checkpoint),
+  or a run folder followed by `:best` (the checkpoint its best.json names: the best held-out reward);
 * nothing (None, "", "base"): the base model.
 
 Only the named folder's adapter files (and `state.json`, when there is one) are downloaded, through the Hugging Face
@@ -29,7 +30,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdfo.checkpoints import newest_checkpoint_in, state_problem
+from fdfo.checkpoints import BEST_SUFFIX, best_checkpoint, newest_checkpoint_in, state_problem
 from fdfo.hub_names import BASE_NAMES, HUB_HOSTS, is_hub_address
 from fdfo.offline import ensure_hub_reachable
 
@@ -38,7 +39,7 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # diffusers format (fdfo.ex
 STATE_FILE = "state.json"
 FORMS = ("https://huggingface.co/ORG/REPO/tree/REV/SUB/DIR, https://huggingface.co/ORG/REPO, hf:ORG/REPO[/SUB/DIR], "
          "a local PEFT folder (adapter_config.json + adapter_model.safetensors) or diffusers LoRA folder "
-         "(pytorch_lora_weights.safetensors), a run folder or "
+         "(pytorch_lora_weights.safetensors), a run folder (RUN:best: its best held-out checkpoint) or "
          "runs/<run>/checkpoints/epoch-XXXXXXX, or 'base'")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 _NO_CFG_RE = re.compile(r"(?:^|[-_])no-cfg(?:$|[-_])")
@@ -305,6 +306,8 @@ def resolve_checkpoint(spec: str | None) -> Checkpoint:
         return _checkpoint(folder, str(ref), label, f"{ref.repo_id.split('/')[1]}/{ref.subfolder}",
                            ref.repo_id)
     path = Path(spec).expanduser()
+    if spec.endswith(BEST_SUFFIX):
+        path = best_checkpoint(Path(spec[:-len(BEST_SUFFIX)]).expanduser())
     if not path.exists():
         hint = (f" For a Hugging Face repository write hf:{spec} or https://huggingface.co/{spec}."
                 if re.match(r"^[\w.-]+/[\w.-]+(/.*)?$", spec) else "")

@@ -212,3 +212,23 @@ def activation_note(policy, cfg, geom) -> str:
     return (f"training activations per rank: about {nbytes / 1e9:.3g} GB for a micro-batch of {geom.train_batch} "
             f"(estimate: saved tensors with fused attention; weights, optimizer state and allocator slack come on "
             f"top)")
+
+
+def rollout_memory_note(policy, cfg, geom) -> str:
+    """One line: the rollout memory each rank holds for training (states and velocities of its own items)."""
+    from fdfo.phases import rollout_dtypes, rollout_gb_per_rank, timesteps_per_sample
+
+    state_dtype, velocity_dtypes = rollout_dtypes(policy)
+    state_bytes = torch.finfo(state_dtype).bits // 8
+    # velocities are kept in 16 bits only when that is lossless: CFG rules it out unless it runs under autocast (where
+    # the combination is computed in the 16-bit output dtype, fdfo/sd3.py)
+    lossless = cfg.sample.guidance_scale == 1.0 or getattr(policy, "amp_dtype", None) is not None
+    velocity_bytes = 2 if velocity_dtypes and lossless else 4
+    latent = policy.latent_shape(cfg.sample.resolution)
+    k = timesteps_per_sample(cfg)
+    if cfg.algorithm != "fdfo":
+        samples = cfg.samples_per_prompt * geom.pairs_per_gpu
+        return f"rollouts of --algorithm {cfg.algorithm}: {samples} samples per rank"
+    gb = rollout_gb_per_rank(geom, k, latent, state_bytes, velocity_bytes)
+    return (f"rollout memory per rank: {gb:.3g} GB ({2 * geom.pairs_per_gpu} samples x {k} timesteps x "
+            f"{'x'.join(map(str, latent))} latents x ({state_bytes} + {velocity_bytes}) bytes)")

@@ -1,6 +1,7 @@
 """The reward curve of a run, drawn from its log.jsonl: one panel per reward series (the weighted total `reward` and
-each component, mean +- std over the epoch's samples), one for the SPO clip fraction and, for FDFO runs, two for the
-branch-separation and trust-region diagnostics (docs/toy.md, "Diagnostics on SD3 runs"), against the epoch.
+each component, mean +- std over the epoch's samples, with the held-out evaluation's mean beside it: the total with
+its 95 % interval, fdfo/heldout.py), one for the SPO clip fraction and, for FDFO runs, two for the branch-separation
+and trust-region diagnostics (docs/toy.md, "Diagnostics on SD3 runs"), against the epoch.
 
     python -m fdfo.plots runs/00001-fdfo                      # writes runs/00001-fdfo/reward_curve.png
     python -m fdfo.plots runs/00001-fdfo/log.jsonl out.png    # a log file and another output
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from fdfo.files import atomic_path
+from fdfo.heldout_config import HELDOUT_KEY
 
 Series = dict[str, list[float]]
 # panel -> quantile keys of fdfo/diagnostics.py drawn in it
@@ -32,8 +34,9 @@ def _number(value) -> float:
     return float(value)
 
 
-def read_epoch_records(log_path: str | os.PathLike) -> list[dict]:
-    """The epoch records of a log (those without a `step`), one per epoch, sorted by epoch.
+def read_epoch_records(log_path: str | os.PathLike, heldout: bool = False) -> list[dict]:
+    """The epoch records of a log (those without a `step`), one per epoch, sorted by epoch; with `heldout`, the
+    held-out evaluations' records instead (those with `heldout_reward_mean`).
 
     A resumed run may log an epoch twice (the epoch that was running when it stopped): the last record wins. A line
     that is not JSON (a crash in mid-write) is skipped.
@@ -44,7 +47,8 @@ def read_epoch_records(log_path: str | os.PathLike) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and "step" not in record and isinstance(record.get("epoch"), int):
+        if (isinstance(record, dict) and "step" not in record and isinstance(record.get("epoch"), int)
+                and (HELDOUT_KEY in record) == heldout):
             by_epoch[record["epoch"]] = record
     return [by_epoch[e] for e in sorted(by_epoch)]
 
@@ -73,9 +77,21 @@ def reward_series(records: list[dict]) -> dict[str, Series]:
     return out
 
 
-def reward_figure(series: dict[str, Series], title: str = ""):
+def heldout_series(records: list[dict]) -> dict[str, Series]:
+    """`{name: {"epoch", "mean", "ci95"}}` of the held-out records (`read_epoch_records(..., heldout=True)`): every
+    `heldout_<name>_mean`, with the half-width `heldout_reward_ci95` for the total (0 for the terms: not logged)."""
+    names = dict.fromkeys(k[len("heldout_"):-len("_mean")] for r in records for k in r
+                          if k.startswith("heldout_") and k.endswith("_mean"))
+    epochs = [float(r["epoch"]) for r in records]
+    return {name: {"epoch": epochs, "mean": [_number(r.get(f"heldout_{name}_mean")) for r in records],
+                   "ci95": [_number(r.get("heldout_reward_ci95")) if name == "reward" else 0.0 for r in records]}
+            for name in names}
+
+
+def reward_figure(series: dict[str, Series], title: str = "", heldout: dict[str, Series] | None = None):
     """A matplotlib Figure (Agg canvas) of `reward_series`' output; each mean line has gid `<name>_mean`, the clip
-    fraction line gid `clipfrac`, each diagnostic line the gid of its log key."""
+    fraction line gid `clipfrac`, each diagnostic line the gid of its log key; `heldout_series`' means are drawn in
+    the panel of their name, as lines with gid `heldout_<name>_mean` (the total with its interval as error bars)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -91,6 +107,12 @@ def reward_figure(series: dict[str, Series], title: str = ""):
         high = [m + d for m, d in zip(s["mean"], s["std"])]
         ax.fill_between(s["epoch"], low, high, alpha=0.25, linewidth=0, label="± std", gid=f"{name}_std")
         ax.plot(s["epoch"], s["mean"], marker="o", markersize=3, label="mean", gid=f"{name}_mean")
+        if name in (heldout or {}):
+            h = heldout[name]
+            bars = ax.errorbar(h["epoch"], h["mean"], yerr=h["ci95"], fmt="none", color="tab:orange", capsize=3)
+            bars.lines[2][0].set_gid(f"heldout_{name}_ci95")
+            ax.plot(h["epoch"], h["mean"], marker="s", markersize=4, color="tab:orange", label="held-out (95 % CI)",
+                    gid=f"heldout_{name}_mean")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[0].legend(loc="best", fontsize="small")
@@ -136,7 +158,8 @@ def write_reward_curve(log_path: str | os.PathLike, png_path: str | os.PathLike)
     if not records:
         return {}
     series = reward_series(records)
-    figure = reward_figure(series, f"{Path(log_path).parent.name}: ")
+    heldout = heldout_series(read_epoch_records(log_path, heldout=True))
+    figure = reward_figure(series, f"{Path(log_path).parent.name}: ", heldout)
     with atomic_path(Path(png_path)) as tmp:  # a full disk: one error line, no temporary file left
         figure.savefig(tmp, format="png", dpi=100)
     return series

@@ -7,9 +7,11 @@ therefore a pure function of the counters: resuming, or changing the number of G
 The named sets (docs/algorithm.md §8, §9) are not shipped; fetch them into `prompt_sets/` (relative to the working
 directory, like train.py's default `--prompt-file`):
     python -m fdfo.prompts download pickscore_train  # Pick-a-Pic training prompts, 25,432 lines, pinned and verified
+    python -m fdfo.prompts download pickscore_test   # Pick-a-Pic test prompts, 2,048 lines: held-out evaluation
     python -m fdfo.prompts download hpdv2            # HPDv2 benchmark, 4 styles x 800 = 3,200 prompts (JSON list)
 
-pickscore_train.txt is Flow-GRPO's file at a pinned commit, checked against its line count and sha256; hpdv2.json is
+pickscore_train.txt and pickscore_test.txt are Flow-GRPO's files at a pinned commit, checked against their line
+counts and sha256 (Flow-GRPO split unique Pick-a-Pic captions into the two, so they share no prompt); hpdv2.json is
 the four benchmark files of the Hugging Face dataset concatenated in a fixed order, verbatim (a prompt may hold a line
 break, so the set is a JSON list, not a text file).
 """
@@ -35,6 +37,9 @@ PICKSCORE_TRAIN_URL = (f"https://raw.githubusercontent.com/yifan123/flow_grpo/{P
                        "dataset/pickscore/train.txt")
 PICKSCORE_TRAIN_LINES = 25_432
 PICKSCORE_TRAIN_SHA256 = "2f425adcbb9a6d0feee7c6c448e1cb83a1f71deca9434b803907e2578eca837f"
+PICKSCORE_TEST_URL = PICKSCORE_TRAIN_URL.replace("/train.txt", "/test.txt")  # the held-out prompts, same commit
+PICKSCORE_TEST_LINES = 2_048
+PICKSCORE_TEST_SHA256 = "d75c025fa451866e70f7e36243f7cdd93095523cb51f5f9651f2ce3236d20262"
 HPDV2_REPO = "zhwang/HPDv2"  # a Hugging Face dataset repository
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")  # the order of the prompts in hpdv2.json
 HPDV2_PER_STYLE = 800
@@ -51,6 +56,9 @@ class PromptSet:
 PROMPT_SETS = {
     "pickscore_train": PromptSet("pickscore_train", "the Pick-a-Pic training prompts (25,432 lines; Flow-GRPO ships "
                                  "them as dataset/pickscore/train.txt)", PICKSCORE_TRAIN_LINES, "pickscore_train.txt"),
+    "pickscore_test": PromptSet("pickscore_test", "the Pick-a-Pic test prompts (2,048 lines, none of them a training "
+                                "prompt; Flow-GRPO ships them as dataset/pickscore/test.txt)", PICKSCORE_TEST_LINES,
+                                "pickscore_test.txt"),
     "hpdv2": PromptSet("hpdv2", "the HPDv2 benchmark prompts (3,200 lines: 800 each of anime, concept-art, paintings, "
                        "photo)", len(HPDV2_STYLES) * HPDV2_PER_STYLE, "hpdv2.json"),
 }
@@ -185,30 +193,41 @@ def fetch_pickscore_train(revision: str | None = None) -> str:
     """Flow-GRPO's `dataset/pickscore/train.txt` at the pinned commit (plain HTTPS, no hub), verified: its prompt count
     (`[line.strip() for line in file if line.strip()]`) and the sha256 of its bytes must be those of docs/algorithm.md
     §9. Returns the file's text, to be stored unchanged."""
+    return _fetch_pinned("pickscore_train", PICKSCORE_TRAIN_URL, PICKSCORE_TRAIN_LINES, PICKSCORE_TRAIN_SHA256,
+                         revision)
+
+
+def fetch_pickscore_test(revision: str | None = None) -> str:
+    """Flow-GRPO's `dataset/pickscore/test.txt` at the same pinned commit, verified as `fetch_pickscore_train`."""
+    return _fetch_pinned("pickscore_test", PICKSCORE_TEST_URL, PICKSCORE_TEST_LINES, PICKSCORE_TEST_SHA256, revision)
+
+
+def _fetch_pinned(name: str, url: str, lines: int, sha256: str, revision: str | None) -> str:
+    """The text at `url`, checked: UTF-8, and the pinned sha256 (else: the prompt count when it differs from `lines`,
+    or the digest)."""
+    file = PROMPT_SETS[name].file
     if revision is not None:
-        raise ValueError(f"--revision {revision!r}: pickscore_train is pinned to flow_grpo commit "
+        raise ValueError(f"--revision {revision!r}: {name} is pinned to flow_grpo commit "
                          f"{PICKSCORE_TRAIN_COMMIT}; --revision applies to hpdv2 only.")
-    url = PICKSCORE_TRAIN_URL
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             data = response.read()
     except (urllib.error.URLError, OSError) as err:
         reason = str(err).rstrip(".")
         raise FileNotFoundError(f"could not download {url}: {reason}. Download that file by hand and save it as "
-                                f"{PROMPT_SET_DIR / 'pickscore_train.txt'} (sha256 {PICKSCORE_TRAIN_SHA256}).") from err
+                                f"{PROMPT_SET_DIR / file} (sha256 {sha256}).") from err
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{url} is not UTF-8 text ({err}); nothing was written.") from None
-    count = len([line.strip() for line in text.splitlines() if line.strip()])
-    if count != PICKSCORE_TRAIN_LINES:
-        raise ValueError(f"{url} holds {count:,} prompts, expected {PICKSCORE_TRAIN_LINES:,}: not the pinned file, "
-                         "nothing was written.")
     digest = sha256_hex(data)
-    if digest != PICKSCORE_TRAIN_SHA256:
-        raise ValueError(f"{url} has sha256 {digest}, expected {PICKSCORE_TRAIN_SHA256}: not the pinned file, "
-                         "nothing was written.")
-    return text
+    if digest == sha256:
+        return text
+    count = len([line.strip() for line in text.splitlines() if line.strip()])
+    if count != lines:
+        raise ValueError(f"{url} holds {count:,} prompts, expected {lines:,}: not the pinned file, nothing was "
+                         "written.")
+    raise ValueError(f"{url} has sha256 {digest}, expected {sha256}: not the pinned file, nothing was written.")
 
 
 def fetch_hpdv2(revision: str | None = None) -> str:
@@ -246,11 +265,11 @@ def fetch_hpdv2(revision: str | None = None) -> str:
     return json.dumps(prompts, ensure_ascii=False, indent=0) + "\n"
 
 
-FETCHERS = {"pickscore_train": fetch_pickscore_train, "hpdv2": fetch_hpdv2}
+FETCHERS = {"pickscore_train": fetch_pickscore_train, "pickscore_test": fetch_pickscore_test, "hpdv2": fetch_hpdv2}
 
 
 def download(name: str, out_dir: str | Path = PROMPT_SET_DIR, revision: str | None = None) -> Path:
-    """Fetch and verify the named set and write it to `out_dir/<file>` (pickscore_train.txt or hpdv2.json); returns
+    """Fetch and verify the named set and write it to `out_dir/<file>` (e.g. pickscore_train.txt, hpdv2.json); returns
     the path. A download that fails a check writes nothing."""
     from fdfo.outputs import check_output_path, write_text
 

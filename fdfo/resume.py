@@ -13,7 +13,7 @@ import torch
 
 from fdfo.checkpoints import adapter_settings, latest_checkpoint
 from fdfo.config import Config, Geometry
-from fdfo.config_history import with_added_defaults
+from fdfo.config_history import FREE_IF_PREDATED, with_added_defaults
 from fdfo.prompts import recorded_path, replayed_path
 
 # What a resumed run does with a setting that differs from the run's config.json (dotted config paths).
@@ -23,7 +23,8 @@ RESUME_FREE = {"preset", "num_epochs", "save_freq", "resume_from", "run_dir", "r
                "offload_text_encoders", "image_log_freq", "image_log_pairs", "log_wandb", "device",
                "sample.batch_size", "sample.decode_batch_size", "train.batch_size", "train.compile",
                "train.gradient_checkpointing", "train.rollout_device", "reward.chunk_size", "reward.vlm_fsdp",
-               "reward.offload", "reward.overlap_preprocessing", "reward.remote_timeout", "reward.remote_retries"}
+               "reward.offload", "reward.overlap_preprocessing", "reward.remote_timeout", "reward.remote_retries",
+               "eval.every", "eval.stop_after"}  # not what the held-out records measure (eval.prompts etc. are)
 # Applied from the first resumed step and printed: optimizer hyperparameters (written into the restored optimizer's
 # param_groups, which otherwise keep the saved values) and the step-wise clipping / KL settings read every step.
 RESUME_APPLIED = {"train.learning_rate", "train.betas", "train.weight_decay", "train.eps", "train.max_grad_norm",
@@ -74,7 +75,7 @@ def check_resume_settings(cfg: Config, geom: Geometry, resume: Path) -> list[str
         saved["prompt_file"] = recorded_path(replayed_path(saved["prompt_file"]))
     current = _flat(resolved_config(cfg, geom, None))
     changed = [k for k in current if k in saved and saved[k] != current[k] and not k.startswith("geometry.")
-               and k not in RESUME_FREE]
+               and k not in RESUME_FREE and not (k in predated and k in FREE_IF_PREDATED)]
     refused = [f"{_flag(k)} {saved[k]!r}{' (the run predates this setting)' if k in predated else ''} -> "
                f"{current[k]!r}" for k in changed if k not in RESUME_APPLIED]
     if refused:

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from fdfo.checkpoints import BEST_FILE, BEST_SUFFIX
 from fdfo.files import atomic_path, disk_full_error, is_disk_full, make_folder, write_text_atomic
+from fdfo.heldout_config import HELDOUT_KEY
 from fdfo.images import to_pil
 
 LOG_FILE = "log.jsonl"
@@ -26,6 +28,9 @@ class NullLogger:
     def log_pairs(self, epoch: int, images: torch.Tensor, prompts: list[str], rewards: torch.Tensor) -> None:
         pass
 
+    def log_heldout(self, epoch: int, picture: Image.Image) -> None:
+        pass
+
     def draw_curve(self) -> None:
         pass
 
@@ -36,7 +41,8 @@ class NullLogger:
 def repair_log(path: Path, first_redone_epoch: int) -> None:
     """Make log.jsonl read like an uninterrupted run before a (resumed) run appends to it: drop a torn last line (a
     crash or full disk mid-write) and every record of an epoch >= `first_redone_epoch`, which the run is about to
-    redo. Rewritten atomically, and only when something changes."""
+    redo, except the held-out evaluation of `first_redone_epoch` itself: it evaluated the checkpoint the run resumes
+    from, so it is kept, not repeated (fdfo/heldout.py). Rewritten atomically, and only when something changes."""
     if not path.exists():
         return
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -49,7 +55,8 @@ def repair_log(path: Path, first_redone_epoch: int) -> None:
         if not isinstance(record, dict):
             continue  # torn or garbled
         epoch = record.get("epoch")
-        if isinstance(epoch, int) and epoch >= first_redone_epoch:
+        if isinstance(epoch, int) and epoch >= first_redone_epoch and not (
+                epoch == first_redone_epoch and HELDOUT_KEY in record):
             continue
         kept.append(line)
     if "".join(kept) != text:
@@ -111,6 +118,17 @@ class RunLogger(NullLogger):
 
             self.wandb.log({"epoch": epoch, "pairs": [wandb.Image(p, caption=t) for p, t in zip(pictures, prompts)]})
 
+    def log_heldout(self, epoch: int, picture: Image.Image) -> None:
+        """A held-out evaluation's grid of its first prompts: `images/heldout-epoch-XXXXXXX.png`, and to wandb."""
+        folder = self.run_dir / "images"
+        make_folder(folder)
+        with atomic_path(folder / f"heldout-epoch-{epoch:07d}.png") as tmp:  # full disk: one error line
+            picture.save(tmp, format="PNG")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"epoch": epoch, "heldout_images": wandb.Image(picture, caption=f"held-out, epoch {epoch}")})
+
     def _append(self, data: bytes) -> None:
         size = os.fstat(self.fd).st_size
         try:
@@ -144,13 +162,24 @@ def run_summary(run_dir: Path, newest_checkpoint: Path | None) -> str:
     """What a finished run leaves and where: the reward from its first to its last logged epoch, the newest
     checkpoint, the reward curve and the rollout pair pictures (a few lines for the end of train.py)."""
     run_dir = Path(run_dir)
-    epochs = [r for r in read_records(run_dir / LOG_FILE) if "reward_mean" in r and isinstance(r.get("epoch"), int)]
+    records = [r for r in read_records(run_dir / LOG_FILE) if isinstance(r.get("epoch"), int)]
+    epochs = [r for r in records if "reward_mean" in r]
     lines = [f"done: {run_dir}"]
     if epochs:
         first, last = epochs[0], epochs[-1]
         a, b = (_number(r["reward_mean"]) for r in (first, last))
         lines.append(f"  reward (mean over the epoch's samples): {a:.4g} at epoch {first['epoch']} -> {b:.4g} at epoch "
                      f"{last['epoch']} ({b - a:+.4g})")
+    heldout = [r for r in records if HELDOUT_KEY in r]
+    if heldout:
+        first, last = heldout[0], heldout[-1]
+        a, b = (_number(r[HELDOUT_KEY]) for r in (first, last))
+        try:
+            best = f"best: epoch {json.loads((run_dir / BEST_FILE).read_text())['epoch']} ({run_dir}{BEST_SUFFIX})"
+        except (OSError, ValueError, KeyError, TypeError):
+            best = "no best.json (no evaluated checkpoint)"
+        lines.append(f"  held-out reward ({first.get('heldout_num_prompts')} prompts): {a:.4g} at epoch "
+                     f"{first['epoch']} -> {b:.4g} at epoch {last['epoch']}; {best}")
     lines.append(f"  newest checkpoint: {newest_checkpoint if newest_checkpoint is not None else 'none yet'}")
     if (run_dir / "reward_curve.png").is_file():
         lines.append(f"  reward curve: {run_dir / 'reward_curve.png'}")

@@ -73,7 +73,8 @@ class RunLock:
 
 # What a run writes into its folder (wandb/ with --log-wandb); hidden temporary files: a killed write's leftovers
 RUN_ENTRIES = frozenset({"config.json", "log.jsonl", "checkpoints", "images", "reward_curve.png", LOCK_FILE,
-                         "wandb_id.txt", "wandb"})
+                         "wandb_id.txt", "wandb", "best.json"})
+RUNS_ROOT = "runs"  # where runs without --run-dir go
 TEMPORARY_RE = re.compile(r"^\..+\.tmp(-\d+)?$")
 
 
@@ -101,6 +102,46 @@ def run_folder_error(path: str | Path, e: OSError) -> RunError:
     code = errno.errorcode.get(e.errno, "") if e.errno else ""
     return RunError(f"cannot create the run folder {path}: {e.strerror or e}{f' ({code})' if code else ''}. Pass a "
                     f"--run-dir in a folder you can write to, on a disk with free space and quota.")
+
+
+def check_run_location(cfg) -> None:
+    """--run-dir (or the runs/ root) must be a new folder, an earlier run's, or creatable in a writable one; checked
+    before anything is made (check_run_folder: not empty, no foreign files, a folder can really be made)."""
+    flag, path = ("--run-dir", Path(cfg.run_dir)) if cfg.run_dir is not None else ("the runs root", Path(RUNS_ROOT))
+    if cfg.run_dir is not None and not cfg.run_dir.strip():
+        raise ValueError(f"--run-dir {cfg.run_dir!r} is empty (an unset variable in a job script?); pass a folder "
+                         f"path, or leave --run-dir out for a new {RUNS_ROOT}/<id>-{cfg.run_name}/")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder; pass a folder path (new or an earlier run's)")
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable; pass a --run-dir in a folder you can write to")
+    check_run_folder(flag, path, existing, own_folder=cfg.run_dir is not None)
+
+
+def prepare_run_dir(cfg, locks: list) -> Path:
+    """Rank 0 creates (or reuses, for --run-dir) the run folder, locks it, and tells the other ranks where it is."""
+    from fdfo import distributed as dist
+    from fdfo.checkpoints import clean_stale_files, new_run_dir
+
+    path = None
+    if dist.get_rank() == 0:
+        try:
+            if cfg.run_dir is not None:
+                path = Path(cfg.run_dir)
+                path.mkdir(parents=True, exist_ok=True)
+            else:
+                path = new_run_dir(RUNS_ROOT, cfg.run_name)
+        except OSError as e:  # checked up front (check_run_location); this is a change since, e.g. a full quota
+            raise run_folder_error(cfg.run_dir or RUNS_ROOT, e) from None
+        if not locks:
+            locks.append(RunLock(path))
+        clean_stale_files(path)
+    return Path(dist.broadcast_object(str(path) if path else None))
 
 
 # -- signals -----------------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,26 +17,18 @@ from fdfo.algorithms.groups import (
     build_group_items,
     sample_groups,
 )
-from fdfo.checkpoints import (
-    checkpoint_dir,
-    clean_stale_files,
-    latest_checkpoint,
-    new_run_dir,
-    read_checkpoint,
-    save_checkpoint,
-)
+from fdfo.checkpoints import checkpoint_dir, latest_checkpoint, read_checkpoint, save_checkpoint
 from fdfo.cli import check_device
 from fdfo.config import Config, Geometry, batch_geometry, check_config
 from fdfo.errors import Interrupted
 from fdfo.files import write_json_atomic
-from fdfo.memory import activation_note
+from fdfo.heldout import Heldout, heldout_due, heldout_plan
+from fdfo.memory import activation_note, rollout_memory_note
 from fdfo.offline import ensure_hub_reachable, reward_sources
 from fdfo.phases import (
     EpochSamples,
     build_training_set,
     check_rollout_memory,
-    rollout_dtypes,
-    rollout_gb_per_rank,
     sample_phase,
     timesteps_per_sample,
     train_phase,
@@ -53,55 +44,20 @@ from fdfo.resume import (
 )
 from fdfo.rng import derive_seed
 from fdfo.runlog import NullLogger, RunLogger, run_summary
-from fdfo.safety import RunLock, SignalGuard, check_run_folder, check_weights, run_folder_error, watch_parent
+from fdfo.safety import RunLock, SignalGuard, check_run_location, check_weights, prepare_run_dir, watch_parent
 from fdfo.sd3 import SD3Policy
+from rewards import build_metrics
+from rewards.build import metric_specs
 from rewards.remote import RewardServerDown
 
 INIT_STREAM = 3
 CHECKPOINT_FORMAT = 1
-RUNS_ROOT = "runs"
+
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision]
-
-
-def check_run_location(cfg: Config) -> None:
-    """--run-dir (or the runs/ root) must be a new folder, an earlier run's, or creatable in a writable one; checked
-    before anything is made (safety.check_run_folder: not empty, no foreign files, a folder can really be made)."""
-    flag, path = ("--run-dir", Path(cfg.run_dir)) if cfg.run_dir is not None else ("the runs root", Path(RUNS_ROOT))
-    if cfg.run_dir is not None and not cfg.run_dir.strip():
-        raise ValueError(f"--run-dir {cfg.run_dir!r} is empty (an unset variable in a job script?); pass a folder "
-                         f"path, or leave --run-dir out for a new {RUNS_ROOT}/<id>-{cfg.run_name}/")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path} is a file, not a folder; pass a folder path (new or an earlier run's)")
-    existing = path.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{flag} {path}: {existing} is a file, so the folder cannot be created")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: {existing} is not writable; pass a --run-dir in a folder you can write to")
-    check_run_folder(flag, path, existing, own_folder=cfg.run_dir is not None)
-
-
-def prepare_run_dir(cfg: Config, locks: list) -> Path:
-    """Rank 0 creates (or reuses, for --run-dir) the run folder, locks it, and tells the other ranks where it is."""
-    path = None
-    if dist.get_rank() == 0:
-        try:
-            if cfg.run_dir is not None:
-                path = Path(cfg.run_dir)
-                path.mkdir(parents=True, exist_ok=True)
-            else:
-                path = new_run_dir(RUNS_ROOT, cfg.run_name)
-        except OSError as e:  # checked up front (check_run_location); this is a change since, e.g. a full quota
-            raise run_folder_error(cfg.run_dir or RUNS_ROOT, e) from None
-        if not locks:
-            locks.append(RunLock(path))
-        clean_stale_files(path)
-    return Path(dist.broadcast_object(str(path) if path else None))
 
 
 def build_policy(cfg: Config, device: torch.device) -> SD3Policy:
@@ -110,24 +66,6 @@ def build_policy(cfg: Config, device: torch.device) -> SD3Policy:
     with dist.rank0_first():  # rank 0 builds or downloads into the shared cache first
         return SD3Policy(cfg.pretrained_model, device, cfg.lora_rank, cfg.lora_alpha, cfg.sample.guidance_scale,
                          amp_dtype(cfg.train.precision, device))
-
-
-def rollout_memory_note(policy, cfg: Config, geom: Geometry) -> str:
-    """One line: the rollout memory each rank holds for training (states and velocities of its own items)."""
-    state_dtype, velocity_dtypes = rollout_dtypes(policy)
-    state_bytes = torch.finfo(state_dtype).bits // 8
-    # velocities are kept in 16 bits only when that is lossless: CFG rules it out unless it runs under autocast (where
-    # the combination is computed in the 16-bit output dtype, fdfo/sd3.py)
-    lossless = cfg.sample.guidance_scale == 1.0 or getattr(policy, "amp_dtype", None) is not None
-    velocity_bytes = 2 if velocity_dtypes and lossless else 4
-    latent = policy.latent_shape(cfg.sample.resolution)
-    k = timesteps_per_sample(cfg)
-    if cfg.algorithm != "fdfo":
-        samples = cfg.samples_per_prompt * geom.pairs_per_gpu
-        return f"rollouts of --algorithm {cfg.algorithm}: {samples} samples per rank"
-    gb = rollout_gb_per_rank(geom, k, latent, state_bytes, velocity_bytes)
-    return (f"rollout memory per rank: {gb:.3g} GB ({2 * geom.pairs_per_gpu} samples x {k} timesteps x "
-            f"{'x'.join(map(str, latent))} latents x ({state_bytes} + {velocity_bytes}) bytes)")
 
 
 def build_reward_model(cfg: Config, device: torch.device):
@@ -179,59 +117,31 @@ class Run:
     global_step: int
     guard: SignalGuard | None = None
     copies: object = None  # a baseline's EMA (and DiffusionNFT's old) adapter, fdfo.algorithms.ema.Copies
+    heldout: Heldout | None = None  # the held-out evaluation (--eval.every > 0)
 
 
 def setup(cfg: Config, locks: list) -> Run:
     """Check the user's input, load the models, restore a checkpoint if there is one, open the run folder and log.
 
-    Every check that can fail on user input (flags, device, run folder, lock, resume settings, checkpoint) runs before
-    a model loads and before anything is written; `locks` receives the run-folder lock held by rank 0."""
-    check_config(cfg)
-    check_device("--device", cfg.device)
-    check_run_location(cfg)
-    device = dist.init(cfg.device)
-    geom = batch_geometry(cfg, dist.get_world_size())  # user errors surface before any model loads
-    timesteps_per_sample(cfg)
-    check_rollout_memory(cfg, geom, device)
-    prompts = load_prompts(cfg.prompt_file)
-    trained = (cfg.sample.num_solver_steps if cfg.algorithm == "fdfo"
-               else algorithm_module(cfg.algorithm).trained_steps(cfg.sample.num_solver_steps))
-    dist.print0(geom.describe(cfg.total_pairs_per_epoch, trained,
-                              None if cfg.algorithm == "fdfo" else cfg.baseline.group_size))
-    if dist.get_rank() == 0 and cfg.run_dir is not None and Path(cfg.run_dir).is_dir():
-        locks.append(RunLock(Path(cfg.run_dir)))  # a double start is refused before minutes of model loading
-    resume = find_resume_point(cfg)
-    counters, state = read_checkpoint(resume) if resume is not None else ({"epoch": 0, "global_step": 0}, None)
-    applied = []
-    if resume is not None:
-        recorded = counters.get("algorithm", "fdfo")
-        if recorded != cfg.algorithm:
-            raise ValueError(f"cannot resume {resume}: it was trained with --algorithm {recorded}, not "
-                             f"{cfg.algorithm}; pass --algorithm {recorded}, or a new --run-dir to start a new run")
-        needed = {"flow_grpo": ("grpo_theta",), "diffusion_nft": ("nft_theta", "nft_old")}.get(cfg.algorithm, ())
-        if not set(needed) <= set(state):
-            raise ValueError(f"checkpoint {resume} is damaged: its training_state.pt lacks {cfg.algorithm}'s trained "
-                             f"adapter{'s' if len(needed) > 1 else ''} ({', '.join(needed)}; the saved adapter is the "
-                             f"EMA). Delete it to resume from the previous checkpoint, or pass --resume-from another "
-                             f"one.")
-        check_adapter_fits(cfg, resume)
-        applied = check_resume_settings(cfg, geom, resume)
+    Every check that can fail on user input (flags, device, run folder, lock, prompts, resume settings, checkpoint)
+    runs before a model loads and before anything is written; `locks` receives the run-folder lock held by rank 0."""
+    device, geom, prompts, plan = check_inputs(cfg, locks)
+    resume, counters, state, applied = resume_point(cfg, geom)
     # without a network: one line now instead of minutes of download retries
-    ensure_hub_reachable([cfg.pretrained_model, *reward_sources(cfg.reward.specs, cfg.reward, cfg.reward_preset)])
+    heldout_metrics = metric_specs(cfg.eval.metrics) if plan is not None and cfg.eval.metrics else []
+    ensure_hub_reachable([cfg.pretrained_model, *reward_sources(cfg.reward.specs, cfg.reward, cfg.reward_preset),
+                          *reward_sources(heldout_metrics, cfg.reward)])
     reward = build_reward_model(cfg, device)  # first: a plug-in that answers wrongly fails before SD3 loads
+    metrics = None
+    if heldout_metrics:
+        with dist.rank0_first():
+            metrics = build_metrics(cfg.eval.metrics, cfg.reward, device)
     policy = build_policy(cfg, device)
     policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
     dist.print0(rollout_memory_note(policy, cfg, geom))
     if dist.get_rank() == 0:  # a meta-device forward (about a second at full size): once is enough
         dist.print0(activation_note(policy, cfg, geom))
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate, betas=cfg.train.betas,
-                                  weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
-    scaler = torch.amp.GradScaler(device.type, enabled=policy.amp_dtype == torch.float16)
-    copies = None
-    if cfg.algorithm != "fdfo":
-        from fdfo.algorithms.ema import baseline_copies
-
-        copies = baseline_copies(cfg, policy.trainable_parameters(), counters["global_step"])
+    optimizer, scaler, copies = training_state(cfg, policy, device, counters["global_step"])
     if state is not None:
         policy.load_adapter(resume)
         if copies is not None:  # the saved adapter is the EMA; theta (and old) come from training_state.pt
@@ -247,9 +157,66 @@ def setup(cfg: Config, locks: list) -> Run:
         module = dist.wrap_ddp(policy.transformer, device)  # gradients only: buffers are not broadcast
     run_dir = prepare_run_dir(cfg, locks)  # only now: a model that fails to load leaves no empty run folder behind
     dist.print0(f"run folder: {run_dir}")
-    return Run(cfg, geom, prompts, policy, reward, optimizer, scaler, module, run_dir,
-               open_logger(cfg, geom, run_dir, counters["epoch"]), counters["epoch"], counters["global_step"],
-               copies=copies)
+    logger = open_logger(cfg, geom, run_dir, counters["epoch"])
+    heldout = Heldout(cfg, geom, plan, policy, reward, metrics, run_dir, logger) if plan is not None else None
+    return Run(cfg, geom, prompts, policy, reward, optimizer, scaler, module, run_dir, logger, counters["epoch"],
+               counters["global_step"], copies=copies, heldout=heldout)
+
+
+def check_inputs(cfg: Config, locks: list) -> tuple[torch.device, Geometry, list[str], object]:
+    """The checks of the flags, device, run folder, geometry, prompts and held-out prompts (before any model loads);
+    returns the device, the geometry, the training prompts and the held-out plan (None with --eval.every 0)."""
+    check_config(cfg)
+    check_device("--device", cfg.device)
+    check_run_location(cfg)
+    device = dist.init(cfg.device)
+    geom = batch_geometry(cfg, dist.get_world_size())  # user errors surface before any model loads
+    timesteps_per_sample(cfg)
+    check_rollout_memory(cfg, geom, device)
+    prompts = load_prompts(cfg.prompt_file)
+    plan = heldout_plan(cfg, prompts) if cfg.eval.every else None
+    trained = (cfg.sample.num_solver_steps if cfg.algorithm == "fdfo"
+               else algorithm_module(cfg.algorithm).trained_steps(cfg.sample.num_solver_steps))
+    dist.print0(geom.describe(cfg.total_pairs_per_epoch, trained,
+                              None if cfg.algorithm == "fdfo" else cfg.baseline.group_size))
+    if dist.get_rank() == 0 and cfg.run_dir is not None and Path(cfg.run_dir).is_dir():
+        locks.append(RunLock(Path(cfg.run_dir)))  # a double start is refused before minutes of model loading
+    return device, geom, prompts, plan
+
+
+def resume_point(cfg: Config, geom: Geometry) -> tuple[Path | None, dict, dict | None, list[str]]:
+    """The checkpoint to resume from (None: a fresh run), its counters and training state, checked against this run's
+    settings; and the lines describing the settings applied from the next step."""
+    resume = find_resume_point(cfg)
+    if resume is None:
+        return None, {"epoch": 0, "global_step": 0}, None, []
+    counters, state = read_checkpoint(resume)
+    recorded = counters.get("algorithm", "fdfo")
+    if recorded != cfg.algorithm:
+        raise ValueError(f"cannot resume {resume}: it was trained with --algorithm {recorded}, not "
+                         f"{cfg.algorithm}; pass --algorithm {recorded}, or a new --run-dir to start a new run")
+    needed = {"flow_grpo": ("grpo_theta",), "diffusion_nft": ("nft_theta", "nft_old")}.get(cfg.algorithm, ())
+    if not set(needed) <= set(state):
+        raise ValueError(f"checkpoint {resume} is damaged: its training_state.pt lacks {cfg.algorithm}'s trained "
+                         f"adapter{'s' if len(needed) > 1 else ''} ({', '.join(needed)}; the saved adapter is the "
+                         f"EMA). Delete it to resume from the previous checkpoint, or pass --resume-from another "
+                         f"one.")
+    check_adapter_fits(cfg, resume)
+    return resume, counters, state, check_resume_settings(cfg, geom, resume)
+
+
+def training_state(cfg: Config, policy, device: torch.device, global_step: int):
+    """The optimizer, the grad scaler and a baseline's adapter copies (EMA, old), as they start (a resumed run then
+    loads its saved state into them)."""
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate, betas=cfg.train.betas,
+                                  weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
+    scaler = torch.amp.GradScaler(device.type, enabled=policy.amp_dtype == torch.float16)
+    copies = None
+    if cfg.algorithm != "fdfo":
+        from fdfo.algorithms.ema import baseline_copies
+
+        copies = baseline_copies(cfg, policy.trainable_parameters(), global_step)
+    return optimizer, scaler, copies
 
 
 def open_logger(cfg: Config, geom: Geometry, run_dir: Path, first_epoch: int):
@@ -263,7 +230,8 @@ def open_logger(cfg: Config, geom: Geometry, run_dir: Path, first_epoch: int):
 
 
 def run_epoch(run: Run) -> None:
-    """sample -> build the shuffled items -> train -> log -> save; advances run.epoch."""
+    """sample -> build the shuffled items -> train -> log -> save; advances run.epoch. (The held-out evaluation of
+    the epochs done runs between epochs: `train`.)"""
     cfg, geom, policy, epoch = run.cfg, run.geom, run.policy, run.epoch
     t0 = time.perf_counter()
     policy.offload_text_encoders(False)
@@ -299,8 +267,8 @@ def run_epoch(run: Run) -> None:
     dist.print0(f"epoch {epoch}: reward {record['reward_mean']:.4f} +- {record['reward_std']:.4f}, "
                 f"loss {record['loss']:.4g}, clipfrac {record['clipfrac']:.3f}, {t2 - t0:.1f}s")
     run.epoch += 1
-    if run.epoch % cfg.save_freq == 0 or run.epoch == cfg.num_epochs:
-        save(run)
+    if run.epoch % cfg.save_freq == 0 or run.epoch == cfg.num_epochs or heldout_due(cfg, run.epoch):
+        save(run)  # an evaluated epoch is a checkpoint, so that best.json can name it
 
 
 def train(cfg: Config) -> Path:
@@ -315,7 +283,9 @@ def train(cfg: Config) -> Path:
     try:
         run = setup(cfg, locks)
         run.guard = guard
-        while run.epoch < cfg.num_epochs:
+        while not (run.heldout is not None and run.heldout.step(run.epoch, run.policy, run.copies)):
+            if run.epoch >= cfg.num_epochs:
+                break
             guard.check()
             run_epoch(run)
         if dist.get_rank() == 0:

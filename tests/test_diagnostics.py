@@ -89,7 +89,7 @@ def _run(tmp_path, monkeypatch, name, diagnostics: bool, num_epochs=2):
 
 def test_logged_diagnostics_match_numpy_and_leave_training_unchanged(tmp_path, monkeypatch):
     cfg, seen = _run(tmp_path, monkeypatch, "with", True)
-    epochs = [r for r in read_log(tmp_path / "with") if "step" not in r]
+    epochs = [r for r in read_log(tmp_path / "with") if "reward_mean" in r]  # epoch records
     per_epoch = len(seen["ratios"]) // 2  # micro-batches per epoch
     for epoch, record in enumerate(epochs):
         ratios = torch.cat(seen["ratios"][epoch * per_epoch:(epoch + 1) * per_epoch]).double().numpy()
@@ -107,7 +107,7 @@ def test_logged_diagnostics_match_numpy_and_leave_training_unchanged(tmp_path, m
 
     # the same training without the diagnostics: bit-identical weights after each epoch, same rewards
     _run(tmp_path, monkeypatch, "without", False)
-    plain = [r for r in read_log(tmp_path / "without") if "step" not in r]
+    plain = [r for r in read_log(tmp_path / "without") if "reward_mean" in r]
     assert not any(k in r for r in plain for k in KEYS)
     assert [r["reward_mean"] for r in plain] == [r["reward_mean"] for r in epochs]
     for epoch in (1, 2):
@@ -119,7 +119,7 @@ def test_logged_diagnostics_match_numpy_and_leave_training_unchanged(tmp_path, m
 def test_dropped_pairs_are_left_out(tmp_path, monkeypatch):
     monkeypatch.setattr(train_loop, "build_reward_model", lambda cfg, device: _NaNReward([1, 4]))  # pairs 0 and 2
     cfg, seen = _run(tmp_path, monkeypatch, "run", True, num_epochs=1)
-    record = [r for r in read_log(tmp_path / "run") if "step" not in r][0]
+    record = [r for r in read_log(tmp_path / "run") if "reward_mean" in r][0]
     assert record["invalid_pairs"] == 2
     valid = torch.cat(seen["valid"])
     ratios = torch.cat(seen["ratios"])[valid].double().numpy()

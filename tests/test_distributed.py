@@ -20,8 +20,10 @@ from fdfo.phases import item_steps
 ROOT = Path(__file__).resolve().parents[1]
 # Sample batch and train batch are pinned so that 1 and 2 processes batch the same samples and items together:
 # the only difference left is the order in which gradients are summed (across micro-batches vs across ranks).
+# The held-out evaluation (at epochs 0 and 2) deals 5 prompts over the ranks: 3 and 2 with 2 processes.
 ARGS = ["--preset", "smoke", "--num-epochs", "2", "--total-pairs-per-epoch", "8", "--sample.num-solver-steps", "3",
-        "--save-freq", "1", "--sample.batch-size", "4", "--train.batch-size", "4"]
+        "--save-freq", "1", "--sample.batch-size", "4", "--train.batch-size", "4", "--eval.every", "2",
+        "--eval.num-prompts", "5"]
 
 
 def _env():
@@ -66,6 +68,15 @@ def test_result_does_not_depend_on_the_number_of_processes(runs):
     for a, b in zip(_records(one), _records(two)):
         if "reward_mean" in a:
             assert a["reward_mean"] == pytest.approx(b["reward_mean"], rel=1e-5)
+    # The held-out prompts are dealt over the ranks and gathered: the same images and scores up to the rounding of
+    # another batch split (5 images in one pipeline call, or 3 + 2).
+    heldout = [[r for r in _records(run) if "heldout_reward_mean" in r] for run in (one, two)]
+    assert [r["epoch"] for r in heldout[0]] == [r["epoch"] for r in heldout[1]] == [0, 2]
+    for a, b in zip(*heldout):
+        assert abs(a["heldout_reward_mean"] - b["heldout_reward_mean"]) <= 1e-4
+        assert abs(a["heldout_reward_ci95"] - b["heldout_reward_ci95"]) <= 1e-4
+    assert heldout[0][0]["heldout_reward_mean"] != heldout[0][1]["heldout_reward_mean"]
+    assert (one / "best.json").read_text() == (two / "best.json").read_text()
     # Tolerance: relative 1e-4 of each tensor's norm. The noise, prompts and item-to-step partition are identical by
     # construction; what differs is only the float summation order of the gradient (measured: ~6e-6 after 2 epochs),
     # which Adam can amplify for near-zero gradient entries, hence the margin. A wrong averaging (sum instead of

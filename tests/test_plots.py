@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fdfo.plots import main, read_epoch_records, reward_figure, reward_series, write_reward_curve
+from fdfo.plots import heldout_series, main, read_epoch_records, reward_figure, reward_series, write_reward_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,6 +82,28 @@ def test_curve_carries_the_logged_numbers(tmp_path):
     band = [c for ax in reward_figure(series).axes for c in ax.collections if c.get_gid() == "reward_std"][0]
     ys = band.get_paths()[0].vertices[:, 1]
     assert min(ys) == pytest.approx(0.10 - 0.02) and max(ys) == pytest.approx(0.45 + 0.04)
+
+
+def test_heldout_records_are_drawn_beside_the_training_reward_and_leave_it_alone(tmp_path):
+    log = tmp_path / "log.jsonl"
+    heldout = [dict(epoch=0, heldout_reward_mean=0.12, heldout_reward_ci95=0.01, heldout_redness_mean=0.12),
+               dict(epoch=2, heldout_reward_mean=0.18, heldout_reward_ci95=0.02, heldout_redness_mean=0.18,
+                    heldout_pickscore_mean=20.5)]
+    _write_log(log, [heldout[0], _step(0, 1), _epoch(0, 0.10, 0.02, 0.25, redness=(0.10, 0.02)),
+                     _epoch(1, 0.20, 0.03, 0.5, redness=(0.20, 0.03)), heldout[1]])
+    assert [r["epoch"] for r in read_epoch_records(log)] == [0, 1]  # the held-out records are not epochs
+    assert read_epoch_records(log, heldout=True) == heldout
+    series = write_reward_curve(log, tmp_path / "curve.png")
+    _same(series["reward"]["mean"], [0.10, 0.20])  # the training series are the epochs' own numbers
+    figure = reward_figure(series, heldout=heldout_series(heldout))
+    lines = _lines(figure)
+    for name, values in (("reward", [0.12, 0.18]), ("redness", [0.12, 0.18])):
+        _same(lines[f"heldout_{name}_mean"].get_xdata(), [0, 2])
+        _same(lines[f"heldout_{name}_mean"].get_ydata(), values)
+    assert "heldout_pickscore_mean" not in lines  # a metric without a training panel is not drawn
+    bars = [c for c in figure.axes[0].collections if c.get_gid() == "heldout_reward_ci95"][0]
+    ends = sorted((seg[0][1], seg[1][1]) for seg in bars.get_segments())  # the 95 % half-width around each mean
+    assert ends == [pytest.approx((0.11, 0.13)), pytest.approx((0.16, 0.20))]
 
 
 def test_one_epoch_and_replacing_an_older_png(tmp_path):

@@ -121,6 +121,28 @@ def test_pickscore_download_is_pinned(tmp_path):
         prompts.download("pickscore_train", tmp_path, revision="main")
 
 
+def test_pickscore_test_download_is_pinned_and_verified(tmp_path, monkeypatch):
+    """The held-out prompts of the paper presets: Flow-GRPO's test.txt at the same commit, checked like train.txt."""
+    test_url = PINNED_URL.replace("/train.txt", "/test.txt")
+    assert prompts.PICKSCORE_TEST_URL == test_url and prompts.PICKSCORE_TEST_LINES == 2_048
+    assert prompts.PICKSCORE_TEST_SHA256 == "d75c025fa451866e70f7e36243f7cdd93095523cb51f5f9651f2ce3236d20262"
+    text = "".join(f"held-out prompt {i}\n" for i in range(2_048))
+    monkeypatch.setattr(prompts, "PICKSCORE_TEST_SHA256", hashlib.sha256(text.encode("utf-8")).hexdigest())
+    seen = []
+    monkeypatch.setattr(prompts.urllib.request, "urlopen", fake_opener(text, seen))
+    path = prompts.download("pickscore_test", tmp_path / "sets")
+    assert seen == [test_url] and path == tmp_path / "sets/pickscore_test.txt"
+    assert path.read_bytes() == text.encode("utf-8") and len(load_prompt_set(str(path))) == 2_048
+    short = "".join(f"held-out prompt {i}\n" for i in range(2_047))
+    for other, message in ((text + "\n", "has sha256 "), (short, "holds 2,047 prompts, expected 2,048")):
+        monkeypatch.setattr(prompts.urllib.request, "urlopen", fake_opener(other, seen))
+        with pytest.raises(ValueError, match=message):
+            prompts.download("pickscore_test", tmp_path / "other")
+        assert not (tmp_path / "other/pickscore_test.txt").exists()
+    with pytest.raises(ValueError, match="pickscore_test is pinned to flow_grpo commit 9745241c"):
+        prompts.download("pickscore_test", tmp_path, revision="main")
+
+
 PUBLISHED_SUBSET_SHA256 = "2118abaab5aa2d42740a6e60f8869d6b29f84264dab76cbc12c14522d448e4c8"
 
 

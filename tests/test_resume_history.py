@@ -11,7 +11,7 @@ import pytest
 
 from fdfo import train_loop
 from fdfo.config import Config, batch_geometry, smoke_config
-from fdfo.config_history import ADDED_LATER, FIRST_RECORDED
+from fdfo.config_history import ADDED_LATER, FIRST_RECORDED, FREE_IF_PREDATED
 from fdfo.replay import fits
 from fdfo.resume import RESUME_APPLIED, RESUME_FREE, _flat, check_resume_settings, resolved_config
 from tests.test_train import tiny_config
@@ -56,7 +56,7 @@ def set_setting(cfg, key, value):
     setattr(cfg, last, value)
 
 
-REFUSED = sorted(k for k in ADDED_LATER if k not in RESUME_FREE | RESUME_APPLIED)
+REFUSED = sorted(k for k in ADDED_LATER if k not in RESUME_FREE | RESUME_APPLIED | FREE_IF_PREDATED)
 
 
 @pytest.mark.parametrize("key", REFUSED)
@@ -92,3 +92,22 @@ def test_a_run_from_before_the_trust_region_setting_resumes_only_with_the_publis
                                          r"'velocity'"):
         train_loop.train(velocity)
     assert json.loads(path.read_text()) == recorded  # refused before anything was written
+
+
+def test_a_run_from_before_held_out_evaluation_resumes_with_the_presets_evaluation(tmp_path):
+    """The smoke preset evaluates 16 prompts of its own file; a smoke run made before held-out evaluation existed
+    recorded no eval section and resumes with them (it has no held-out record to stay comparable with). A run that
+    recorded its held-out settings still refuses another prompt count."""
+    cfg = smoke_config()
+    geom = batch_geometry(cfg, 1)
+    saved = resolved_config(cfg, geom, tmp_path)
+    recorded = json.loads(json.dumps(saved))
+    del saved["eval"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    resume = tmp_path / "checkpoints" / "epoch-0000004"
+    assert cfg.eval.num_prompts != ADDED_LATER["eval.num_prompts"] and cfg.eval.prompts != ADDED_LATER["eval.prompts"]
+    assert check_resume_settings(cfg, geom, resume) == []
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    cfg.eval.num_prompts = 8
+    with pytest.raises(ValueError, match=re.escape("--eval.num-prompts 16 -> 8")):
+        check_resume_settings(cfg, geom, resume)

@@ -32,13 +32,16 @@ def test_wandb_offline_gets_the_jsonl_records_and_pair_images(tmp_path, monkeypa
     train_loop.train(cfg)
 
     records = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
-    scalars = [d for d in sent if "pairs" not in d]
+    scalars = [d for d in sent if "pairs" not in d and "heldout_images" not in d]
     assert scalars == [{k: v for k, v in r.items() if isinstance(v, (int, float))} for r in records]
+    assert "heldout_reward_mean" in scalars[0] and scalars[0]["epoch"] == 0  # the starting model's evaluation
     pictures = [d for d in sent if "pairs" in d]
     assert len(pictures) == 1 and len(pictures[0]["pairs"]) == 2
+    grids = [d for d in sent if "heldout_images" in d]  # the held-out grid of the evaluation, as saved in images/
+    assert [d["epoch"] for d in grids] == [0] and (tmp_path / "run/images/heldout-epoch-0000000.png").is_file()
     offline = list((tmp_path / "run/wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
-    assert len(list(offline[0].glob("files/media/images/*.png"))) == 2
+    assert len(list(offline[0].glob("files/media/images/*.png"))) == 3
     assert len(list((tmp_path / "run/images").glob("epoch-0000000-pair-*.png"))) == 2
 
 

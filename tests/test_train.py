@@ -151,13 +151,17 @@ def test_the_run_says_where_it_writes_and_sums_up_at_the_end(tmp_path, capsys):
     start = out.index(f"run folder: {run}")
     assert start < min(i for i, line in enumerate(out) if line.startswith("epoch 0: "))
     a, b = epochs[0]["reward_mean"], epochs[-1]["reward_mean"]
-    assert out[-5:] == [
+    h = [r for r in read_log(run) if "heldout_reward_mean" in r][0]["heldout_reward_mean"]  # the smoke preset's
+    assert out[-6:] == [
         f"done: {run}",
         f"  reward (mean over the epoch's samples): {a:.4g} at epoch 0 -> {b:.4g} at epoch 1 ({b - a:+.4g})",
+        f"  held-out reward (16 prompts): {h:.4g} at epoch 0 -> {h:.4g} at epoch 0; no best.json (no evaluated "
+        f"checkpoint)",
         f"  newest checkpoint: {run / 'checkpoints' / 'epoch-0000002'}",
         f"  reward curve: {run / 'reward_curve.png'}",
         f"  rollout pairs: {run / 'images'}/ (2 pictures, epochs 0, 1)",
     ]
-    assert (run / "reward_curve.png").is_file() and len(list((run / "images").glob("*.png"))) == 2
+    assert (run / "reward_curve.png").is_file() and len(list((run / "images").glob("epoch-*.png"))) == 2
+    assert (run / "images/heldout-epoch-0000000.png").is_file()  # the starting model's held-out grid
     state = json.loads((run / "checkpoints" / "epoch-0000002" / "state.json").read_text())
     assert (state["resolution"], state["num_solver_steps"]) == (64, 3)  # what generate.py samples it at by default
