@@ -299,3 +299,20 @@ def test_warnings_are_counted_back_from_the_last_evaluation():
     assert warnings_in_a_row([_h(0, 1), _h(1, 1, **w), _h(2, 1, **w)]) == 2
     assert warnings_in_a_row([_h(0, 1, **w), _h(1, 1), _h(2, 1, **w)]) == 1
     assert warnings_in_a_row([_h(0, 1, **w), _h(1, 1, **w), _h(2, 1)]) == 0
+
+
+def test_an_fp16_autocast_run_is_evaluated_under_its_autocast(tmp_path):
+    """Under fp16 autocast the speed levers hold the frozen weights in fp16, so the evaluation's pipeline runs under
+    the training's autocast (it failed with 'Input type (float) and bias type (c10::Half)' before): its record equals
+    metrics.py's number for the checkpoint computed under the same autocast (the levers change no number)."""
+    run = tmp_path / "run"
+    cfg = with_eval(tiny_config(run, num_epochs=1), num_prompts=4)
+    cfg.train.precision = "fp16"
+    train_loop.train(cfg)
+    records = heldout_records(run)
+    assert [r["epoch"] for r in records] == [0, 1]
+    with torch.autocast("cpu", dtype=torch.float16):
+        results = evaluate(EvalConfig(checkpoint=str(run / "checkpoints/epoch-0000001"),
+                                      prompt_set=SMOKE_HELDOUT_PROMPTS, num_prompts=4, metrics=("redness",),
+                                      batch_size=8, **TINY_SAMPLING))
+    assert records[1]["heldout_reward_mean"] == pytest.approx(results["metrics"]["redness"], rel=1e-6)
