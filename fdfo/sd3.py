@@ -115,7 +115,7 @@ class SD3Policy:
 
     def speed_options(self, compile_blocks: bool = False, gradient_checkpointing: bool = False,
                       compile_scope: str = "blocks", fused_rms_norm: bool = False,
-                      compute_dtype_modulation: bool = False, compile_backend: str = "inductor") -> None:
+                      compute_dtype_modulation: bool = False, compile_backend: str | None = None) -> None:
         """Opt-in speed / memory options (all off by default).
 
         compile_blocks: torch.compile the transformer (fdfo/compile.py): each block in place (compile_scope "blocks",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from fdfo import compile as compile_cache
 from fdfo import distributed as dist
 from fdfo.algorithms.groups import (
     GroupSamples,
@@ -220,7 +221,8 @@ def setup(cfg: Config, locks: list) -> Run:
     ensure_hub_reachable([cfg.pretrained_model, *reward_sources(cfg.reward.specs, cfg.reward, cfg.reward_preset)])
     reward = build_reward_model(cfg, device)  # first: a plug-in that answers wrongly fails before SD3 loads
     policy = build_policy(cfg, device)
-    policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
+    policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing, cfg.train.compile_scope,
+                         cfg.train.fused_rms_norm, cfg.train.compute_dtype_modulation)
     dist.print0(rollout_memory_note(policy, cfg, geom))
     if dist.get_rank() == 0:  # a meta-device forward (about a second at full size): once is enough
         dist.print0(activation_note(policy, cfg, geom))
@@ -249,6 +251,8 @@ def setup(cfg: Config, locks: list) -> Run:
         module = dist.wrap_ddp(policy.transformer, device)  # gradients only: buffers are not broadcast
     run_dir = prepare_run_dir(cfg, locks)  # only now: a model that fails to load leaves no empty run folder behind
     dist.print0(f"run folder: {run_dir}")
+    if cfg.train.compile and compile_cache.load_cache(run_dir):  # the kernels an earlier start compiled
+        dist.print0(f"--train.compile: warm start from {run_dir / compile_cache.CACHE_FILE}")
     return Run(cfg, geom, prompts, policy, reward, optimizer, scaler, module, run_dir,
                open_logger(cfg, geom, run_dir, counters["epoch"]), counters["epoch"], counters["global_step"],
                copies=copies)
@@ -370,4 +374,6 @@ def save(run: Run) -> None:
                     run.policy.save_adapter(folder)
         with run.guard.critical():  # a signal now waits until the checkpoint is complete
             save_checkpoint(checkpoint_dir(run.run_dir, epochs_done), save_adapter, state, counters)
+        if cfg.train.compile:  # what a resumed run would otherwise compile again
+            compile_cache.save_cache(run.run_dir)
     dist.barrier()
