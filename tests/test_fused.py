@@ -163,6 +163,21 @@ def test_sampling_and_training_share_the_options_so_the_ratio_at_theta_old_is_on
     assert not torch.equal(v_ref, v_default)
 
 
+def test_the_documented_numeric_change_on_the_tiny_model():
+    """docs/algorithm.md, "Differences": the velocity change of each option on the tiny model (64 px, 2 rows) under
+    the GPU's arithmetic emulated on the CPU (tests/numerics_options.py)."""
+    from tests import numerics_options
+
+    transformer = numerics_options.gpu_like_(numerics_options.tiny_transformer().requires_grad_(False).eval())
+    changes = numerics_options.relative_changes(transformer, numerics_options.random_inputs(transformer, 2, 8))
+    assert changes["fused_rms_norm"] == 0  # no bf16 output of a norm moved in this forward
+    assert 6e-4 < changes["compute_dtype_modulation"] < 9e-4 and changes["both"] == changes["compute_dtype_modulation"]
+    assert 7e-4 < changes["fp16_default_vs_fp32"] < 9e-4  # the default's own rounding, for scale
+    with numerics_options.options(transformer, True, True):  # the fused norm's 0 is measured, not skipped
+        kinds = [type(m) for m in transformer.modules()]
+    assert kinds.count(numerics_options.FusedBf16RMSNorm) == 10 and kinds.count(fused.ComputeDtypeLayerNorm) == 8
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("x_dtype,w_dtype", DTYPES)
