@@ -2,8 +2,8 @@
 GPU's arithmetic emulated (docs/algorithm.md, "Differences"): fp16 autocast over weights holding bf16 values, the RMS
 norms' weights in bf16 (their outputs are rounded to bf16 as on the GPU, then handed on in fp32: CPU autocast's `cat`
 refuses bf16 under fp16 autocast, CUDA's does not promote; attention casts either to the same fp16 values), and CUDA
-autocast's rule for layer_norm (computed in fp32, output fp32), which CPU autocast does not follow. Used by tests/test_fused.py on the tiny model;
-SD3.5-M's shapes with random weights (about 10 GB of memory, minutes):
+autocast's rule for layer_norm (computed in fp32, output fp32), which CPU autocast does not follow. Used by
+tests/test_fused.py on the tiny model; SD3.5-M's shapes with random weights (about 10 GB of memory, minutes):
 
     python -m tests.numerics_options --sd35m --resolution 128
 """

@@ -109,6 +109,38 @@ def test_under_ddp_the_all_reducing_micro_batch_runs_eagerly(tmp_path, monkeypat
     assert all(module is ddp.module for _, module in graphed["seen"] if module is not ddp)
 
 
+# ops that wait for the device (a value read back to the host, a data-dependent shape) or copy Python data to it:
+# none may run inside a captured region
+HOST_SYNCS = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.masked_select", "aten.unique",
+              "aten.lift_fresh", "aten.repeat_interleave.Tensor")
+
+
+def test_the_micro_batch_never_waits_for_the_device(tmp_path):
+    """What a capture needs of the micro-batch, checked on the CPU op by op (CFG and the KL term on: the paths with
+    the most Python around the model)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    cfg = _config(tmp_path, True)
+    cfg.sample.guidance_scale, cfg.train.kl_weight = 4.5, 0.1
+    geom, device = batch_geometry(cfg, 1), torch.device("cpu")
+    policy = build_policy(cfg, device)
+    samples = phases.sample_phase(policy, build_reward_model(cfg, device), cfg, geom, 0, PROMPTS, 0)
+    data = phases.build_training_set(samples, cfg, geom, 0)
+    policy.transformer.train()
+    with Ops() as ops:
+        phases._micro_batch(policy, policy.transformer, torch.amp.GradScaler("cpu", enabled=False), data,
+                            data.steps[0][:2], cfg, 12)
+    assert "aten.mm.default" in ops.seen or "aten.addmm.default" in ops.seen  # the mode saw the model's ops
+    assert not [op for op in ops.seen if op.startswith(HOST_SYNCS)]
+
+
 def test_all_reduces_only_outside_no_sync():
     class FakeDDP:
         require_backward_grad_sync = True
