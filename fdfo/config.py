@@ -61,9 +61,23 @@ class TrainConfig:
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     """Autocast precision. auto: fp16 with a grad scaler on CUDA (the reference), fp32 on CPU."""
     compile: bool = False
-    """Speed option: torch.compile each transformer block (regional compilation); same math, off by default."""
+    """Speed option: torch.compile the transformer (--train.compile-scope), batch size dynamic, caches kept in the
+    run folder for a warm resume; same math up to the compiled kernels' rounding, off by default."""
+    compile_scope: Literal["blocks", "transformer"] = "blocks"
+    """With --train.compile: each transformer block (regional: one graph per block kind and grad mode, 6 for
+    SD3.5-M) or the whole transformer forward (one graph per grad mode; longer to compile, fuses across blocks)."""
     gradient_checkpointing: bool = False
     """Memory option: recompute each transformer block's activations in the backward pass; same math."""
+    cuda_graphs: bool = False
+    """Speed option (CUDA only): capture the training micro-batch in a CUDA graph and replay it; same numbers as
+    eager by design, but NOT YET VERIFIED ON A GPU (tests/test_cuda_graphs.py, marked gpu, has not run)."""
+    fused_rms_norm: bool = False
+    """Numerics option, moves rounding: the attention's RMS norms as one kernel each way (Triton on CUDA), the
+    variance summed in another order, the backward rounded once (docs/algorithm.md, Differences). Sampling and
+    training alike."""
+    compute_dtype_modulation: bool = False
+    """Numerics option, moves rounding: round each LayerNorm's fp32 output to the autocast dtype, so the modulation
+    after it runs in fp16 / bf16 instead of fp32 (docs/algorithm.md, Differences). Sampling and training alike."""
     rollout_device: Literal["auto", "cpu"] = "auto"
     """Where the epoch's rollouts are kept: auto = the training device; cpu = host memory (each micro-batch is copied
     to the GPU; for small GPUs, see --preset lowmem24)."""
@@ -385,6 +399,7 @@ def check_config(cfg: Config) -> None:
     need(_finite(t.kl_weight) and t.kl_weight >= 0, "--train.kl-weight", t.kl_weight, ">= 0")
     need(_finite(t.max_grad_norm) and t.max_grad_norm >= 0, "--train.max-grad-norm", t.max_grad_norm,
          ">= 0")
+    _check_speed_options(cfg, need)
     b = cfg.baseline
     if cfg.algorithm != "fdfo":
         need(b.group_size >= 2, "--baseline.group-size", b.group_size, ">= 2 (group-relative advantages)")
@@ -408,6 +423,20 @@ def check_config(cfg: Config) -> None:
     # every spec parses, plug-ins import, reward servers answer: before any model loads or the run folder exists
     check_specs(training_specs(cfg.reward_preset, cfg.reward), cfg.reward, cfg.sample.resolution)
     check_heldout_metrics(cfg)
+
+
+def _check_speed_options(cfg: Config, need) -> None:
+    t = cfg.train
+    need(t.compile or t.compile_scope == "blocks", "--train.compile-scope", t.compile_scope,
+         "left out without --train.compile (it says what --train.compile compiles)")
+    if t.cuda_graphs:
+        import torch
+
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        need(device.startswith("cuda"), "--train.cuda-graphs", "on", f"left out on {device} (CUDA graphs need a GPU)")
+        for on, flag in ((t.rollout_device == "cpu", "--train.rollout-device cpu"), (t.compile, "--train.compile"),
+                         (t.gradient_checkpointing, "--train.gradient-checkpointing")):
+            need(not on, "--train.cuda-graphs", "on", f"left out with {flag} (not supported together)")
 
 
 def _finite(x: float) -> bool:

@@ -42,6 +42,10 @@ ADDED_LATER = {
     "train.trust_region": "separation",  # 02e458c
     "sample.decode_batch_size": None,  # 93866ed (default 1 since 420e2c3; not compared on resume)
     "baseline.ema_blends": 1,  # 8a2257d
+    "train.compile_scope": "blocks",  # 09025f5
+    "train.cuda_graphs": False,  # 09025f5
+    "train.fused_rms_norm": False,  # 09025f5
+    "train.compute_dtype_modulation": False,  # 09025f5
     "eval.every": 0,  # bdf9cd3 (before it, no run evaluated held-out prompts; 10 by default since)
     "eval.num_prompts": 64,  # bdf9cd3
     "eval.prompts": "pickscore_test",  # bdf9cd3

@@ -16,6 +16,7 @@ import tqdm
 
 from fdfo import distributed as dist
 from fdfo.config import Config, Geometry
+from fdfo.cuda_graphs import GraphedMicroBatch
 from fdfo.diagnostics import epoch_diagnostics, pair_mean_square, ratio_deviation
 from fdfo.errors import RunError
 from fdfo.objective import clip_fraction, pair_targets, spo_loss, spo_loss_velocity_region
@@ -300,6 +301,8 @@ def train_phase(policy, module, optimizer, scaler, data, cfg: Config, geom: Geom
     micro_batch: forward + backward of one micro-batch (default FDFO's; `baseline_micro_batch` for the baselines);
     after_step(): called after each optimizer step (DiffusionNFT's EMA)."""
     micro_batch = micro_batch or _micro_batch
+    if cfg.train.cuda_graphs:  # captured on CUDA; elsewhere (tests) the same static-buffer path without a graph
+        micro_batch = GraphedMicroBatch(micro_batch, capture=policy.device.type == "cuda")
     params = policy.trainable_parameters()
     records = []
     for step_items in tqdm.tqdm(data.steps, desc=f"epoch {epoch} train", leave=False, disable=dist.get_rank() != 0):
@@ -317,7 +320,7 @@ def train_phase(policy, module, optimizer, scaler, data, cfg: Config, geom: Geom
         check_step(float(sums[0] / n), float(grad_norm), scaler.is_enabled(), epoch, global_step + 1, scaler.get_scale)
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not cfg.train.cuda_graphs)  # a captured backward adds into the same tensors
         if after_step is not None:
             after_step()
         global_step += 1

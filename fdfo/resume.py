@@ -22,8 +22,9 @@ from fdfo.prompts import recorded_path, replayed_path
 RESUME_FREE = {"preset", "num_epochs", "save_freq", "resume_from", "run_dir", "run_name", "max_batch_size",
                "offload_text_encoders", "image_log_freq", "image_log_pairs", "log_wandb", "device",
                "sample.batch_size", "sample.decode_batch_size", "train.batch_size", "train.compile",
-               "train.gradient_checkpointing", "train.rollout_device", "reward.chunk_size", "reward.vlm_fsdp",
-               "reward.offload", "reward.overlap_preprocessing", "reward.remote_timeout", "reward.remote_retries",
+               "train.compile_scope", "train.cuda_graphs", "train.gradient_checkpointing", "train.rollout_device",
+               "reward.chunk_size", "reward.vlm_fsdp", "reward.offload", "reward.overlap_preprocessing",
+               "reward.remote_timeout", "reward.remote_retries",
                "eval.every", "eval.stop_after"}  # not what the held-out records measure (eval.prompts etc. are)
 # Applied from the first resumed step and printed: optimizer hyperparameters (written into the restored optimizer's
 # param_groups, which otherwise keep the saved values) and the step-wise clipping / KL settings read every step.
@@ -31,7 +32,8 @@ RESUME_APPLIED = {"train.learning_rate", "train.betas", "train.weight_decay", "t
                   "train.clip_range", "train.kl_weight"}
 # Everything else is refused: seed, pretrained_model, prompt_file, lora_rank, lora_alpha, total_pairs_per_epoch,
 # gradient_steps_per_epoch, reward_preset, reward.specs / models, sample.num_solver_steps, resolution,
-# guidance_scale, churn_schedule, churn_weight, train.precision, train.timesteps_per_sample (another estimator), and
+# guidance_scale, churn_schedule, churn_weight, train.precision, train.timesteps_per_sample (another estimator),
+# train.fused_rms_norm and train.compute_dtype_modulation (the run's arithmetic, as train.precision), and
 # any setting added later (safe default): each
 # changes tensor shapes, the data or the reward, so the resumed run would no longer be the run its log describes.
 # A setting that the run's config.json predates counts as its default of the day it was added (fdfo/config_history.py).

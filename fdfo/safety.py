@@ -73,7 +73,7 @@ class RunLock:
 
 # What a run writes into its folder (wandb/ with --log-wandb); hidden temporary files: a killed write's leftovers
 RUN_ENTRIES = frozenset({"config.json", "log.jsonl", "checkpoints", "images", "reward_curve.png", LOCK_FILE,
-                         "wandb_id.txt", "wandb", "best.json"})
+                         "wandb_id.txt", "wandb", "best.json", "compile-cache.bin"})
 RUNS_ROOT = "runs"  # where runs without --run-dir go
 TEMPORARY_RE = re.compile(r"^\..+\.tmp(-\d+)?$")
 

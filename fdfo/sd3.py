@@ -126,26 +126,30 @@ class SD3Policy:
         self._encode_fn = encode_fn
         return self
 
-    def speed_options(self, compile_blocks: bool = False, gradient_checkpointing: bool = False) -> None:
-        """Opt-in speed / memory options (both off by default; the math is unchanged).
+    def speed_options(self, compile_blocks: bool = False, gradient_checkpointing: bool = False,
+                      compile_scope: str = "blocks", fused_rms_norm: bool = False,
+                      compute_dtype_modulation: bool = False, compile_backend: str | None = None) -> None:
+        """Opt-in speed / memory options (all off by default).
 
-        compile_blocks: torch.compile each transformer block in place (regional compilation: one small graph reused
-        by all blocks of a kind, so compiling is quick and the LoRA wrapper, CFG and DDP stay eager).
+        compile_blocks: torch.compile the transformer (fdfo/compile.py): each block in place (compile_scope "blocks",
+        regional compilation: one small graph reused by all blocks of a kind, so compiling is quick and the LoRA
+        wrapper, CFG and DDP stay eager) or its whole forward ("transformer"), the batch dimension dynamic.
         gradient_checkpointing: recompute each block's activations in the backward pass (non-reentrant, so the
         LoRA parameters inside get their gradients although the block inputs do not require grad).
+        fused_rms_norm, compute_dtype_modulation: kernels that move rounding (fdfo/fused.py), applied to the model
+        itself, so sampling and training share them.
         """
         base = self.pipe.transformer
         if gradient_checkpointing:
             base.enable_gradient_checkpointing()
-        if compile_blocks:
-            import torch._dynamo
+        if fused_rms_norm or compute_dtype_modulation:
+            from fdfo.fused import apply_numerics_options
 
-            # the blocks share one code object: allow a graph per block kind x batch size x grad mode, not the default 8
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-            for block in base.transformer_blocks:
-                block.compile()
+            apply_numerics_options(base, fused_rms_norm, compute_dtype_modulation)
+        if compile_blocks:
+            from fdfo.compile import compile_transformer
+
+            compile_transformer(base, compile_scope, compile_backend)
 
     # -- prompts and decoding ------------------------------------------------------------------------------------------
 

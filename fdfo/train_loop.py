@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from fdfo import compile as compile_cache
 from fdfo import distributed as dist
 from fdfo.algorithms.groups import (
     GroupSamples,
@@ -137,7 +138,8 @@ def setup(cfg: Config, locks: list) -> Run:
         with dist.rank0_first():
             metrics = build_metrics(cfg.eval.metrics, cfg.reward, device)
     policy = build_policy(cfg, device)
-    policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
+    policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing, cfg.train.compile_scope,
+                         cfg.train.fused_rms_norm, cfg.train.compute_dtype_modulation)
     dist.print0(rollout_memory_note(policy, cfg, geom))
     if dist.get_rank() == 0:  # a meta-device forward (about a second at full size): once is enough
         dist.print0(activation_note(policy, cfg, geom))
@@ -157,6 +159,8 @@ def setup(cfg: Config, locks: list) -> Run:
         module = dist.wrap_ddp(policy.transformer, device)  # gradients only: buffers are not broadcast
     run_dir = prepare_run_dir(cfg, locks)  # only now: a model that fails to load leaves no empty run folder behind
     dist.print0(f"run folder: {run_dir}")
+    if cfg.train.compile and compile_cache.load_cache(run_dir):  # the kernels an earlier start compiled
+        dist.print0(f"--train.compile: warm start from {run_dir / compile_cache.CACHE_FILE}")
     logger = open_logger(cfg, geom, run_dir, counters["epoch"])
     heldout = Heldout(cfg, geom, plan, policy, reward, metrics, run_dir, logger) if plan is not None else None
     return Run(cfg, geom, prompts, policy, reward, optimizer, scaler, module, run_dir, logger, counters["epoch"],
@@ -338,4 +342,6 @@ def save(run: Run) -> None:
                     run.policy.save_adapter(folder)
         with run.guard.critical():  # a signal now waits until the checkpoint is complete
             save_checkpoint(checkpoint_dir(run.run_dir, epochs_done), save_adapter, state, counters)
+        if cfg.train.compile:  # what a resumed run would otherwise compile again
+            compile_cache.save_cache(run.run_dir)
     dist.barrier()
