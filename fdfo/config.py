@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from fdfo.heldout_config import HeldoutConfig, check_heldout_metrics, heldout_problems, smoke_heldout
-from fdfo.sd3 import SD35_MEDIUM
+from fdfo.models.sd3 import SD35_MEDIUM
 from rewards.config import RewardConfig
 
 
@@ -17,8 +17,10 @@ from rewards.config import RewardConfig
 class SampleConfig:
     num_solver_steps: int = 40
     """Euler steps per trajectory (T)."""
-    guidance_scale: float = 1.0
-    """Classifier-free guidance scale g, used while sampling and while training; 1 disables CFG."""
+    guidance_scale: float | None = None
+    """Guidance, used while sampling and while training; default: the model's. SD3 / SD3.5: the classifier-free
+    guidance scale g (default 1: no CFG; any other value costs two forward passes per velocity). FLUX.1-dev: the
+    distilled guidance embedding fed to the network (default 3.5; one forward pass, never CFG)."""
     resolution: int = 512
     """Image height and width in pixels (a multiple of 16)."""
     batch_size: int | None = None
@@ -129,7 +131,9 @@ class Config:
     run_name: str = "fdfo"
     """Name part of the default run folder."""
     pretrained_model: str = SD35_MEDIUM
-    """Hugging Face id or local folder of the SD3 pipeline; builtin:tiny-sd3 is the offline test model."""
+    """Hugging Face id or local folder of the base model: an SD3 / SD3.5 pipeline (default SD3.5-Medium), or FLUX.1-dev
+    (black-forest-labs/FLUX.1-dev); builtin:tiny-sd3 and builtin:tiny-flux are the offline test models
+    (docs/models.md)."""
     prompt_file: str = "prompt_sets/pickscore_train.txt"
     """Training prompts, one per line."""
     lora_rank: int = 32
@@ -236,6 +240,7 @@ def diffusion_nft_config() -> Config:
     cfg = Config(preset="diffusion_nft", algorithm="diffusion_nft", run_name="diffusion_nft",
                  total_pairs_per_epoch=48, gradient_steps_per_epoch=1)
     cfg.sample.num_solver_steps = 10
+    cfg.sample.guidance_scale = 1.0
     cfg.train.learning_rate = 3e-4
     return cfg
 
@@ -387,7 +392,8 @@ def check_config(cfg: Config) -> None:
     need(_finite(cfg.lora_alpha) and cfg.lora_alpha > 0, "--lora-alpha", cfg.lora_alpha, "> 0")
     need(s.num_solver_steps >= 1, "--sample.num-solver-steps", s.num_solver_steps, ">= 1")
     need(s.resolution >= 1, "--sample.resolution", s.resolution, ">= 1 (a multiple of the model's patch size)")
-    need(_finite(s.guidance_scale), "--sample.guidance-scale", s.guidance_scale, "a finite number (1 disables CFG)")
+    need(s.guidance_scale is None or _finite(s.guidance_scale), "--sample.guidance-scale", s.guidance_scale,
+         "a finite number (SD3: 1 disables CFG), or left out for the model's own")
     need(s.churn_weight is None or (_finite(s.churn_weight) and s.churn_weight >= 0), "--sample.churn-weight",
          s.churn_weight, ">= 0 (or left out for the schedule's default)")
     need(_finite(t.learning_rate) and t.learning_rate > 0, "--train.learning-rate", t.learning_rate, "> 0")

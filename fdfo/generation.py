@@ -31,8 +31,8 @@ import torch
 
 from fdfo import distributed as dist
 from fdfo.hub import DIFFUSERS_FILE, Checkpoint, resolve_checkpoint
+from fdfo.models.sd3 import SD35_MEDIUM
 from fdfo.offline import ensure_hub_reachable
-from fdfo.sd3 import SD35_MEDIUM
 
 
 def resolve_guidance(checkpoint_scale: float | None, requested: float | None, checkpoint: str = "the checkpoint"
@@ -79,11 +79,11 @@ def sampling_defaults(checkpoints: Iterable[Checkpoint], pretrained_model: str, 
     """(num_steps, resolution, why) to sample with: the requested values; for a built-in tiny base model the training
     steps and size a checkpoint records (else the smoke preset's, the tiny model's own); otherwise the evaluation
     protocol's 40 steps at 512 px, whatever the checkpoint was trained with."""
-    from fdfo.tiny import TINY_SD3
+    from fdfo.models.registry import is_tiny
 
     if num_steps is not None and resolution is not None:
         return num_steps, resolution, "as requested"
-    if pretrained_model != TINY_SD3:
+    if not is_tiny(pretrained_model):
         default = (EVAL_STEPS, EVAL_RESOLUTION, "the evaluation protocol's")
     else:
         trained = next((c for c in checkpoints if c.num_steps is not None and c.resolution is not None), None)
@@ -233,7 +233,7 @@ class BaseModel:
     def __init__(self, pretrained_model: str, device: torch.device, dtype: torch.dtype | None = None):
         """dtype: of the base weights; default bf16 on CUDA (the published protocol), float32 elsewhere (CPU has slow
         bf16 kernels); the LoRA weights stay fp32 either way."""
-        from fdfo.sd3 import load_pipeline
+        from fdfo.models.registry import load_pipeline
 
         self.pretrained_model = pretrained_model
         self.device = device
@@ -392,11 +392,11 @@ def load_generator(checkpoint: str | Checkpoint | None, pretrained_model: str | 
     else:
         source = "the default: the checkpoint records no guidance scale"
     if base is None:
+        from fdfo.models.registry import is_tiny
         from fdfo.threads import single_thread_if_tiny
-        from fdfo.tiny import TINY_SD3
 
         ensure_hub_reachable([pretrained_model])
-        single_thread_if_tiny(pretrained_model == TINY_SD3)  # generate.py, metrics.py on the tiny model: one thread
+        single_thread_if_tiny(is_tiny(pretrained_model))  # generate.py, metrics.py on a tiny model: one thread
         base = BaseModel(pretrained_model, device or dist.init())
     elif base.pretrained_model != pretrained_model:
         raise ValueError(f"the shared base model is {base.pretrained_model}, not {pretrained_model}")

@@ -294,8 +294,8 @@ def test_an_over_long_prompt_is_cut_on_load_with_one_warning(tmp_path, capsys):
 def test_the_cut_keeps_every_token_the_encoders_read():
     """The longest prompts the encoders read in full: their longest whole-word token, repeated. A cut below
     (longest token + a space) x 128 T5 tokens would change what T5 reads."""
-    from fdfo import tiny
-    from fdfo.sd3 import T5_MAX_LENGTH
+    from fdfo.models import tiny_sd3 as tiny
+    from fdfo.models.sd3 import T5_MAX_LENGTH
 
     for tokenizer, length, marker in ((tiny.tiny_clip_tokenizer(), 77, "</w>"),
                                       (tiny.tiny_t5_tokenizer(), T5_MAX_LENGTH, "\u2581")):

@@ -33,7 +33,7 @@ from fdfo.bench.dispatch import (
     to_fake,
 )
 from fdfo.bench.models import TEXT_TOKENS, build_models, model_configs
-from fdfo.sd3_speed import SpeedLevers
+from fdfo.models.sd3_speed import SpeedLevers
 
 SAMPLE_ROWS = 12  # one sampling batch of the paper's micro-batches: 6 pairs, 2 rows each
 TRAIN_ITEMS = 6  # one training micro-batch of the paper
@@ -46,7 +46,7 @@ def build_policy(tiny: bool, precision: str, device: torch.device, fake: FakeTen
     speed levers, speed_options with the config's defaults), from the bench's models of the real shapes, built on the
     meta device and then given fake tensors on `device`: bf16 base weights (as on a GPU), the run's autocast dtype."""
     from fdfo.config import Config
-    from fdfo.sd3 import SD3Policy
+    from fdfo.models.sd3 import SD3Policy
 
     cfg = Config()
     rank, alpha = (8, 16.0) if tiny else (cfg.lora_rank, cfg.lora_alpha)  # the bench's ranks (fdfo/bench/epoch.py)
@@ -73,8 +73,8 @@ def _inputs(policy, tiny: bool, rows: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 def sample_forward(tiny: bool, precision: str, exact: bool, levers: SpeedLevers | None = None) -> list:
     """The ops of one sampling forward after the first of its sampling phase (which also makes the LoRA weight casts
-    kept while sampling, fdfo/sd3_speed.py); exact: fake cuda:0 tensors under CUDA autocast's kernels, else CPU fake
-    tensors under the emulated op lists."""
+    kept while sampling, fdfo/models/sd3_speed.py); exact: fake cuda:0 tensors under CUDA autocast's kernels, else CPU
+    fake tensors under the emulated op lists."""
     fake = FakeTensorMode()
     device = torch.device("cuda:0" if exact else "cpu")
     policy = build_policy(tiny, precision, device, fake, levers or SpeedLevers())

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from fdfo import distributed as dist
+from fdfo.models.sd3_speed import SpeedLevers
 from fdfo.outputs import check_output_path, write_text
-from fdfo.sd3_speed import SpeedLevers
 
 REPORT_OUT = "docs/benchmarks.md"  # --report's default --out
 DESCRIPTION = "Throughput benchmark of one FDFO epoch (docs/performance.md)."
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one training micro-batch, into the JSON (fdfo/bench/profile.py)")
     p.add_argument("--flops-only", action="store_true", help="only count FLOPs on the meta device at the full shape")
     p.add_argument("--levers", default="all",
-                   help="the bit-identical speed levers of the policy (fdfo/sd3_speed.py): all (default), none, or a "
-                        "comma-separated list of base-dtype, peft-cast, lora-cache, shared-cast")
+                   help="the bit-identical speed levers of the policy (fdfo/models/sd3_speed.py): all (default), none, "
+                        "or a comma-separated list of base-dtype, peft-cast, lora-cache, shared-cast")
     p.add_argument("--census", action="store_true",
                    help="no run: count the kernels of one sampling forward and one training micro-batch at SD3.5-M's "
                         "shapes on fake tensors, on a CPU, in --precision fp16 or bf16 (fdfo/bench/census.py)")

@@ -56,7 +56,7 @@ def reward_flops(args: argparse.Namespace, prompts: list[str]) -> dict[str, floa
 
 def with_lora(transformer: torch.nn.Module, lora_rank: int) -> torch.nn.Module:
     """The LoRA exactly as count_flops adds it (alpha = 2 r, the paper's ratio; alpha does not change FLOPs)."""
-    from fdfo.sd3 import add_lora
+    from fdfo.models.sd3 import add_lora
 
     return add_lora(transformer, lora_rank, 2.0 * lora_rank)
 

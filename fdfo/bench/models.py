@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import torch
 
-from fdfo.memory import TEXT_TOKENS
+from fdfo.models.sd3 import TEXT_TOKENS
 
 __all__ = ["TEXT_TOKENS", "StubReward", "build_models", "fake_encoder", "model_configs"]
 
 
 def model_configs(tiny: bool) -> tuple[dict, dict]:
-    """(transformer kwargs, VAE kwargs): SD3.5-Medium, or the tiny offline pipeline's (fdfo/tiny.py)."""
-    from fdfo import tiny as t
+    """(transformer kwargs, VAE kwargs): SD3.5-Medium (fdfo/models/shapes.py), or the tiny offline pipeline's
+    (fdfo/models/tiny_sd3.py)."""
+    from fdfo.models import shapes, tiny_sd3
 
     if not tiny:
-        return t.SD35M_TRANSFORMER_CONFIG, t.SD35M_VAE_CONFIG
-    return t.TRANSFORMER_CONFIG, t.VAE_CONFIG
+        return shapes.SD35M_TRANSFORMER_CONFIG, shapes.SD35_VAE_CONFIG
+    return tiny_sd3.TRANSFORMER_CONFIG, tiny_sd3.VAE_CONFIG
 
 
 def build_models(tiny: bool, device: torch.device):
