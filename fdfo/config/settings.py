@@ -109,11 +109,12 @@ class BaselineConfig:
 
 @dataclass
 class Config:
-    preset: Literal["paper", "smoke", "lowmem24", "flow_grpo", "diffusion_nft", "smoke_flow_grpo",
+    preset: Literal["paper", "smoke", "lowmem24", "sd35l", "flow_grpo", "diffusion_nft", "smoke_flow_grpo",
                     "smoke_diffusion_nft"] = "paper"
     """Named starting point that the other flags override: 'paper' (docs/algorithm.md §6), 'smoke' (tiny CPU run),
-    'lowmem24' (the paper's run on one 24 GB GPU, with the PickScore reward), 'flow_grpo' / 'diffusion_nft' (the
-    published baselines, docs/algorithm.md §11) and their tiny CPU runs 'smoke_flow_grpo' / 'smoke_diffusion_nft'."""
+    'lowmem24' (the paper's run on one 24 GB GPU, with the PickScore reward), 'sd35l' (the paper's run on SD3.5-Large,
+    fitted to one 80 GB GPU), 'flow_grpo' / 'diffusion_nft' (the published baselines, docs/algorithm.md §11) and their
+    tiny CPU runs 'smoke_flow_grpo' / 'smoke_diffusion_nft'."""
     algorithm: Literal["fdfo", "flow_grpo", "diffusion_nft"] = "fdfo"
     """Training method: fdfo (this repository's), or a baseline run in the same loop (docs/algorithm.md §11)."""
     seed: int = 6

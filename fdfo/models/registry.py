@@ -1,7 +1,7 @@
 """Which model family a base model belongs to, from its name alone (nothing loads), and the one place that turns a
 name into a policy or a pipeline. The rest of the code asks these functions, never which model it has.
 
-A name is a built-in model (`builtin:tiny-sd3`, `builtin:random-sd35m`, `builtin:tiny-flux`),
+A name is a built-in model (`builtin:tiny-sd3`, `builtin:tiny-sd35l`, `builtin:random-sd35m`, `builtin:tiny-flux`),
 a local folder (its model_index.json names the pipeline class), or a hub id (its model_index.json from the local
 Hugging Face cache when it is there, else the id: one containing "flux" is FLUX, any other SD3).
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 SD3, FLUX = "sd3", "flux"
 FAMILIES = {SD3: ("fdfo.models.sd3", "SD3Policy"), FLUX: ("fdfo.models.flux", "FluxPolicy")}
 PIPELINES = {"StableDiffusion3Pipeline": SD3, "FluxPipeline": FLUX}  # model_index.json's _class_name -> family
-BUILTINS = {"builtin:tiny-sd3": SD3, "builtin:random-sd35m": SD3,
+BUILTINS = {"builtin:tiny-sd3": SD3, "builtin:tiny-sd35l": SD3, "builtin:random-sd35m": SD3,
             "builtin:tiny-flux": FLUX}
-TINY = ("builtin:tiny-sd3", "builtin:tiny-flux")  # the offline test models (smoke runs)
+TINY = ("builtin:tiny-sd3", "builtin:tiny-sd35l", "builtin:tiny-flux")  # the offline test models (smoke runs)
 
 
 def _pipeline_class_name(name: str) -> str | None:

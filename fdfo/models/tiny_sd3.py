@@ -27,8 +27,10 @@ from fdfo.models.tiny_text import (
 )
 
 TINY_SD3 = "builtin:tiny-sd3"
+TINY_SD35L = "builtin:tiny-sd35l"  # the tiny SD3 in SD3.5-Large's block layout: no dual attention
 RANDOM_SD35M = "builtin:random-sd35m"
 _CACHE_NAME = "tiny-sd3-v2"  # bump the suffix whenever the built weights or configs change
+_CACHE_NAME_SD35L = "tiny-sd35l-v1"
 
 HEADS, HEAD_DIM = 2, 16  # the tiny transformers' attention (tiny FLUX's too)
 ADALN_GAIN, TEXT_GAIN, TIME_GAIN = 2.0, 2.0, 4.0  # see amplify_conditioning
@@ -76,6 +78,8 @@ TRANSFORMER_CONFIG = dict(
     dual_attention_layers=(0,),
     qk_norm="rms_norm",
 )
+# SD3.5-Large's layout (fdfo/models/shapes.py): every block a plain joint attention, no second (image-only) attention.
+SD35L_LAYOUT_CONFIG = dict(TRANSFORMER_CONFIG, dual_attention_layers=())
 VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,
@@ -93,11 +97,12 @@ VAE_CONFIG = dict(
 )
 
 
-def _transformer():
-    """MMDiT-X like SD3.5 Medium (QK RMS-norm, dual attention in the first block), 2 blocks of 2 x 16-dim heads."""
+def _transformer(config: dict):
+    """MMDiT-X like SD3.5 Medium (QK RMS-norm, dual attention in the first block), 2 blocks of 2 x 16-dim heads; or
+    with SD35L_LAYOUT_CONFIG SD3.5-Large's plain MMDiT blocks (QK RMS-norm, no dual attention)."""
     from diffusers import SD3Transformer2DModel
 
-    transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
+    transformer = SD3Transformer2DModel(**config)
     amplify_conditioning(transformer)
     return transformer
 
@@ -116,13 +121,13 @@ def _vae():
     return vae.eval()
 
 
-def _pipeline():
+def _pipeline(transformer_config: dict = TRANSFORMER_CONFIG):
     """All SD3 components at random init, wired into a StableDiffusion3Pipeline (global RNG already seeded)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     tokenizer, tokenizer_2, tokenizer_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!"), tiny_t5_tokenizer()
     return StableDiffusion3Pipeline(
-        transformer=_transformer(),
+        transformer=_transformer(transformer_config),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=_vae(),
         text_encoder=clip_text_encoder(tokenizer, CLIP_WIDTHS[0], "quick_gelu"),
@@ -173,6 +178,11 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     return build_once(out_dir, _pipeline, seed)
 
 
+def build_tiny_sd35l(out_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """The tiny pipeline with SD3.5-Large's block layout (SD35L_LAYOUT_CONFIG), built as `build_tiny_sd3` builds."""
+    return build_once(out_dir, lambda: _pipeline(SD35L_LAYOUT_CONFIG), seed)
+
+
 def tiny_sd3_path() -> pathlib.Path:
     """The shared cached build: $FDFO_TINY_CACHE/<name>, default ~/.cache/fdfo/<name> (name: _CACHE_NAME); built if
     missing."""
@@ -180,5 +190,8 @@ def tiny_sd3_path() -> pathlib.Path:
 
 
 def resolve_builtin(name: str) -> str:
-    """Map `builtin:tiny-sd3` to the local folder of the tiny pipeline; pass any other model name through."""
+    """Map `builtin:tiny-sd3` / `builtin:tiny-sd35l` to the local folder of the tiny pipeline (built on first use);
+    pass any other model name through."""
+    if name == TINY_SD35L:
+        return str(build_tiny_sd35l(cache_folder(_CACHE_NAME_SD35L)))
     return str(tiny_sd3_path()) if name == TINY_SD3 else name
