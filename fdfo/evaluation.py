@@ -58,15 +58,16 @@ hf:<org>/<repo>/<subfolder>; omit for the base model."""
 dreamsim_diversity; redness, brightness (analytic, no download: smoke runs); your own reward \
 "plugin:1:my_rewards.py:Aesthetic" or a reward server "remote:1:http://127.0.0.1:8000" (docs/rewards.md)."""
     pretrained_model: str | None = None
-    """Hugging Face id or local folder of the SD3 pipeline the LoRA belongs to; default: the one recorded in our run \
-checkpoints, else stabilityai/stable-diffusion-3.5-medium."""
+    """Hugging Face id or local folder of the base model the LoRA belongs to (an SD3 / SD3.5 or a FLUX pipeline); \
+default: the one recorded in our run checkpoints, else stabilityai/stable-diffusion-3.5-medium."""
     guidance_scale: float | None = None
-    """CFG scale; default: the one the checkpoint was trained with (1.0 for the base model)."""
+    """Guidance; default: the one the checkpoint was trained with, else the model's. SD3: the CFG scale (1.0 for the \
+base model: no CFG); FLUX: the distilled guidance fed to the network (3.5 for the base model; never CFG)."""
     num_steps: int | None = None
-    """Euler steps per image; default 40, or on the built-in tiny model (builtin:tiny-sd3, e.g. a smoke run's
-    checkpoint) the steps the checkpoint was trained with (else 6)."""
+    """Euler steps per image; default 40, or on a built-in tiny model (builtin:tiny-sd3, builtin:tiny-flux, e.g. a
+    smoke run's checkpoint) the steps the checkpoint was trained with (else 6)."""
     resolution: int | None = None
-    """Image height and width in pixels (a multiple of 16); default 512, or on the built-in tiny model the checkpoint's
+    """Image height and width in pixels (a multiple of 16); default 512, or on a built-in tiny model the checkpoint's
     training size (else 64)."""
     batch_size: int = 8
     """Images generated (and scored) together on each GPU; does not change the images."""

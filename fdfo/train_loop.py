@@ -26,7 +26,7 @@ from fdfo.files import write_json_atomic
 from fdfo.heldout import Heldout, heldout_due, heldout_plan
 from fdfo.memory import activation_note, rollout_memory_note
 from fdfo.models.base import PipelinePolicy
-from fdfo.models.registry import default_guidance, family, load_policy
+from fdfo.models.registry import check_family, default_guidance, family, load_policy, recorded_family
 from fdfo.offline import ensure_hub_reachable, reward_sources
 from fdfo.phases import (
     EpochSamples,
@@ -201,6 +201,9 @@ def resume_point(cfg: Config, geom: Geometry) -> tuple[Path | None, dict, dict |
     if resume is None:
         return None, {"epoch": 0, "global_step": 0}, None, []
     counters, state = read_checkpoint(resume)
+    trained_on = counters.get("pretrained_model")
+    check_family(str(resume), recorded_family(counters.get("model_family"), trained_on), trained_on,
+                 cfg.pretrained_model)
     recorded = counters.get("algorithm", "fdfo")
     if recorded != cfg.algorithm:
         raise ValueError(f"cannot resume {resume}: it was trained with --algorithm {recorded}, not "

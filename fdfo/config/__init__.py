@@ -12,12 +12,14 @@ from fdfo.config.presets import (
     diffusion_nft_config,
     flow_grpo_config,
     lowmem24_config,
+    sd35l_config,
     smoke_config,
     smoke_diffusion_nft_config,
     smoke_flow_grpo_config,
+    smoke_flux_config,
 )
 from fdfo.config.settings import BaselineConfig, Config, SampleConfig, TrainConfig
 
 __all__ = ["PRESETS", "SMOKE_PROMPTS", "BaselineConfig", "Config", "Geometry", "SampleConfig", "TrainConfig",
            "batch_geometry", "check_config", "diffusion_nft_config", "flow_grpo_config", "lowmem24_config",
-           "smoke_config", "smoke_diffusion_nft_config", "smoke_flow_grpo_config"]
+           "sd35l_config", "smoke_config", "smoke_diffusion_nft_config", "smoke_flow_grpo_config", "smoke_flux_config"]

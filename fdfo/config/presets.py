@@ -40,6 +40,14 @@ def smoke_config() -> Config:
     )
 
 
+def smoke_flux_config() -> Config:
+    """The smoke run on the tiny FLUX (builtin:tiny-flux, fdfo/models/tiny_flux.py): the same prompts, reward, steps,
+    size, churn, LoRA and learning rate; guidance is FLUX's distilled 3.5 (one forward per velocity, no CFG)."""
+    cfg = smoke_config()
+    cfg.preset, cfg.run_name, cfg.pretrained_model = "smoke_flux", "smoke_flux", "builtin:tiny-flux"
+    return cfg
+
+
 def lowmem24_config() -> Config:
     """The paper's settings fitted to ONE 24 GB GPU (designed from the memory model in README "Performance", not
     measured on such a card): gradient checkpointing, micro-batches of at most 2, one image per VAE decode (kept
@@ -121,7 +129,8 @@ def smoke_diffusion_nft_config() -> Config:
     return _smoke_baseline("diffusion_nft", 3e-3)
 
 
-PRESETS = {"paper": Config, "smoke": smoke_config, "lowmem24": lowmem24_config, "sd35l": sd35l_config,
+PRESETS = {"paper": Config, "smoke": smoke_config, "smoke_flux": smoke_flux_config, "lowmem24": lowmem24_config,
+           "sd35l": sd35l_config,
            "flow_grpo": flow_grpo_config,
            "diffusion_nft": diffusion_nft_config, "smoke_flow_grpo": smoke_flow_grpo_config,
            "smoke_diffusion_nft": smoke_diffusion_nft_config}

@@ -109,9 +109,10 @@ class BaselineConfig:
 
 @dataclass
 class Config:
-    preset: Literal["paper", "smoke", "lowmem24", "sd35l", "flow_grpo", "diffusion_nft", "smoke_flow_grpo",
-                    "smoke_diffusion_nft"] = "paper"
+    preset: Literal["paper", "smoke", "smoke_flux", "lowmem24", "sd35l", "flow_grpo", "diffusion_nft",
+                    "smoke_flow_grpo", "smoke_diffusion_nft"] = "paper"
     """Named starting point that the other flags override: 'paper' (docs/algorithm.md §6), 'smoke' (tiny CPU run),
+    'smoke_flux' (the same on the tiny FLUX),
     'lowmem24' (the paper's run on one 24 GB GPU, with the PickScore reward), 'sd35l' (the paper's run on SD3.5-Large,
     fitted to one 80 GB GPU), 'flow_grpo' / 'diffusion_nft' (the published baselines, docs/algorithm.md §11) and their
     tiny CPU runs 'smoke_flow_grpo' / 'smoke_diffusion_nft'."""

@@ -67,18 +67,23 @@ class PipelinePolicy:
     `resolution_multiple` and `activation_bytes` (the interface of fdfo/models/__init__.py)."""
 
     FAMILY = ""  # what a checkpoint records as its model ("model_family" in state.json)
-    LABEL = ""  # the family's name in messages
     PIPELINE = ""  # the diffusers pipeline class that samples it (generation, evaluation, export)
     DEFAULT_GUIDANCE = 1.0  # --sample.guidance-scale / --guidance-scale when not given
     AUTO_PRECISION = "fp16"  # what --train.precision auto means on CUDA (fp32 elsewhere)
     TEXT_ENCODERS: tuple[str, ...] = ()
     levers = None  # the SD3 speed levers (fdfo/models/sd3_speed.py); None: the model has none
 
+    @staticmethod
+    def uses_cfg(guidance_scale: float) -> bool:
+        """Whether this model at `guidance_scale` combines two forward passes per velocity (classifier-free guidance);
+        False unless the model says otherwise."""
+        return False
+
     @property
     def cfg(self) -> bool:
         """Whether a velocity is a combination of two forward passes (classifier-free guidance): what the rollout
         storage, the FLOP model and Flow-GRPO's detached unconditional half depend on."""
-        return False
+        return self.uses_cfg(self.guidance_scale)
 
     def blocks(self) -> list[torch.nn.Module]:
         """The transformer blocks, in order (what regional compilation compiles, what checkpointing recomputes)."""

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 SD3, FLUX = "sd3", "flux"
+LABELS = {SD3: "SD3", FLUX: "FLUX"}  # in messages
 FAMILIES = {SD3: ("fdfo.models.sd3", "SD3Policy"), FLUX: ("fdfo.models.flux", "FluxPolicy")}
 PIPELINES = {"StableDiffusion3Pipeline": SD3, "FluxPipeline": FLUX}  # model_index.json's _class_name -> family
 BUILTINS = {"builtin:tiny-sd3": SD3, "builtin:tiny-sd35l": SD3, "builtin:random-sd35m": SD3,
@@ -64,6 +65,12 @@ def policy_class(family: str):
     return getattr(importlib.import_module(module), name)
 
 
+def family_module(family: str):
+    """The module of a family ("sd3", "flux"): its `meta_lora_model` and `meta_inputs` (the FLOP model, the activation
+    estimate), its policy class."""
+    return importlib.import_module(FAMILIES[family][0])
+
+
 def family(pretrained_model: str):
     """The policy class of `pretrained_model`'s family (nothing loads)."""
     return policy_class(family_name(pretrained_model))
@@ -89,3 +96,27 @@ def is_tiny(pretrained_model: str | None) -> bool:
     """Whether `pretrained_model` is one of the built-in tiny offline models (sampled at its checkpoint's training
     settings, run on one CPU thread: fdfo/threads.py)."""
     return pretrained_model in TINY
+
+
+def recorded_family(recorded: str | None, pretrained_model: str | None) -> str | None:
+    """The family a checkpoint was trained on: what its state.json records ("model_family"), else its recorded base
+    model's, else None (a checkpoint from elsewhere)."""
+    if recorded is not None:
+        return recorded
+    try:
+        return family_name(pretrained_model) if pretrained_model else None
+    except ValueError:  # a recorded name this version does not know: nothing to compare
+        return None
+
+
+def check_family(description: str, family: str | None, trained_on: str | None, pretrained_model: str) -> None:
+    """Refuse, in one line, a checkpoint of one model family loaded onto a model of another (`family`: the checkpoint's,
+    `recorded_family`; None: not known, nothing to check)."""
+    target = family_name(pretrained_model)
+    if family is None or family == target:
+        return
+    label = LABELS.get(family, family)
+    article = "an" if label == "SD3" else "a"
+    fix = f"--pretrained-model {trained_on}" if trained_on else f"--pretrained-model with {article} {label} model"
+    raise ValueError(f"checkpoint {description} is a LoRA of {article} {label} model, not of the {LABELS[target]} "
+                     f"model {pretrained_model}: pass {fix}")
