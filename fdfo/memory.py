@@ -61,6 +61,13 @@ class FusedAttention(torch.autograd.Function):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
 
+def fused_attention(*args, **kwargs) -> torch.Tensor:
+    """`scaled_dot_product_attention(q, k, v, ...)` as `FusedAttention` counts it; q, k, v given by position (SD3's
+    attention) or by name (query=, key=, value=: FLUX's attention dispatch)."""
+    q, k, v = (*args, *(kwargs[name] for name in ("query", "key", "value")[len(args):]))[:3]
+    return FusedAttention.apply(q, k, v)
+
+
 class AutocastEmulation(TorchFunctionMode):
     """Autocast's casting rules on meta or fake tensors (dtype None: no autocast), and attention as `attention`
     (default `FusedAttention`; the kernel census, fdfo/bench/census.py, passes the cuDNN kernels).
@@ -71,7 +78,7 @@ class AutocastEmulation(TorchFunctionMode):
                  attention=None):
         super().__init__()
         self.dtype, self.lower_ops, self.float32_ops = dtype, lower_ops, float32_ops
-        self.attention = attention or (lambda q, k, v, *args, **kwargs: FusedAttention.apply(q, k, v))
+        self.attention = attention or fused_attention
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

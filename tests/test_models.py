@@ -203,3 +203,98 @@ def test_sd35l_preset_fits_one_80_gb_gpu_counted():
     assert training == pytest.approx(53.6, abs=0.05) and sampling == pytest.approx(57.2, abs=0.05)
     assert max(training, sampling) < 0.75 * 80  # a quarter of the card left for allocator slack and the decode
     assert training + 16.0 + 3.94 > 0.9 * 80  # without --reward.offload the reward models would not leave that
+
+
+# -- the bench's FLOP model, counted by hand ---------------------------------------------------------------------------
+
+
+def _linear(tokens: int, fan_in: int, fan_out: int) -> int:
+    return 2 * tokens * fan_in * fan_out
+
+
+def _lora(tokens: int, fan_in: int, fan_out: int, rank: int) -> int:
+    return 2 * tokens * rank * (fan_in + fan_out)  # x A^T, then B
+
+
+def flux_forward_flops(cfg: dict, resolution: int, text: int, rank: int) -> int:
+    """One FLUX forward of one image, by hand from the config: every Linear 2 x tokens x fan-in x fan-out (the AdaLN
+    modulations and embedders once per image), attention 4 L^2 d, the LoRA on the double-stream blocks' 12 and the
+    single-stream blocks' 5 projections."""
+    d, n = cfg["num_attention_heads"] * cfg["attention_head_dim"], (resolution // 16) ** 2
+    length = n + text
+    flops = _linear(n, cfg["in_channels"], d) + _linear(text, cfg["joint_attention_dim"], d)
+    flops += 2 * (_linear(1, 256, d) + _linear(1, d, d))  # the timestep and guidance embedders
+    flops += _linear(1, cfg["pooled_projection_dim"], d) + _linear(1, d, d)
+    for _ in range(cfg["num_layers"]):
+        flops += 2 * _linear(1, d, 6 * d) + 4 * length * length * d
+        for tokens in (n, text):  # the image and the text stream: q, k, v, out and the MLP, each with its LoRA
+            flops += 4 * (_linear(tokens, d, d) + _lora(tokens, d, d, rank))
+            flops += _linear(tokens, d, 4 * d) + _linear(tokens, 4 * d, d)
+            flops += _lora(tokens, d, 4 * d, rank) + _lora(tokens, 4 * d, d, rank)
+    for _ in range(cfg["num_single_layers"]):
+        flops += _linear(1, d, 3 * d) + 3 * (_linear(length, d, d) + _lora(length, d, d, rank))
+        flops += _linear(length, d, 4 * d) + _lora(length, d, 4 * d, rank)
+        flops += _linear(length, 5 * d, d) + _lora(length, 5 * d, d, rank) + 4 * length * length * d
+    return flops + _linear(1, d, 2 * d) + _linear(n, d, cfg["in_channels"])
+
+
+def sd3_forward_flops(cfg: dict, resolution: int, text: int, rank: int) -> int:
+    """One SD3 forward of one image, by hand from the config: the patch embedding, every Linear, attention 4 L^2 d,
+    the second (image-only) attention of dual-attention blocks, the last block's missing text output and MLP, and the
+    LoRA on the 8 joint-attention projections."""
+    d, p = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["patch_size"]
+    n = (resolution // 8 // p) ** 2
+    length = n + text
+    flops = _linear(n, cfg["in_channels"] * p * p, d) + _linear(text, cfg["joint_attention_dim"], d)
+    flops += _linear(1, 256, d) + _linear(1, cfg["pooled_projection_dim"], d) + 2 * _linear(1, d, d)
+    for block in range(cfg["num_layers"]):
+        last, dual = block == cfg["num_layers"] - 1, block in cfg["dual_attention_layers"]
+        flops += _linear(1, d, (9 if dual else 6) * d) + _linear(1, d, (2 if last else 6) * d)
+        flops += 4 * (_linear(n, d, d) + _lora(n, d, d, rank)) + _linear(n, d, 4 * d) + _linear(n, 4 * d, d)
+        flops += 3 * (_linear(text, d, d) + _lora(text, d, d, rank)) + 4 * length * length * d
+        if not last:
+            flops += _linear(text, d, d) + _lora(text, d, d, rank) + _linear(text, d, 4 * d) + _linear(text, 4 * d, d)
+        if dual:
+            flops += 4 * _linear(n, d, d) + 4 * n * n * d
+    return flops + _linear(1, d, 2 * d) + _linear(n, d, p * p * cfg["out_channels"])
+
+
+def test_flop_model_counts_each_models_forward_as_by_hand(monkeypatch):
+    """python -m fdfo.bench --model M --flops-only counts M's own transformer (tiny configs here, so that it takes a
+    second): FLUX's packed tokens, 512 text tokens, both block kinds and its LoRA; SD3.5-Large's layout."""
+    from fdfo.bench.flops import count_flops
+    from fdfo.models import tiny_flux
+
+    flux_cfg = dict(tiny_flux.TRANSFORMER_CONFIG)
+    large_cfg = dict(tiny_sd3.SD35L_LAYOUT_CONFIG, num_layers=3)
+    monkeypatch.setitem(shapes.MODELS, "flux-dev", ("flux", "tiny FLUX", flux_cfg, tiny_sd3.VAE_CONFIG))
+    monkeypatch.setitem(shapes.MODELS, "sd35l", ("sd3", "tiny SD3.5-L", large_cfg, tiny_sd3.VAE_CONFIG))
+    assert count_flops(False, 64, 4, "flux-dev")["fwd_per_image"] == flux_forward_flops(flux_cfg, 64, 512, 4)
+    assert count_flops(False, 128, 4, "sd35l")["fwd_per_image"] == sd3_forward_flops(large_cfg, 128, 205, 4)
+    medium = count_flops(True, 64, 4)["fwd_per_image"]
+    assert medium == sd3_forward_flops(tiny_sd3.TRANSFORMER_CONFIG, 64, 205, 4)  # the dual attention counted too
+
+
+@pytest.mark.slow
+def test_full_shape_flops_of_each_model():
+    """At 512 px, LoRA r32: SD3.5-M 2.247, SD3.5-L 7.234, FLUX.1-dev 21.80 TFLOP per forward (docs/performance.md)."""
+    from fdfo.bench.flops import count_flops
+
+    for model, by_hand, tflop in (("sd35m", sd3_forward_flops, 2.2469), ("sd35l", sd3_forward_flops, 7.2341),
+                                  ("flux-dev", flux_forward_flops, 21.801)):
+        counted = count_flops(False, 512, 32, model)["fwd_per_image"]
+        text = 512 if model == "flux-dev" else 205
+        assert counted == by_hand(shapes.MODELS[model][2], 512, text, 32), model
+        assert counted / 1e12 == pytest.approx(tflop, abs=1e-4), model
+
+
+def test_bench_model_flag_is_checked_before_any_work():
+    from fdfo.bench.cli import parse_args
+
+    assert parse_args(["--model", "flux-dev", "--flops-only"]).model == "flux-dev"
+    assert parse_args(["--model", "sd35l", "--census"]).model == "sd35l"
+    for argv, message in ((["--model", "flux-dev"], "a measured run is SD3.5-Medium's; pass --flops-only"),
+                          (["--model", "flux-dev", "--census"], "the census counts SD3 models only"),
+                          (["--model", "sd35l", "--tiny", "--flops-only"], "--tiny uses the tiny SD3's")):
+        with pytest.raises(ValueError, match=message):
+            parse_args(argv)

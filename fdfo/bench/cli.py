@@ -12,6 +12,7 @@ import torch
 
 from fdfo import distributed as dist
 from fdfo.models.sd3_speed import SpeedLevers
+from fdfo.models.shapes import MODELS
 from fdfo.outputs import check_output_path, write_text
 
 REPORT_OUT = "docs/benchmarks.md"  # --report's default --out
@@ -27,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fdfo.bench", description=DESCRIPTION)
     p.add_argument("--tiny", action="store_true", help="tiny model shapes on CPU (a few seconds; for tests)")
+    p.add_argument("--model", choices=list(MODELS), default="sd35m",
+                   help="whose real shapes --flops-only and --census count: sd35m (SD3.5-Medium, default), sd35l "
+                        "(SD3.5-Large), flux-dev (FLUX.1-dev; --flops-only only); a measured run is SD3.5-Medium's")
     p.add_argument("--device", default=None, help="torch device; default cuda:<local rank> if available, else cpu")
     p.add_argument("--pairs", type=int, default=None, help="pairs per GPU sampled and trained (default 4; tiny 2)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps T (default 40; tiny 4)")
@@ -88,6 +92,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.out is not None:
         check_output_path("--out", args.out, folder=False)
     SpeedLevers.parse(args.levers)  # ValueError naming the allowed levers
+    check_model(args)
     if args.census:
         check_census(args)
         return
@@ -100,6 +105,22 @@ def check_args(args: argparse.Namespace) -> None:
     check_numbers(args)
     check_combinations(args)
     check_geometry(args)
+
+
+def check_model(args: argparse.Namespace) -> None:
+    """--model: the FLOP model counts every model; the census SD3's (FLUX has no from_components policy nor the speed
+    levers it counts); a measured run and --tiny SD3.5-Medium's shapes only."""
+    if args.model == "sd35m":
+        return
+    if args.tiny:
+        raise ValueError(f"--model {args.model} counts a real model's shapes; --tiny uses the tiny SD3's: leave one "
+                         f"out")
+    if args.census and args.model == "flux-dev":
+        raise ValueError("--model flux-dev: the census counts SD3 models only (sd35m, sd35l); use --flops-only for "
+                         "FLUX.1-dev's FLOPs")
+    if not (args.flops_only or args.census):
+        raise ValueError(f"--model {args.model}: a measured run is SD3.5-Medium's; pass --flops-only (or --census) to "
+                         f"count {args.model}'s shapes")
 
 
 # what --census counts is fixed (SD3.5-M or --tiny, 512 px, a sampling batch of 6 pairs, a micro-batch of 6, no
@@ -210,7 +231,7 @@ def write_census(args: argparse.Namespace) -> dict:
     """--census: the table on stdout, the record as JSON into --out."""
     from fdfo.bench.census import census, census_lines
 
-    record = census(args.precision, args.tiny, SpeedLevers.parse(args.levers))
+    record = census(args.precision, args.tiny, SpeedLevers.parse(args.levers), args.model)
     print("\n".join(census_lines(record)))
     if args.out:
         replaced = write_text(args.out, json.dumps(record, indent=1) + "\n")

@@ -12,7 +12,7 @@ import time
 import torch
 
 from fdfo import distributed as dist
-from fdfo.bench.flops import PEAK_SOURCE, count_flops, flops_per_pair, peak_tflops, reward_flops
+from fdfo.bench.flops import PEAK_SOURCE, count_flops, flops_per_pair, peak_tflops, reward_flops, uses_cfg
 from fdfo.bench.models import StubReward, build_models, fake_encoder, model_configs
 from fdfo.bench.side import holding, side_model_bytes
 from fdfo.config import Config, Geometry, batch_geometry
@@ -144,7 +144,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     geom = batch_geometry(cfg, dist.get_world_size())
     prompts = bench_prompts(geom.pairs_per_gpu)
     flops = reward_flops(args, prompts) | count_flops(args.tiny, args.resolution, cfg.lora_rank)
-    per_pair = flops_per_pair(flops, args.steps, args.guidance_scale, cfg.train.kl_weight, timesteps_per_sample(cfg))
+    per_pair = flops_per_pair(flops, args.steps, uses_cfg(args), cfg.train.kl_weight, timesteps_per_sample(cfg))
     return Setup(device, cfg, geom, prompts, flops, per_pair)
 
 

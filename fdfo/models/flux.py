@@ -99,7 +99,7 @@ class FluxPolicy(PipelinePolicy):
     scale: one forward pass per velocity whatever its value, so `cfg` is False.
     """
 
-    FAMILY, LABEL, PIPELINE = "flux", "FLUX", "FluxPipeline"
+    FAMILY, PIPELINE = "flux", "FluxPipeline"
     DEFAULT_GUIDANCE = DEFAULT_GUIDANCE
     AUTO_PRECISION = "bf16"  # --train.precision auto on CUDA: FLUX.1-dev is a bf16 model (fp16 overflows it)
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -203,6 +203,35 @@ class FluxPolicy(PipelinePolicy):
                                 amp_dtype=self.amp_dtype, lora_rank=lora_rank, checkpointing=checkpointing)
 
 
+def meta_lora_model(config: dict, lora_rank: int, model_dtype: torch.dtype, amp_dtype: torch.dtype | None = None,
+                    levers=None) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """(the FLUX transformer of `config` on the meta device with the policy's LoRA, alpha 2 r; its double- and
+    single-stream blocks): what the activation estimate and the bench's FLOP model run. FLUX has no speed levers
+    (`amp_dtype`, `levers` are accepted for the interface)."""
+    from diffusers import FluxTransformer2DModel
+
+    from fdfo.memory import meta_model
+
+    base = meta_model(FluxTransformer2DModel, config, model_dtype)
+    with torch.device("meta"):
+        model = add_lora(base, LORA_TARGETS, lora_rank, 2.0 * lora_rank)
+    return model, [*base.transformer_blocks, *base.single_transformer_blocks]
+
+
+def meta_inputs(config: dict, rows: int, latent_side: int, dtype: torch.dtype,
+                text_tokens: int = T5_MAX_LENGTH) -> dict:
+    """A training forward's inputs on the meta device: the unpacked `[rows, 16, side, side]` latent's packed tokens, the
+    timestep and guidance, the pooled CLIP prompt and `text_tokens` T5 states, and the position ids."""
+    meta = torch.device("meta")
+    with meta:
+        return dict(hidden_states=torch.empty(rows, (latent_side // 2) ** 2, config["in_channels"], dtype=dtype),
+                    timestep=torch.empty(rows, dtype=dtype),
+                    guidance=torch.empty(rows) if config.get("guidance_embeds") else None,
+                    pooled_projections=torch.empty(rows, config["pooled_projection_dim"], dtype=dtype),
+                    encoder_hidden_states=torch.empty(rows, text_tokens, config["joint_attention_dim"], dtype=dtype),
+                    txt_ids=torch.zeros(text_tokens, 3), img_ids=image_ids(latent_side, latent_side, meta))
+
+
 def activation_bytes(config: dict, *, batch: int, latent_side: int, model_dtype: torch.dtype,
                      amp_dtype: torch.dtype | None, lora_rank: int, checkpointing: bool = False,
                      text_tokens: int = T5_MAX_LENGTH, float32_ops: frozenset[str] | None = None) -> int:
@@ -210,21 +239,8 @@ def activation_bytes(config: dict, *, batch: int, latent_side: int, model_dtype:
     `config` (diffusers `FluxTransformer2DModel` kwargs) with the LoRA of LORA_TARGETS (no speed levers): unpacked
     latents `[batch, 16, latent_side, latent_side]` packed into tokens, `text_tokens` T5 tokens, one forward per item
     (no CFG). Counted on the meta device (fdfo/memory.py); with checkpointing, both block kinds are recomputed."""
-    from diffusers import FluxTransformer2DModel
+    from fdfo.memory import saved_bytes
 
-    from fdfo.memory import meta_model, saved_bytes
-
-    base = meta_model(FluxTransformer2DModel, config, model_dtype)
-    meta = torch.device("meta")
-    with meta:
-        model = add_lora(base, LORA_TARGETS, lora_rank, 2.0 * lora_rank)
-        tokens = (latent_side // 2) ** 2
-        inputs = dict(hidden_states=torch.empty(batch, tokens, base.config.in_channels, dtype=model_dtype),
-                      timestep=torch.empty(batch, dtype=model_dtype),
-                      guidance=torch.empty(batch) if base.config.guidance_embeds else None,
-                      pooled_projections=torch.empty(batch, base.config.pooled_projection_dim, dtype=model_dtype),
-                      encoder_hidden_states=torch.empty(batch, text_tokens, base.config.joint_attention_dim,
-                                                        dtype=model_dtype),
-                      txt_ids=torch.zeros(text_tokens, 3), img_ids=image_ids(latent_side, latent_side, meta))
-    blocks = [*base.transformer_blocks, *base.single_transformer_blocks]
+    model, blocks = meta_lora_model(config, lora_rank, model_dtype)
+    inputs = meta_inputs(config, batch, latent_side, model_dtype, text_tokens)
     return saved_bytes(model, blocks, inputs, amp_dtype, checkpointing, float32_ops)

@@ -53,7 +53,7 @@ class SD3Policy(PipelinePolicy):
     cond is a dict of per-sample tensors: `embeds [B, 77 + 128, D]` and `pooled [B, D_pooled]`.
     """
 
-    FAMILY, LABEL, PIPELINE = "sd3", "SD3", "StableDiffusion3Pipeline"
+    FAMILY, PIPELINE = "sd3", "StableDiffusion3Pipeline"
     DEFAULT_GUIDANCE = 1.0  # no CFG (the paper's runs without CFG)
     AUTO_PRECISION = "fp16"  # --train.precision auto on CUDA: the authors' fp16 autocast with a grad scaler
     TEXT_ENCODERS = TEXT_ENCODERS
@@ -107,9 +107,10 @@ class SD3Policy(PipelinePolicy):
         self._encode_fn = encode_fn
         return self
 
-    @property
-    def cfg(self) -> bool:
-        return self.guidance_scale != 1.0
+    @staticmethod
+    def uses_cfg(guidance_scale: float) -> bool:
+        """SD3's guidance is classifier-free: any scale but 1 is two forward passes."""
+        return guidance_scale != 1.0
 
     def blocks(self) -> list[torch.nn.Module]:
         return list(self.pipe.transformer.transformer_blocks)
@@ -193,6 +194,31 @@ class SD3Policy(PipelinePolicy):
                                 guidance=self.cfg, checkpointing=checkpointing, levers=self.levers.levers)
 
 
+def meta_lora_model(config: dict, lora_rank: int, model_dtype: torch.dtype, amp_dtype: torch.dtype | None = None,
+                    levers: SpeedLevers | None = None) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """(the SD3 transformer of `config` on the meta device with the policy's LoRA, alpha 2 r, and speed levers; its
+    blocks): what the activation estimate and the bench's FLOP model run (no weights, no memory)."""
+    from diffusers import SD3Transformer2DModel
+
+    from fdfo.memory import meta_model
+
+    base = meta_model(SD3Transformer2DModel, config, model_dtype)
+    with torch.device("meta"):
+        model = add_lora(base, lora_rank, 2.0 * lora_rank)
+        LeverRuntime(model, amp_dtype, levers or SpeedLevers())
+    return model, list(base.transformer_blocks)
+
+
+def meta_inputs(config: dict, rows: int, latent_side: int, dtype: torch.dtype, text_tokens: int = TEXT_TOKENS) -> dict:
+    """A training forward's inputs on the meta device: latents `[rows, C, side, side]`, timesteps, `text_tokens` text
+    states and the pooled prompt."""
+    with torch.device("meta"):
+        return dict(hidden_states=torch.empty(rows, config["in_channels"], latent_side, latent_side, dtype=dtype),
+                    timestep=torch.empty(rows),
+                    encoder_hidden_states=torch.empty(rows, text_tokens, config["joint_attention_dim"], dtype=dtype),
+                    pooled_projections=torch.empty(rows, config["pooled_projection_dim"], dtype=dtype))
+
+
 def activation_bytes(config: dict, *, batch: int, latent_side: int, text_tokens: int, model_dtype: torch.dtype,
                      amp_dtype: torch.dtype | None, lora_rank: int, guidance: bool = False,
                      checkpointing: bool = False, float32_ops: frozenset[str] | None = None,
@@ -203,19 +229,8 @@ def activation_bytes(config: dict, *, batch: int, latent_side: int, text_tokens:
     cast keeps one copy for its consumers): latents `[batch, C, latent_side, latent_side]`, `text_tokens` text tokens,
     twice the batch with CFG. float32_ops: the ops autocast runs in float32 (default CUDA's; tests pass CPU
     autocast's). Counted on the meta device (fdfo/memory.py)."""
-    from diffusers import SD3Transformer2DModel
+    from fdfo.memory import saved_bytes
 
-    from fdfo.memory import meta_model, saved_bytes
-
-    rows = batch * (2 if guidance else 1)
-    base = meta_model(SD3Transformer2DModel, config, model_dtype)
-    with torch.device("meta"):
-        model = add_lora(base, lora_rank, 2.0 * lora_rank)
-        LeverRuntime(model, amp_dtype, levers or SpeedLevers())
-        inputs = dict(hidden_states=torch.empty(rows, base.config.in_channels, latent_side, latent_side,
-                                                dtype=model_dtype),
-                      timestep=torch.empty(rows),
-                      encoder_hidden_states=torch.empty(rows, text_tokens, base.config.joint_attention_dim,
-                                                        dtype=model_dtype),
-                      pooled_projections=torch.empty(rows, base.config.pooled_projection_dim, dtype=model_dtype))
-    return saved_bytes(model, list(base.transformer_blocks), inputs, amp_dtype, checkpointing, float32_ops)
+    model, blocks = meta_lora_model(config, lora_rank, model_dtype, amp_dtype, levers)
+    inputs = meta_inputs(config, batch * (2 if guidance else 1), latent_side, model_dtype, text_tokens)
+    return saved_bytes(model, blocks, inputs, amp_dtype, checkpointing, float32_ops)
