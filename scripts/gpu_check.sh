@@ -6,24 +6,24 @@
 #   bash scripts/gpu_check.sh --cpu-dry-run      # the same parts on a CPU at tiny shapes (checks the script itself)
 #
 # The plan (limits in seconds; a part gets at most what is left of the call's budget, and is skipped with under 20 s):
-#   call 1, budget 450 (GPU_CHECK_BUDGET_S): environment and correctness first, then the per-call measurements
+#   call 1, budget 420 (GPU_CHECK_BUDGET_S): environment and correctness first, then the per-call measurements
 #     env 30                  GPU, driver, torch, packages, CPUs, load, name lookup (environment.json)
 #     tiny-cache 60           the tiny pipeline built once, outside any test (tests' fixtures then only read it)
-#     pytest-gpu 150          pytest -m gpu, file by file, 90 s per test, stacks of a test still running at 75 s
+#     pytest-gpu 150          pytest -m gpu, 90 s per test, stacks of a test still running at 75 s
 #     train-random-sd35m 110  train.py through torchrun (NCCL, 1 GPU), random-init SD3.5-M: 2 epochs, then resumed
 #                             to a 3rd (bf16: random weights can overflow fp16)
 #     speed-probe 120         python -m fdfo.bench.probe: per-call medians, bit checks, launches, census, cost model
 #     compile-probe rest      python -m fdfo.bench.compile_probe within what is left (its cap: the part's limit)
-#   call 2, budget 210: what call 1 did not finish (GPU_CHECK_PARTS="$(python3 scripts/gpu_parts.py rerun ...)"),
+#   call 2, budget 180: what call 1 did not finish (GPU_CHECK_PARTS="$(python3 scripts/gpu_parts.py rerun ...)"),
 #     then one bench epoch per headline setting (paper shapes: 512 px, T = 40, 6 pairs, micro-batches of 6, the
-#     second of 2 epochs measured) as far as the time goes:
+#     second of 2 epochs measured) as far as the time goes (about two of them; a later lease goes on from there):
 #     bench-fp16 110                  the defaults (fp16, speed levers on), with the kernel profile
 #     bench-fp16-compile 200          --compile, a warm start from the compile probe's compile-cache.bin
 #     bench-fp16-all-on 110           CUDA graphs, fused RMS norm, compute-dtype modulation
 #     bench-lowmem24 110              lowmem24's settings under a 24 GB cap
 #     bench-fp16-pickscore-overlap 130  PickScore's CLIP with --reward.overlap-preprocessing
 #   report 40 (both calls)    benchmarks.md of the results folder
-# With a machine start of 1 to 2 minutes per call: about 9.5 + 5 minutes of the 15.
+# With a machine start of about 1.5 minutes per call, the wheels' install and the pack: 9.2 + 5.2 of the 15 minutes.
 #
 # Each part runs through scripts/gpu_parts.py: its log is <results>/<part>.log, its record <part>.part.json (the GPU's
 # compute processes and the host load before and after it, what it left running), its line in status.txt
@@ -31,6 +31,7 @@
 # and after it whatever it left running is killed and checked gone before the next part starts.
 # Settings: GPU_CHECK_RESULTS (results folder, default ./bench-results), GPU_CHECK_PACK (a folder, e.g. the device
 # tool's $OUT, that gets results.tar.gz and status.txt after every part), GPU_CHECK_BUDGET_S, GPU_CHECK_PARTS,
+# GPU_CHECK_COMPILE_CACHE (the folder of a compile-cache.bin for bench-fp16-compile, default the compile probe's),
 # PYTHON (default python). No downloads: random-init models, the tiny pipeline built here.
 
 set -u
@@ -41,8 +42,8 @@ DRY=0
 CALL1="env tiny-cache pytest-gpu train-random-sd35m speed-probe compile-probe report"
 CALL2="env bench-fp16 bench-fp16-compile bench-fp16-all-on bench-lowmem24 bench-fp16-pickscore-overlap report"
 case "${GPU_CHECK_CALL:-}" in
-  1) : "${GPU_CHECK_PARTS:=$CALL1}" "${GPU_CHECK_BUDGET_S:=450}" ;;
-  2) : "${GPU_CHECK_PARTS:=$CALL2}" "${GPU_CHECK_BUDGET_S:=210}" ;;
+  1) : "${GPU_CHECK_PARTS:=$CALL1}" "${GPU_CHECK_BUDGET_S:=420}" ;;
+  2) : "${GPU_CHECK_PARTS:=$CALL2}" "${GPU_CHECK_BUDGET_S:=180}" ;;
 esac
 export GPU_CHECK_RESULTS=${GPU_CHECK_RESULTS:-./bench-results} GPU_CHECK_BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 export GPU_CHECK_PARTS=${GPU_CHECK_PARTS:-} GPU_CHECK_START=$(date +%s)
@@ -78,21 +79,24 @@ else
   MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
   LOWMEM=(--grad-checkpoint --sample-batch 2 --train-batch 2 --decode-batch 1 --rollout-device cpu --repeats 1
           --hold-side-models --memory-fraction "$(python3 -c "print(round(min(1.0, 24e9 / (${MIB:-0} * 2**20 or 24e9)), 4))")")
-  COMPILE_CACHE=(--compile-cache-dir "$RES/compile")  # the compile probe's artifacts: a warm start
+  # the compile probe's artifacts: a warm start (GPU_CHECK_COMPILE_CACHE: a folder carried from an earlier call)
+  COMPILE_CACHE=(--compile-cache-dir "${GPU_CHECK_COMPILE_CACHE:-$RES/compile}")
   OVERLAP_BATCH=(--sample-batch 3)  # 2 sampling batches per epoch: one to overlap with the next
 fi
 
 part env 30 "$PY" scripts/gpu_parts.py env
 part tiny-cache 60 "$PY" -c "from fdfo import tiny; print(tiny.tiny_sd3_path())"
 
-# the GPU tests file by file (a hang stays in its file), most telling first; pytest-timeout (in the device image)
-# fails a test at 90 s and goes on, faulthandler prints the stacks of one still running at 75 s
-export GPU_CHECK_TIMEOUT=""
-"$PY" -c "import pytest_timeout" 2>/dev/null && GPU_CHECK_TIMEOUT="--timeout=90 --timeout-method=signal"
-part pytest-gpu 150 bash -c 'rc=0; for f in "${@:2}"; do "$0" -m pytest -v -rfEs --durations=5 -m gpu \
-  -o faulthandler_timeout=75 -p no:cacheprovider --basetemp "$1/pytest-tmp" $GPU_CHECK_TIMEOUT "$f" || rc=1; done
-  exit $rc' "$PY" "$WORK" tests/test_generate.py tests/test_gpu.py tests/test_sd3_speed.py tests/test_cuda_graphs.py \
-  tests/test_fused.py tests/test_reward_overlap.py
+# the GPU tests with the plugins of the development machine (none: the device image autoloads some eight others),
+# each named as it starts (-v); pytest-timeout (in the device image) fails a test at 90 s and goes on where Python
+# can be interrupted, faulthandler prints every stack of a test still running at 75 s; train.py on CUDA first, the
+# CUDA pipeline comparison (first, and never finished, in the run of 2026-12-04) last
+TIMEOUT=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(-p pytest_timeout --timeout=90 --timeout-method=signal)
+part pytest-gpu 150 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PY" -m pytest -v -rfEs --durations=10 -m gpu \
+  -o faulthandler_timeout=75 -p no:cacheprovider --basetemp "$WORK/pytest-tmp" "${TIMEOUT[@]}" tests/test_gpu.py \
+  tests/test_sd3_speed.py tests/test_cuda_graphs.py tests/test_fused.py tests/test_reward_overlap.py \
+  tests/test_generate.py
 
 # train.py through torchrun: 2 epochs, then the same run folder to a 3rd (a resume); held-out evaluation at the start
 # and at epoch 2 on 2 of the smoke prompts; the log must say NCCL (gloo on a CPU) and the resume

@@ -81,9 +81,7 @@ def test_a_worker_in_its_own_session_is_killed_after_the_part_and_named(parts, t
 def test_a_part_over_its_limit_prints_every_stack_and_leaves_nothing(parts, tmp_path):
     pid_file = tmp_path / "worker.pid"
     hang = f"{LEAVES_A_WORKER}; import time; time.sleep(300)"
-    start = time.monotonic()
     parts.run_part("hangs", 3, [sys.executable, "-c", hang, str(pid_file)])
-    assert time.monotonic() - start < 30
     assert not alive(int(pid_file.read_text()))
     [line] = status(tmp_path)
     assert line.startswith("hangs: TIMED OUT after 3 s (the stacks at the time-out are at the end of hangs.log")
@@ -157,9 +155,9 @@ def test_the_plan_in_the_header_is_what_the_script_runs():
             assert plan[name] in (runs[name], "rest"), name
     assert set(plan) | {"env", "report"} >= set(calls[1]) | set(calls[2])
     budgets = dict(re.findall(r"call (\d), budget (\d+)", "\n".join(header)))
-    assert f'{calls[1][0]}' == "env" and budgets == {"1": "450", "2": "210"}
-    assert re.search(r'1\) : "\$\{GPU_CHECK_PARTS:=\$CALL1\}" "\$\{GPU_CHECK_BUDGET_S:=450\}"', text)
-    assert re.search(r'2\) : "\$\{GPU_CHECK_PARTS:=\$CALL2\}" "\$\{GPU_CHECK_BUDGET_S:=210\}"', text)
+    assert calls[1][0] == calls[2][0] == "env" and budgets == {"1": "420", "2": "180"}
+    assert re.search(r'1\) : "\$\{GPU_CHECK_PARTS:=\$CALL1\}" "\$\{GPU_CHECK_BUDGET_S:=420\}"', text)
+    assert re.search(r'2\) : "\$\{GPU_CHECK_PARTS:=\$CALL2\}" "\$\{GPU_CHECK_BUDGET_S:=180\}"', text)
 
 
 def test_environment_names_the_machine(parts, tmp_path):

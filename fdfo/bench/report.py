@@ -46,7 +46,7 @@ def table_row(name: str, r: dict) -> list[str]:
 
 def options_cell(config: dict) -> str:
     """The speed options a run had that are not the defaults (older JSON: none recorded, "-")."""
-    chosen = []
+    chosen = [] if "levers" in config else ["before the speed levers"]
     if config.get("levers", "all") != "all":
         chosen.append(f"levers {config['levers']}")
     if config.get("compile_scope", "blocks") != "blocks":
