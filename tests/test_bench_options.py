@@ -134,3 +134,14 @@ def test_the_census_counts_the_fused_rms_norm_as_one_kernel_each_way(tiny_census
     t, tf = default["train_micro_batch"], fused["train_micro_batch"]
     backward = tf["backward"]["by_kind"]["norm"]["ops"] - t["backward"]["by_kind"]["norm"]["ops"]
     assert 0 < backward <= norms and tf["backward"]["kernel_ops"] < t["backward"]["kernel_ops"]
+
+
+def test_the_census_micro_batch_is_train_pys_with_its_statistics_and_a_running_scaler():
+    """train.py's training set has `ratio_dev` (written by each micro-batch: one index_put_), and its grad scaler's
+    scale exists after the first micro-batch: the census counts neither as missing nor as made again."""
+    from fdfo.bench.census import train_micro_batch
+
+    ops = train_micro_batch(True, "fp16")
+    after = ops[max(i for i, op in enumerate(ops) if op.backward) + 1:]
+    assert [op.name for op in after].count("aten.index_put_.default") == 1
+    assert not any(op.name == "aten.full.default" for op in ops)  # the scale and growth tracker: made once per run

@@ -79,6 +79,8 @@ def test_compare_is_bit_for_bit_and_its_relative_rms_is_by_hand():
     r = pc.compare([a], [torch.tensor([3.3, 4.4, 1.0])])
     assert not r["bit_identical"] and r["nonfinite"] == [1, 0]
     assert r["max_rel_rms"] == pytest.approx(0.1)  # |(0.3, 0.4)| / |(3, 4)| over the entries finite in both
+    r = pc.compare([torch.tensor([3.0, 4.0])], [torch.tensor([3.3, float("inf")])])
+    assert r["nonfinite"] == [0, 1] and r["max_rel_rms"] == pytest.approx(0.1)  # 0.3 / 3
     assert pc.compare([torch.zeros(2)], [torch.ones(2)])["max_rel_rms"] == math.inf
 
 
