@@ -112,6 +112,11 @@ def test_bad_flags_are_one_line_before_anything_is_built(monkeypatch, tmp_path):
                            (["--out", str(tmp_path)], "--out .* is a folder")):
         with pytest.raises(ValueError, match=message):
             probe.main(["--tiny", *flags])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="at SD3.5-M's shapes needs a GPU .*: pass --tiny to rehearse on a CPU"):
+        probe.main([])
+    with pytest.raises(ValueError, match="at SD3.5-M's shapes needs a GPU .*: pass --tiny"):
+        compile_probe.main(["--out-dir", str(tmp_path)])
 
 
 def test_the_census_files_beside_the_gpu_run_count_each_variant():
@@ -155,6 +160,7 @@ def test_the_compile_probe_shares_its_cap_and_skips_what_has_no_time(monkeypatch
 
     monkeypatch.setattr(compile_probe, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     monkeypatch.setattr(compile_probe, "run_child", child)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the full shapes' plan, as on a GPU
     summary = compile_probe.main(["--cap", "90", "--out-dir", str(tmp_path)])
     # shares 2 : 2 : 4 : 1 of what is left; the warm start needs the whole step's compile-cache.bin
     assert caps == [("block-default", 20), ("block-max-autotune", 20), ("whole", 40)]

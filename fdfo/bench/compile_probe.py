@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--cap {args.cap} / --repeats {args.repeats}: the cap must be > 0 seconds, repeats >= 1")
     check_output_path("--out-dir", args.out_dir, folder=True)
     check_device("--device", args.device)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if not args.tiny and torch.device(device).type == "cpu":
+        raise ValueError("python -m fdfo.bench.compile_probe at SD3.5-M's shapes needs a GPU (no CUDA device here): "
+                         "pass --tiny to rehearse on a CPU")
     return args
 
 
@@ -111,6 +117,7 @@ def run_child(args: argparse.Namespace, step: str, cap: float, out: Path) -> dic
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache  # cold: nothing compiled by an earlier step or run
+        env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
         child = subprocess.Popen(command, env=env, start_new_session=True)
         try:
             rc = child.wait(timeout=cap)

@@ -75,7 +75,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.out is not None:
         check_output_path("--out", args.out, folder=False)
     check_device("--device", args.device)
+    check_full_shape_device(args)
     return args
+
+
+def check_full_shape_device(args: argparse.Namespace) -> None:
+    """SD3.5-M's shapes only on a GPU: on a CPU one training micro-batch takes minutes (--tiny rehearses there)."""
+    if not args.tiny and probe_device(args).type == "cpu":
+        raise ValueError(f"{build_parser().prog} at SD3.5-M's shapes needs a GPU (no CUDA device here"
+                         f"{'' if args.device is None else f', --device {args.device}'}): pass --tiny to rehearse on "
+                         "a CPU")
+
+
+def probe_device(args: argparse.Namespace) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
 
 
 class Record:
@@ -180,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     single_thread_if_tiny(args.tiny)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    device = probe_device(args)
     record = Record(args.out, {
         "env": env_record(device),
         "config": dict(tiny=args.tiny, device=str(device), rows=pc.SAMPLE_ROWS, items=pc.TRAIN_ITEMS,
