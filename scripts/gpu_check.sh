@@ -39,6 +39,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 DRY=0
 [ "${1:-}" = "--cpu-dry-run" ] && DRY=1
+export GPU_CHECK_DRY=$DRY  # 0: a GPU machine, whose parts fail without CUDA
 CALL1="env tiny-cache pytest-gpu train-random-sd35m speed-probe compile-probe report"
 CALL2="env bench-fp16 bench-fp16-compile bench-fp16-all-on bench-lowmem24 bench-fp16-pickscore-overlap report"
 case "${GPU_CHECK_CALL:-}" in
@@ -93,10 +94,13 @@ part tiny-cache 60 "$PY" -c "from fdfo import tiny; print(tiny.tiny_sd3_path())"
 # CUDA pipeline comparison (first, and never finished, in the run of 2026-12-04) last
 TIMEOUT=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(-p pytest_timeout --timeout=90 --timeout-method=signal)
-part pytest-gpu 150 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PY" -m pytest -v -rfEs --durations=10 -m gpu \
-  -o faulthandler_timeout=75 -p no:cacheprovider --basetemp "$WORK/pytest-tmp" "${TIMEOUT[@]}" tests/test_gpu.py \
-  tests/test_sd3_speed.py tests/test_cuda_graphs.py tests/test_fused.py tests/test_reward_overlap.py \
-  tests/test_generate.py
+# (on a GPU machine a test skipped for want of CUDA fails the part: "ok" must mean the tests ran)
+part pytest-gpu 150 bash -c 'set -o pipefail; "${@:2}" 2>&1 | tee "$1/pytest.out" || exit 1
+  if [ "$GPU_CHECK_DRY" != 1 ] && grep -q "needs CUDA" "$1/pytest.out"; then
+    echo "FAILED: tests skipped for want of CUDA on a GPU machine"; exit 1; fi' _ "$WORK" \
+  env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PY" -m pytest -v -rfEs --durations=10 -m gpu -o faulthandler_timeout=75 \
+  -p no:cacheprovider --basetemp "$WORK/pytest-tmp" "${TIMEOUT[@]}" tests/test_gpu.py tests/test_sd3_speed.py \
+  tests/test_cuda_graphs.py tests/test_fused.py tests/test_reward_overlap.py tests/test_generate.py
 
 # train.py through torchrun: 2 epochs, then the same run folder to a 3rd (a resume); held-out evaluation at the start
 # and at epoch 2 on 2 of the smoke prompts; the log must say NCCL (gloo on a CPU) and the resume

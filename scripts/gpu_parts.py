@@ -283,6 +283,9 @@ def main(argv: list[str]) -> int:
         record = environment()
         (results() / "environment.json").write_text(json.dumps(record, indent=1) + "\n")
         print(json.dumps(record, indent=1))
+        if os.environ.get("GPU_CHECK_DRY") == "0" and not record["torch"]["cuda_available"]:
+            print("FAILED: torch sees no CUDA device on this GPU machine", file=sys.stderr)
+            return 1
         return 0
     print(__doc__.split("\n\n")[1], file=sys.stderr)
     return 2
