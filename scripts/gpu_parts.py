@@ -102,6 +102,24 @@ def signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
+def abort_one_by_one(pids: list[int]) -> None:
+    """SIGABRT to each process in turn, waiting (up to STACK_WAIT_S) until it is gone before the next, so that the
+    stacks their fault handlers print into the one log do not interleave."""
+    for pid in pids:
+        signal_all([pid], signal.SIGABRT)
+        deadline = time.monotonic() + STACK_WAIT_S
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has ended, its parent has not collected it yet
+
+
 def reap(tag: str, child: subprocess.Popen | None = None) -> list[int]:
     """Kill what still runs with `tag` (SIGTERM, then SIGKILL) and wait until none is left; returns the pids found."""
     found = tagged(tag)
@@ -140,11 +158,8 @@ def run_part(name: str, limit: float, command: list[str]) -> int:
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
-            signal_all(tagged(tag), signal.SIGABRT)  # every Python process of the part prints its stacks
-            try:
-                child.wait(timeout=STACK_WAIT_S)
-            except subprocess.TimeoutExpired:
-                pass
+            abort_one_by_one(tagged(tag))  # every Python process of the part prints its stacks
+            child.poll()
             rc = None
     record["wall_s"] = round(time.monotonic() - start, 1)
     record["left_running"] = reap(tag, child)

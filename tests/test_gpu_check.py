@@ -78,16 +78,23 @@ def test_a_worker_in_its_own_session_is_killed_after_the_part_and_named(parts, t
     assert json.loads((tmp_path / "res" / "leaves.part.json").read_text())["left_running"] == [pid]
 
 
+# the same, but the part waits until its worker runs (a signal before Python has started prints no stack), then hangs
+HANGS_WITH_A_WORKER = ("import os, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import sys, "
+                       "time; open(sys.argv[1], \"w\"); time.sleep(300)', sys.argv[1] + '.ready'], "
+                       "start_new_session=True); open(sys.argv[1], 'w').write(str(p.pid))\n"
+                       "while not os.path.exists(sys.argv[1] + '.ready'): time.sleep(0.05)\n"
+                       "time.sleep(300)")
+
+
 def test_a_part_over_its_limit_prints_every_stack_and_leaves_nothing(parts, tmp_path):
     pid_file = tmp_path / "worker.pid"
-    hang = f"{LEAVES_A_WORKER}; import time; time.sleep(300)"
-    parts.run_part("hangs", 3, [sys.executable, "-c", hang, str(pid_file)])
-    assert not alive(int(pid_file.read_text()))
+    parts.run_part("hangs", 8, [sys.executable, "-c", HANGS_WITH_A_WORKER, str(pid_file)])
+    assert (tmp_path / "worker.pid.ready").exists() and not alive(int(pid_file.read_text()))
     [line] = status(tmp_path)
-    assert line.startswith("hangs: TIMED OUT after 3 s (the stacks at the time-out are at the end of hangs.log")
+    assert line.startswith("hangs: TIMED OUT after 8 s (the stacks at the time-out are at the end of hangs.log")
     log = (tmp_path / "res" / "hangs.log").read_text()
     assert log.count("Fatal Python error: Aborted") == 2  # the part's process and its worker, each its stack
-    assert 'File "<string>", line 1 in <module>' in log
+    assert 'File "<string>", line 3 in <module>' in log and 'File "<string>", line 1 in <module>' in log
 
 
 def test_a_failed_part_shows_the_end_of_its_log_and_the_next_part_runs(parts, tmp_path):
