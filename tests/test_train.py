@@ -135,7 +135,7 @@ class _NaNReward:
 
 
 def test_non_finite_rewards_drop_their_pair(tmp_path, monkeypatch):
-    heldout = smoke_config().eval  # the preset's 16 held-out prompts: its evaluation at epoch 0 scores the NaN / inf too
+    heldout = smoke_config().eval  # the preset's 16 held-out prompts: its evaluation at epoch 0 scores NaN / inf too
     monkeypatch.setattr(train_loop, "build_reward_model", lambda cfg, device: _NaNReward([1, 4]))
     train_loop.train(tiny_config(tmp_path / "run", eval=heldout))
     epoch = [r for r in read_log(tmp_path / "run") if "reward_mean" in r][0]
