@@ -83,6 +83,12 @@ def test_smoke_preset_improves_the_reward(tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors", "training_state.pt", "state.json"} <= {
         p.name for p in (run / "checkpoints" / checkpoints[-1]).iterdir()}
     assert sorted((run / "images").glob("epoch-0000000-pair-*.png"))
+    # The preset's held-out evaluation (the run's only one as a user starts it): every 4 epochs on its 16 prompts, the
+    # best evaluated checkpoint in best.json (what the records hold is checked in tests/test_heldout.py).
+    heldout = [r for r in records if "heldout_reward_mean" in r]
+    assert [(r["epoch"], r["heldout_num_prompts"]) for r in heldout] == [(e, 16) for e in (0, 4, 8, 12, 16)]
+    best = max(heldout[1:], key=lambda r: r["heldout_reward_mean"])
+    assert json.loads((run / "best.json").read_text())["checkpoint"] == f"checkpoints/epoch-{best['epoch']:07d}"
     # The progress picture is redrawn every epoch from the log (its content is checked in tests/test_plots.py).
     with Image.open(run / "reward_curve.png") as picture:
         assert picture.format == "PNG" and picture.width > 100

@@ -156,16 +156,24 @@ def test_double_start_sigterm_and_ctrl_c(tmp_path):
 
 # Runs an entry point as __main__ with an import hook that, at the first import of torch (inside the entry point's
 # `guarded`, under every entry point's heavy imports), says so on stdout and then waits: the test's Ctrl-C lands there
-# whatever the machine's load, never before `guarded` is entered nor after the imports are done.
+# whatever the machine's load, never before `guarded` is entered nor after the imports are done. First it sets
+# Python's own Ctrl-C handler, as Python does at start-up in a terminal: a shell starts a background job (`cmd &`
+# without job control, as a CI runner may) with SIGINT ignored, the child inherits that and Python then installs none,
+# so the signal would be lost. The wait is bounded: with no Ctrl-C the child says so and exits 3 instead of going on
+# into the entry point (a whole smoke run), and the test ends it if even that does not come.
 BLOCK_AT_TORCH = """
-import runpy, sys, time
+import runpy, signal, sys, time
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
             sys.meta_path.remove(self)
             print("importing torch", flush=True)
-            time.sleep(120)
+            time.sleep(300)
+            print("no Ctrl-C came in 300 s", file=sys.stderr, flush=True)
+            raise SystemExit(3)
         return None
 
 sys.meta_path.insert(0, Block())
@@ -180,9 +188,14 @@ def test_ctrl_c_while_the_entry_point_is_still_importing(script, tmp_path):
     command = [sys.executable, "-c", BLOCK_AT_TORCH, str(ROOT / script), *(SMOKE if script == "train.py" else [])]
     process = subprocess.Popen(command, cwd=tmp_path, env=env() | {"PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    assert process.stdout.readline() == "importing torch\n", process.communicate()[1][-3000:]
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    try:
+        assert process.stdout.readline() == "importing torch\n", process.communicate()[1][-3000:]
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=400)  # beyond the child's own bound of 300 s: never reached by load
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("interrupted by SIGINT")
     assert list(tmp_path.iterdir()) == []  # nothing written

@@ -159,7 +159,7 @@ def test_a_baseline_evaluates_its_ema(algorithm, tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["fdfo", "diffusion_nft"])
-def test_evaluation_changes_nothing_the_run_trains(algorithm, tmp_path):
+def test_evaluation_changes_nothing_the_run_trains(algorithm, tmp_path, no_reward_curve):
     """No optimizer step, no change of the random streams: with --eval.every the run trains the same adapter (and
     optimizer state, and a baseline's theta, EMA and old adapter), bit for bit, as without."""
     def config(name, every):
@@ -200,7 +200,7 @@ def test_an_evaluation_keeps_the_random_state_and_the_adapter(tmp_path):
 # Resuming
 
 
-def test_stop_and_resume_give_the_records_of_one_run(tmp_path, monkeypatch):
+def test_stop_and_resume_give_the_records_of_one_run(tmp_path, monkeypatch, no_reward_curve):
     def config(name, epochs):
         cfg = with_eval(tiny_config(tmp_path / name, num_epochs=epochs))
         cfg.sample.batch_size = 1  # 2 images per pipeline call: each evaluation of 3 prompts makes 2 calls
@@ -238,7 +238,7 @@ def test_stop_and_resume_give_the_records_of_one_run(tmp_path, monkeypatch):
         assert (tmp_path / name / "best.json").read_text() == (tmp_path / "once" / "best.json").read_text()
 
 
-def test_stop_after_ends_the_run_and_a_rerun_stays_stopped(tmp_path, capsys):
+def test_stop_after_ends_the_run_and_a_rerun_stays_stopped(tmp_path, capsys, no_reward_curve):
     run = tmp_path / "run"
     train_loop.train(with_eval(tiny_config(run, num_epochs=2)))
     lines = (run / "log.jsonl").read_text().splitlines()

@@ -261,7 +261,8 @@ class _Process(_Thread):
 
 
 @pytest.mark.parametrize("kind", [_Thread, pytest.param(_Process, marks=pytest.mark.slow)])
-def test_a_server_that_dies_mid_run_stops_it_and_a_rerun_resumes_bit_for_bit(tmp_path, monkeypatch, kind):
+def test_a_server_that_dies_mid_run_stops_it_and_a_rerun_resumes_bit_for_bit(tmp_path, monkeypatch, kind,
+                                                                              no_reward_curve):
     def config(name, url):
         cfg = tiny_config(tmp_path / name, num_epochs=2)
         cfg.reward = RewardConfig(specs=(f"remote:1:{url}",), remote_retries=1)

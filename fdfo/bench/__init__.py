@@ -13,11 +13,14 @@ model with the stub). --flops-only counts the FLOPs on the meta device (no weigh
     python -m fdfo.bench --pairs 6 --sample-batch 3 --reward pickscore --overlap-rewards
     python -m fdfo.bench --flops-only
     python -m fdfo.bench --census --precision fp16 --out c.json   # kernels counted on a CPU, and their cost model
+    python -m fdfo.bench.probe --out p.json         # the speed changes per call on a GPU (--tiny: CPU rehearsal)
+    python -m fdfo.bench.compile_probe --out-dir c  # compile seconds and compiled calls, each step time-capped
 
 The package: cli.py (flags, checks, main, the summary), epoch.py (the measured epochs), models.py (the models of
 the real shapes), flops.py (the FLOP model), profile.py (--profile), report.py (--report), reward.py (the
 PickScore-shaped reward), side.py (the models a run holds beside the transformer), census.py and dispatch.py (the
-kernel census, --census), cost.py (its cost model).
+kernel census, --census), cost.py (its cost model), probe.py and probe_calls.py (the per-call probe), compile_probe.py
+and compile_steps.py (the compile probe), report_probe.py (their sections of --report).
 """
 
 from fdfo.bench.cli import main, parse_args, print_summary

@@ -29,6 +29,7 @@ from fdfo.bench.dispatch import (
     cuda_autocast,
     emulated_autocast,
     multiset,
+    numerics_options_counted,
     summary,
     to_fake,
 )
@@ -43,20 +44,24 @@ AMP = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_policy(tiny: bool, precision: str, device: torch.device, fake: FakeTensorMode, levers: SpeedLevers,
-                 model: str = "sd35m"):
+                 options: dict | None = None, model: str = "sd35m"):
     """The policy as train.py builds it (fdfo/train_loop.py: SD3Policy, add_lora with the run's rank and alpha, the
-    speed levers, speed_options with the config's defaults), from the bench's models of the real shapes, built on the
-    meta device and then given fake tensors on `device`: bf16 base weights (as on a GPU), the run's autocast dtype."""
+    speed levers, speed_options with the config's defaults and `options`: fused_rms_norm, compute_dtype_modulation),
+    from the bench's models of the real shapes, built on the meta device and then given fake tensors on `device`:
+    bf16 base weights (as on a GPU), the run's autocast dtype."""
+    from fdfo.bench.epoch import speed_options
     from fdfo.config import Config
     from fdfo.models.sd3 import SD3Policy
 
     cfg = Config()
+    for name, on in (options or {}).items():
+        setattr(cfg.train, name, on)
     rank, alpha = (8, 16.0) if tiny else (cfg.lora_rank, cfg.lora_alpha)  # the bench's ranks (fdfo/bench/epoch.py)
     meta = torch.device("meta")
     transformer, vae, scheduler = build_models(tiny, meta, model)
     policy = SD3Policy.from_components(transformer, vae, scheduler, meta, rank, alpha, cfg.sample.guidance_scale,
                                        AMP[precision], dtype=torch.bfloat16, levers=levers)
-    policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
+    speed_options(policy, cfg)
     to_fake(policy.transformer, fake, device)
     policy.device = device
     return policy
@@ -74,17 +79,17 @@ def _inputs(policy, tiny: bool, rows: int, model: str = "sd35m") -> tuple[torch.
 
 
 def sample_forward(tiny: bool, precision: str, exact: bool, levers: SpeedLevers | None = None,
-                   model: str = "sd35m") -> list:
+                   options: dict | None = None, model: str = "sd35m") -> list:
     """The ops of one sampling forward after the first of its sampling phase (which also makes the LoRA weight casts
     kept while sampling, fdfo/models/sd3_speed.py); exact: fake cuda:0 tensors under CUDA autocast's kernels, else CPU
     fake tensors under the emulated op lists."""
     fake = FakeTensorMode()
     device = torch.device("cuda:0" if exact else "cpu")
-    policy = build_policy(tiny, precision, device, fake, levers or SpeedLevers(), model)
+    policy = build_policy(tiny, precision, device, fake, levers or SpeedLevers(), options, model)
     autocast = cuda_autocast if exact else emulated_autocast
     policy.autocast = lambda: autocast(policy.amp_dtype)  # torch.autocast("cuda") turns itself off without a GPU
     policy.transformer.eval()
-    with fake:
+    with fake, numerics_options_counted(policy.amp_dtype, emulated=not exact):
         x, sigma, cond = _inputs(policy, tiny, SAMPLE_ROWS, model)
         with torch.no_grad(), CudaOnCpuBuild() if exact else contextlib.nullcontext():
             policy.velocity(x, sigma, cond)
@@ -103,22 +108,26 @@ def _training_set(policy, tiny: bool, items: int, model: str = "sd35m"):
     return TrainingSet(items=torch.arange(items), states=x, velocities=torch.empty_like(x),
                        sigmas=torch.empty(steps + 1), timestep=index, sample=index, prompt=index,
                        dx=torch.empty(items, *x.shape[1:]), dR=torch.empty(items), cond=cond,
-                       steps=[torch.arange(items)], invalid_pairs=0)
+                       steps=[torch.arange(items)], invalid_pairs=0, ratio_dev=torch.empty(items))
 
 
-def train_micro_batch(tiny: bool, precision: str, levers: SpeedLevers | None = None, model: str = "sd35m") -> list:
+def train_micro_batch(tiny: bool, precision: str, levers: SpeedLevers | None = None,
+                      options: dict | None = None, model: str = "sd35m") -> list:
     """The ops of one training micro-batch (fdfo.phases._micro_batch) on CPU fake tensors under the emulated op
-    lists, with train.py's grad scaler."""
+    lists, with train.py's grad scaler and training set (its `ratio_dev` statistics too): the first micro-batch of an
+    optimizer step, whose LoRA gradients are new (`zero_grad(set_to_none=True)`; a later one adds into them, one more
+    op per LoRA weight)."""
     from fdfo.config import Config
     from fdfo.phases import _micro_batch
 
     fake = FakeTensorMode()
-    policy = build_policy(tiny, precision, torch.device("cpu"), fake, levers or SpeedLevers(), model)
+    policy = build_policy(tiny, precision, torch.device("cpu"), fake, levers or SpeedLevers(), options, model)
     policy.autocast = lambda: emulated_autocast(policy.amp_dtype)
     policy.transformer.train()
-    with fake:
+    with fake, numerics_options_counted(policy.amp_dtype, emulated=True):
         data = _training_set(policy, tiny, TRAIN_ITEMS, model)
         scaler = torch.amp.GradScaler("cpu", enabled=policy.amp_dtype == torch.float16)
+        scaler.scale(torch.ones(()))  # the scale and its growth tracker, made once per run, not per micro-batch
         with OpCounter() as counter:
             _micro_batch(policy, policy.transformer, scaler, data, data.steps[0], Config(), TRAIN_ITEMS)
     return counter.ops
@@ -145,25 +154,28 @@ def emulation_check(exact: list, emulated: list) -> dict:
 
 
 def census(precision: str = "fp16", tiny: bool = False, levers: SpeedLevers | None = None,
-           model: str = "sd35m") -> dict:
+           options: dict | None = None, model: str = "sd35m") -> dict:
     """The census record (module docstring) of `model`'s shapes (an SD3 model of fdfo/models/shapes.py MODELS), with
     the cost model's H200 prediction for SD3.5-Medium (fdfo/bench/cost.py; not for --tiny nor another --model: it is
-    calibrated on SD3.5-M's H200 run)."""
+    calibrated on SD3.5-M's H200 run). options: fused_rms_norm, compute_dtype_modulation (the numerics options of
+    SD3Policy.speed_options, counted as a GPU runs them: fdfo/bench/dispatch.py)."""
     from fdfo.bench.cost import cost_record
 
     levers = levers or SpeedLevers()
-    exact = sample_forward(tiny, precision, True, levers, model)
-    emulated = sample_forward(tiny, precision, False, levers, model)
-    training = train_micro_batch(tiny, precision, levers, model)
+    options = {k: v for k, v in (options or {}).items() if v}
+    exact = sample_forward(tiny, precision, True, levers, options, model)
+    emulated = sample_forward(tiny, precision, False, levers, options, model)
+    training = train_micro_batch(tiny, precision, levers, options, model)
     tcfg, _ = model_configs(tiny, model)
     shape = dict(model="tiny" if tiny else MODELS[model][1], resolution=RESOLUTION[tiny], text_tokens=TEXT_TOKENS,
                  blocks=tcfg["num_layers"], sample_rows=SAMPLE_ROWS, train_items=TRAIN_ITEMS)
-    record = {"precision": precision, "levers": levers.names(), "shape": shape, "sample_forward": summary(exact),
+    record = {"precision": precision, "levers": levers.names(), "options": sorted(options), "shape": shape,
+              "sample_forward": summary(exact),
               "train_micro_batch": summary(training) | _phases(training),
               "emulation_check": emulation_check(exact, emulated)}
     if not tiny and model == "sd35m":  # calibrated on the census of the profiled code: fp16, no levers
         profiled = SpeedLevers.parse("none")
-        calibration = (exact, training) if (precision, levers) == ("fp16", profiled) else (
+        calibration = (exact, training) if (precision, levers, options) == ("fp16", profiled, {}) else (
             sample_forward(False, "fp16", True, profiled), train_micro_batch(False, "fp16", profiled))
         record["cost_model"] = cost_record(exact, training, calibration)
     return record
@@ -176,8 +188,10 @@ def census_lines(record: dict) -> list[str]:
             ("  backward", t["backward"]), ("  statistics", t["statistics"])]
     shape = record["shape"]
     levers = ", ".join(record["levers"]) or "none"
+    options = "".join(f", {name.replace('_', '-')}" for name in record.get("options", []))
     lines = [f"kernel census, {record['precision']}, {shape['model']} at {shape['resolution']} px "
-             f"({shape['sample_rows']} sampling rows, micro-batch of {shape['train_items']}), levers: {levers}",
+             f"({shape['sample_rows']} sampling rows, micro-batch of {shape['train_items']}), "
+             f"levers: {levers}{options}",
              f"{'':22}{'kernels':>9}{'casts':>8}{'aten ops':>10}{'GB':>9}"]
     lines += [f"{name:22}{c['kernel_ops']:>9,}{c['casts']:>8,}{c['aten_ops']:>10,}{c['gbytes']:>9.2f}"
               for name, c in rows]

@@ -44,7 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="training autocast precision (default fp16, the reference; fp32 on CPU)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (default 1: no CFG)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (--train.compile)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (--train.compile)")
+    p.add_argument("--compile-scope", choices=["blocks", "transformer"], default="blocks",
+                   help="with --compile: each block (default) or the whole transformer (--train.compile-scope)")
+    p.add_argument("--compile-cache-dir", default=None, metavar="DIR",
+                   help="with --compile: a warm start from DIR/compile-cache.bin if it is there, and the compiled "
+                        "kernels saved there after the run (fdfo/compile.py, as a run folder keeps them)")
+    p.add_argument("--compile-backend", choices=["inductor", "aot_eager", "eager"], default=None,
+                   help="with --compile: torch.compile's backend (default inductor, as train.py; the others trace "
+                        "without generating code, for a quick rehearsal on a CPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the training micro-batch in a CUDA graph (--train.cuda-graphs; CUDA only)")
+    p.add_argument("--fused-rms-norm", action="store_true",
+                   help="the q / k RMS norms as one kernel each way (--train.fused-rms-norm; moves rounding)")
+    p.add_argument("--compute-dtype-modulation", action="store_true",
+                   help="the modulation after each LayerNorm in fp16 / bf16 (--train.compute-dtype-modulation; "
+                        "moves rounding)")
     p.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing per transformer block")
     p.add_argument("--timesteps-per-sample", type=int, default=None,
                    help="train K of the T timesteps per trajectory (default all T; --train.timesteps-per-sample)")
@@ -105,6 +120,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_numbers(args)
     check_combinations(args)
     check_geometry(args)
+    check_speed_flags(args)
 
 
 def check_model(args: argparse.Namespace) -> None:
@@ -127,8 +143,9 @@ def check_model(args: argparse.Namespace) -> None:
 # compile, on fake tensors): the flags of a measured run do not apply to it
 CENSUS_FIXED = ("device", "pairs", "steps", "resolution", "sample_batch", "train_batch", "decode_batch",
                 "timesteps_per_sample", "repeats", "memory_fraction", "gradient_steps", "guidance_scale", "compile",
-                "grad_checkpoint", "rollout_device", "reward", "overlap_rewards", "hold_side_models", "profile",
-                "flops_only")
+                "compile_scope", "compile_cache_dir", "compile_backend", "cuda_graphs", "grad_checkpoint",
+                "rollout_device", "reward",
+                "overlap_rewards", "hold_side_models", "profile", "flops_only")
 
 
 def check_census(args: argparse.Namespace) -> None:
@@ -170,6 +187,42 @@ def check_combinations(args: argparse.Namespace) -> None:
                          "(--device cuda)")
     if args.overlap_rewards and args.reward == "stub":
         raise ValueError("--overlap-rewards needs --reward pickscore: --reward stub has no preprocessing to overlap")
+
+
+# train.py's flag names in its speed-option checks (fdfo/config.py) -> the bench's (longest first)
+TRAIN_FLAGS = (("--train.compile-scope", "--compile-scope"), ("--train.compile", "--compile"),
+               ("--train.cuda-graphs", "--cuda-graphs"), ("--train.gradient-checkpointing", "--grad-checkpoint"),
+               ("--train.rollout-device", "--rollout-device"))
+
+
+def check_speed_flags(args: argparse.Namespace) -> None:
+    """The speed options refused where train.py refuses them (fdfo/config.py: CUDA graphs on a CPU or with compile,
+    checkpointing or host-memory rollouts; a compile scope without --compile), by train.py's own check, named with
+    the bench's flags."""
+    from fdfo.bench.epoch import bench_config
+    from fdfo.config.checks import _check_speed_options
+
+    if args.compile_backend is not None and not args.compile:
+        raise ValueError(f"--compile-backend {args.compile_backend} says how --compile compiles: it needs --compile")
+    if args.compile_cache_dir is not None:
+        if not args.compile:
+            raise ValueError(f"--compile-cache-dir {args.compile_cache_dir!r} keeps compiled kernels: it needs "
+                             "--compile")
+        check_output_path("--compile-cache-dir", args.compile_cache_dir, folder=True)
+    cfg = bench_config(args)
+    cfg.device = args.device or ("cpu" if args.tiny else None)
+    problems = []
+
+    def need(ok: bool, flag: str, value, allowed: str) -> None:
+        if not ok:
+            problems.append(f"{flag} {value} is invalid: it must be {allowed}")
+
+    _check_speed_options(cfg, need)
+    if problems:
+        message = "; ".join(problems)
+        for train_flag, bench_flag in TRAIN_FLAGS:
+            message = message.replace(train_flag, bench_flag)
+        raise ValueError(message)
 
 
 def check_geometry(args: argparse.Namespace) -> None:
@@ -227,11 +280,16 @@ def write_report(args: argparse.Namespace) -> dict:
     return {"report": text, "skipped": skipped}
 
 
+def numerics_options(args: argparse.Namespace) -> dict[str, bool]:
+    """The options that move rounding, as SD3Policy.speed_options names them."""
+    return dict(fused_rms_norm=args.fused_rms_norm, compute_dtype_modulation=args.compute_dtype_modulation)
+
+
 def write_census(args: argparse.Namespace) -> dict:
     """--census: the table on stdout, the record as JSON into --out."""
     from fdfo.bench.census import census, census_lines
 
-    record = census(args.precision, args.tiny, SpeedLevers.parse(args.levers), args.model)
+    record = census(args.precision, args.tiny, SpeedLevers.parse(args.levers), numerics_options(args), args.model)
     print("\n".join(census_lines(record)))
     if args.out:
         replaced = write_text(args.out, json.dumps(record, indent=1) + "\n")

@@ -12,6 +12,9 @@ on fake `cuda:0` tensors in a CPU-only build of torch (fdfo/bench/census.py uses
   `.contiguous()` become the aten ops their bindings call (slice / select / unsqueeze / alias; clone), and
   scaled-dot-product attention, whose backend choice has no CUDA entry on a CPU build, becomes the cuDNN attention the
   H200 profile shows (after autocast's cast of q, k, v).
+- `numerics_options_counted(amp, emulated)`: the options that move rounding (fdfo/fused.py) as a GPU runs them: the
+  fused RMS norm's Triton kernels (which launch outside aten) as one recorded op each way, and on CPU fake tensors
+  the compute-dtype LayerNorm under the emulated autocast (which real autocast's state does not show).
 - `emulated_autocast(dtype)`: fdfo/memory.py's `AutocastEmulation` (CUDA autocast's op lists applied by a
   TorchFunctionMode) with the same cuDNN attention, for CPU fake tensors; autograd refuses a backward on fake CUDA
   tensors, so the backward is counted this way, and the census checks that its forward matches the real one op for op.
@@ -36,7 +39,7 @@ NO_KERNEL = frozenset({"aten._unsafe_view.default", "aten.empty.memory_format", 
 MATMUL = frozenset({"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward"})
 ATTENTION = frozenset({"_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward"})
 NORM = frozenset({"native_layer_norm", "native_layer_norm_backward", "native_group_norm",
-                  "native_group_norm_backward"})
+                  "native_group_norm_backward", "triton_rms_norm_forward", "triton_rms_norm_backward"})
 REDUCTION = frozenset({"mean", "sum", "amax", "amin", "max", "min", "var_mean", "norm"})
 COPY = frozenset({"clone", "copy_", "_to_copy", "slice_backward", "select_backward", "index", "index_put_",
                   "slice_scatter", "select_scatter"})
@@ -242,3 +245,83 @@ def emulated_autocast(dtype: torch.dtype | None):
 
     return AutocastEmulation(dtype, attention=cudnn_attention)
 
+
+
+# --fused-rms-norm's Triton kernels launch outside aten: in the census they are these two ops, one kernel each, reading
+# and writing what the kernels read and write (no computation: they run on fake tensors only)
+def _census_kernel(name: str):
+    def kernel(reads: list[torch.Tensor], writes: list[torch.Tensor]) -> None:
+        raise RuntimeError("the census's stand-in for a Triton kernel runs on fake tensors only")
+
+    op = torch.library.custom_op(f"fdfo_census::{name}", kernel, mutates_args=("writes",))
+    op.register_fake(lambda reads, writes: None)
+    return op
+
+
+triton_rms_norm_forward = _census_kernel("triton_rms_norm_forward")
+triton_rms_norm_backward = _census_kernel("triton_rms_norm_backward")
+
+
+class _Launcher:
+    """Stands in for a `@triton.jit` kernel: `kernel[grid](*args, **meta)` records one op (module comment above)."""
+
+    def __init__(self, op, n_reads: int, weight: int):
+        self.op, self.n_reads, self.weight = op, n_reads, weight  # weight: the position of the W argument
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **meta):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        reads = self.n_reads
+        if not meta["HAS_WEIGHT"]:  # the W slot then holds the input again (fdfo/fused_triton.py): not read
+            tensors.pop(self.weight)
+            reads -= 1
+        self.op(tensors[:reads], tensors[reads:])
+
+
+def _counted_kernels():
+    """(forward, backward) as fdfo/fused_triton.py's `_kernels` gives them: X, W read, Y, RSTD written; DY, X, W,
+    RSTD read, DX written."""
+    return (_Launcher(torch.ops.fdfo_census.triton_rms_norm_forward, 2, 1),
+            _Launcher(torch.ops.fdfo_census.triton_rms_norm_backward, 4, 2))
+
+
+def _triton_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """fdfo.fused.rms_norm's CUDA path, whatever the fake tensors' device and Triton's presence on this machine."""
+    from fdfo import fused_triton
+
+    return fused_triton.TritonRMSNorm.apply(x, weight, eps)
+
+
+@contextlib.contextmanager
+def numerics_options_counted(amp: torch.dtype, emulated: bool):
+    """While counting: the fused RMS norm through its Triton path with the kernels recorded as ops, and (emulated: CPU
+    fake tensors under CUDA autocast's op lists) the compute-dtype LayerNorm rounding to `amp` as under CUDA autocast.
+    Modules without these options are untouched."""
+    from unittest import mock
+
+    from fdfo import fused, fused_triton
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(fused, "rms_norm", _triton_rms_norm))
+        stack.enter_context(mock.patch.object(fused_triton, "_kernels", _counted_kernels))
+        if emulated:
+            stack.enter_context(emulated_layer_norm(amp))
+        yield
+
+
+@contextlib.contextmanager
+def emulated_layer_norm(amp: torch.dtype):
+    """--train.compute-dtype-modulation's LayerNorm (fdfo/fused.py) as under CUDA autocast to `amp`, for code that runs
+    under the emulated op lists: those are no autocast state, so the module itself would see none and round nothing."""
+    from unittest import mock
+
+    from fdfo.fused import ComputeDtypeLayerNorm
+
+    def layer_norm_in_amp(module, x):
+        weight, bias = (None if t is None else t.float() for t in (module.weight, module.bias))
+        return torch.nn.functional.layer_norm(x.float(), module.normalized_shape, weight, bias, module.eps).to(amp)
+
+    with mock.patch.object(ComputeDtypeLayerNorm, "forward", layer_norm_in_amp):
+        yield

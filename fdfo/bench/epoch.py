@@ -8,9 +8,11 @@ import contextlib
 import dataclasses
 import platform
 import time
+from pathlib import Path
 
 import torch
 
+from fdfo import compile as compile_cache
 from fdfo import distributed as dist
 from fdfo.bench.flops import PEAK_SOURCE, count_flops, flops_per_pair, peak_tflops, reward_flops, uses_cfg
 from fdfo.bench.models import StubReward, build_models, fake_encoder, model_configs
@@ -98,6 +100,8 @@ def bench_config(args: argparse.Namespace) -> Config:
     cfg.sample.guidance_scale, cfg.sample.decode_batch_size = args.guidance_scale, args.decode_batch
     cfg.train.precision = args.precision
     cfg.train.compile, cfg.train.gradient_checkpointing = args.compile, args.grad_checkpoint
+    cfg.train.compile_scope, cfg.train.cuda_graphs = args.compile_scope, args.cuda_graphs
+    cfg.train.fused_rms_norm, cfg.train.compute_dtype_modulation = args.fused_rms_norm, args.compute_dtype_modulation
     cfg.train.timesteps_per_sample = args.timesteps_per_sample
     cfg.train.rollout_device = args.rollout_device
     cfg.reward.overlap_preprocessing = args.overlap_rewards
@@ -148,6 +152,14 @@ def prepare(args: argparse.Namespace) -> Setup:
     return Setup(device, cfg, geom, prompts, flops, per_pair)
 
 
+def speed_options(policy, cfg: Config, compile_backend: str | None = None) -> None:
+    """The run's speed options on the policy, exactly as train.py sets them (fdfo/train_loop.py setup); a compile
+    backend other than train.py's only where the bench is asked for one (--compile-backend)."""
+    t = cfg.train
+    policy.speed_options(t.compile, t.gradient_checkpointing, t.compile_scope, t.fused_rms_norm,
+                         t.compute_dtype_modulation, compile_backend)
+
+
 def build(args: argparse.Namespace, setup: Setup) -> Models:
     """The models of the real shapes at random init, through SD3Policy.from_components and speed_options as train.py
     builds its policy; the optimizer, scaler and DDP wrapper as train.py makes them; the reward."""
@@ -162,7 +174,9 @@ def build(args: argparse.Namespace, setup: Setup) -> Models:
     policy = SD3Policy.from_components(transformer, vae, scheduler, device, cfg.lora_rank, cfg.lora_alpha,
                                        cfg.sample.guidance_scale, amp_dtype(cfg.train.precision, device),
                                        fake_encoder(tcfg, device, dtype), levers=SpeedLevers.parse(args.levers))
-    policy.speed_options(cfg.train.compile, cfg.train.gradient_checkpointing)
+    speed_options(policy, cfg, args.compile_backend)
+    if cfg.train.compile and args.compile_cache_dir and compile_cache.load_cache(Path(args.compile_cache_dir)):
+        print(f"--compile: warm start from {Path(args.compile_cache_dir) / compile_cache.CACHE_FILE}")
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.learning_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=policy.amp_dtype == torch.float16)
     module = policy.transformer
@@ -241,6 +255,9 @@ def run(args: argparse.Namespace) -> dict:
     activations = training_activation_bytes(policy, cfg, geom)
     side = side_model_bytes(args.tiny, with_pickscore=args.reward == "stub") if args.hold_side_models else {}
     meter, data, velocity_bytes = measure_epochs(args, setup, models, sum(side.values()))
+    if args.compile and args.compile_cache_dir and dist.get_rank() == 0:
+        Path(args.compile_cache_dir).mkdir(parents=True, exist_ok=True)
+        compile_cache.save_cache(Path(args.compile_cache_dir))
     profile = None
     if args.profile:  # after the measured epoch, so the profiler's overhead never enters its times
         from fdfo.bench.profile import profile_calls

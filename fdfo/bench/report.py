@@ -1,7 +1,9 @@
 """`python -m fdfo.bench --report DIR`: docs/benchmarks.md from a folder of bench JSON files, one table row each, a
-per-phase table, the profile tables of runs made with --profile, the folder's notes.md (how the run was made) and the
-GPU check's status.txt. A JSON file that is not a measured bench record (unreadable, not JSON, a --flops-only count, a
-record missing a field the table shows) is skipped and named with the reason, never silently dropped."""
+per-phase table, the profile tables of runs made with --profile, the per-call and compile probes, the machine, the
+folder's notes.md (how the run was made), the GPU check's status.txt and how to run it (fdfo/bench/report_probe.py).
+A JSON file that is not a measured bench record (unreadable, not JSON, a --flops-only count, a record missing a field
+the table shows) is skipped and named with the reason, never silently dropped; the GPU check's own records (the
+probe's, the machine's, each part's) have their sections instead."""
 
 from __future__ import annotations
 
@@ -38,14 +40,32 @@ def table_row(name: str, r: dict) -> list[str]:
     cells += [_fmt(ph[k]["s_per_pair"], ".3f") for k in PHASES]
     cells += [_fmt(t["s_per_pair"], ".3f"), _fmt(t["mfu"], ".1f", 100.0) + ("%" if t["mfu"] else ""),
               _fmt(t["peak_mem_gb"], ".1f"), _fmt(r.get("rollout_gb_per_rank"), ".3g"),
-              _fmt(r.get("activation_gb_estimate"), ".3g")]
+              _fmt(r.get("activation_gb_estimate"), ".3g"), options_cell(c)]
     return [str(x) for x in cells]
+
+
+def options_cell(config: dict) -> str:
+    """The speed options a run had that are not the defaults (older JSON: none recorded, "-")."""
+    chosen = [] if "levers" in config else ["before the speed levers"]
+    if config.get("levers", "all") != "all":
+        chosen.append(f"levers {config['levers']}")
+    if config.get("compile_scope", "blocks") != "blocks":
+        chosen.append(f"compile {config['compile_scope']}")
+    chosen += [flag.replace("_", "-") for flag in ("cuda_graphs", "fused_rms_norm", "compute_dtype_modulation")
+               if config.get(flag)]
+    if config.get("rollout_device") == "cpu":
+        chosen.append("rollouts in host memory")
+    return ", ".join(chosen) or "-"
 
 
 def read_records(folder: Path) -> tuple[list[tuple[str, dict, list[str]]], list[tuple[str, str]]]:
     """([(file name, record, table cells)], [(file name, why it was skipped)]) for the *.json files of `folder`."""
+    from fdfo.bench.report_probe import is_own_file
+
     records, skipped = [], []
     for path in sorted(folder.glob("*.json")):
+        if is_own_file(path.name):  # the GPU check's probe, machine and part records: their own sections
+            continue
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except OSError as e:
@@ -90,7 +110,7 @@ def report_markdown(folder: Path, skipped: list | None = None) -> str:
                   f"CUDA {env.get('cuda')}", f"- raw JSON: {folder}", "",
                   "| run | precision | compile | ckpt | pairs x T (sample batch) | reward model | sample | decode "
                   "| reward | exchange | train | total s/pair | MFU | peak GB | rollouts GB/rank "
-                  "| activations GB (estimate) |", "|" + "---|" * 16]
+                  "| activations GB (estimate) | options |", "|" + "---|" * 17]
         lines += ["| " + " | ".join(cells) + " |" for _, _, cells in records]
         lines += ["", "Per phase: seconds per pair, achieved TFLOP/s, MFU and peak memory (GB) of each phase.", "",
                   "| run | " + " | ".join(PHASES) + " |", "|" + "---|" * (len(PHASES) + 1)]
@@ -102,10 +122,14 @@ def report_markdown(folder: Path, skipped: list | None = None) -> str:
                 from fdfo.bench.profile import profile_markdown
 
                 lines += [f"### Profile of {name.removesuffix('.json')}", ""] + profile_markdown(r["profile"])
+    from fdfo.bench import report_probe
+
+    lines += report_probe.probe_lines(folder) + report_probe.compile_lines(folder)
+    lines += report_probe.environment_lines(folder)
     notes = folder / "notes.md"  # how the run was made (commands, calls), kept beside its JSON files
     if notes.exists():
         lines += [notes.read_text(encoding="utf-8").rstrip(), ""]
     status = folder / "status.txt"
     if status.exists():
         lines += ["## Check status", "", "```", status.read_text().rstrip(), "```", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + report_probe.how_to_run_lines())
