@@ -129,6 +129,31 @@ def test_a_checkpoint_is_refused_on_another_model_family(flux_run, tmp_path):
     assert not (tmp_path / "sd3").exists()  # refused before anything is written
 
 
+def test_entry_points_refuse_another_family_in_one_line(flux_run, tmp_path):
+    """generate.py, metrics.py and the export, as subprocesses: exit status 2, one `error:` line, no traceback, nothing
+    written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    checkpoint = flux_run / "checkpoints" / "epoch-0000001"
+    expected = (f"error: checkpoint {checkpoint} is a LoRA of a FLUX model, not of the SD3 model builtin:tiny-sd3: "
+                f"pass --pretrained-model builtin:tiny-flux")
+    commands = {"generate.py": ["generate.py", "--checkpoint", str(flux_run), "--pretrained-model", "builtin:tiny-sd3",
+                                "--out", str(tmp_path / "grid.png")],
+                "metrics.py": ["metrics.py", "--checkpoint", str(checkpoint), "--pretrained-model", "builtin:tiny-sd3",
+                               "--metrics", "redness", "--prompt-set", str(root / "prompt_sets" / "smoke_heldout.txt"),
+                               "--num-prompts", "2", "--out", str(tmp_path / "m.json")]}
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for name, argv in commands.items():
+        proc = subprocess.run([sys.executable, *argv], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
+        assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [expected], name
+    assert not list(tmp_path.iterdir())
+
+
 def dataclass_copy(cfg, **changes):
     import dataclasses
 
