@@ -188,12 +188,33 @@ def make_plan(cfg: EvalConfig) -> Plan:
     return Plan([all_prompts[i] for i in indices], indices, cfg.num_repeats, base_seed)
 
 
+def load_samplers(cfg: EvalConfig, device: torch.device):
+    """(the sampler of --checkpoint, that of --compare or None), sharing one base model, at the same steps and size
+    (on a tiny model: what a checkpoint was trained at); both checkpoints are found and checked (their recorded
+    SHA-256) before any model loads."""
+    from fdfo.generation import load_generator, shared_settings
+    from fdfo.hub import resolve_checkpoint
+
+    with distributed.rank0_first():
+        checkpoint = resolve_checkpoint(cfg.checkpoint)
+        compare = resolve_checkpoint(cfg.compare) if cfg.compare is not None else None
+    pretrained, steps, size, why = shared_settings([c for c in (checkpoint, compare) if c is not None],
+                                                   cfg.pretrained_model, cfg.num_steps, cfg.resolution)
+    generator = load_generator(checkpoint, pretrained, device, cfg.guidance_scale, steps, size)
+    other = None
+    if compare is not None:
+        other = load_generator(compare, base=generator.base, guidance_scale=cfg.guidance_scale, num_steps=steps,
+                               resolution=size)
+    for gen in (generator, other) if other is not None else (generator,):
+        gen.sampling_source = why
+    return generator, other
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Generate, score and aggregate; rank 0 prints the table and writes --out / --save-images/index.jsonl.
     Returns the results (the same dict on every rank). With --compare, both checkpoints are scored on the same
     prompts and seeds (one base model in memory) and the results hold both and their paired differences."""
-    from fdfo.generation import describe, load_generator, shared_settings
-    from fdfo.hub import resolve_checkpoint
+    from fdfo.generation import describe
 
     start = time.perf_counter()
     reward_names, want_diversity = check_config(cfg)
@@ -203,19 +224,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from fdfo.offline import ensure_hub_reachable, reward_sources  # offline: one line, not minutes of download retries
 
     ensure_hub_reachable([cfg.pretrained_model, *reward_sources(metric_specs(reward_names), cfg.reward)])
-    with distributed.rank0_first():  # both checkpoints found and checked (recorded SHA-256) before any model loads
-        checkpoint = resolve_checkpoint(cfg.checkpoint)
-        compare = resolve_checkpoint(cfg.compare) if cfg.compare is not None else None
-    # both sides at the same steps and size (on the tiny model: what a checkpoint was trained at)
-    pretrained, steps, size, why = shared_settings([c for c in (checkpoint, compare) if c is not None],
-                                                   cfg.pretrained_model, cfg.num_steps, cfg.resolution)
-    generator = load_generator(checkpoint, pretrained, device, cfg.guidance_scale, steps, size)
-    other = None
-    if cfg.compare is not None:
-        other = load_generator(compare, base=generator.base, guidance_scale=cfg.guidance_scale, num_steps=steps,
-                               resolution=size)
-    for gen in (generator, other) if other is not None else (generator,):
-        gen.sampling_source = why
+    generator, other = load_samplers(cfg, device)
     scorer = build_metrics(reward_names, cfg.reward, device) if reward_names else None
     embedder = None
     if want_diversity:

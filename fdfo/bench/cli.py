@@ -43,23 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-steps", type=int, default=4, help="optimizer steps per epoch (default 4)")
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="training autocast precision (default fp16, the reference; fp32 on CPU)")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (default 1: no CFG)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (--train.compile)")
-    p.add_argument("--compile-scope", choices=["blocks", "transformer"], default="blocks",
-                   help="with --compile: each block (default) or the whole transformer (--train.compile-scope)")
-    p.add_argument("--compile-cache-dir", default=None, metavar="DIR",
-                   help="with --compile: a warm start from DIR/compile-cache.bin if it is there, and the compiled "
-                        "kernels saved there after the run (fdfo/compile.py, as a run folder keeps them)")
-    p.add_argument("--compile-backend", choices=["inductor", "aot_eager", "eager"], default=None,
-                   help="with --compile: torch.compile's backend (default inductor, as train.py; the others trace "
-                        "without generating code, for a quick rehearsal on a CPU)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="capture the training micro-batch in a CUDA graph (--train.cuda-graphs; CUDA only)")
-    p.add_argument("--fused-rms-norm", action="store_true",
-                   help="the q / k RMS norms as one kernel each way (--train.fused-rms-norm; moves rounding)")
-    p.add_argument("--compute-dtype-modulation", action="store_true",
-                   help="the modulation after each LayerNorm in fp16 / bf16 (--train.compute-dtype-modulation; "
-                        "moves rounding)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="SD3: the CFG scale (default 1: no CFG; any other value doubles the forward passes); "
+                        "FLUX.1-dev (--model flux-dev): its distilled guidance, one forward pass whatever the value")
+    add_speed_flags(p)
     p.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing per transformer block")
     p.add_argument("--timesteps-per-sample", type=int, default=None,
                    help="train K of the T timesteps per trajectory (default all T; --train.timesteps-per-sample)")
@@ -86,12 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the bit-identical speed levers of the policy (fdfo/models/sd3_speed.py): all (default), none, "
                         "or a comma-separated list of base-dtype, peft-cast, lora-cache, shared-cast")
     p.add_argument("--census", action="store_true",
-                   help="no run: count the kernels of one sampling forward and one training micro-batch at SD3.5-M's "
-                        "shapes on fake tensors, on a CPU, in --precision fp16 or bf16 (fdfo/bench/census.py)")
+                   help="no run: count the kernels of one sampling forward and one training micro-batch at the shapes "
+                        "of --model (sd35m or sd35l) on fake tensors, on a CPU, in --precision fp16 or bf16 "
+                        "(fdfo/bench/census.py)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file (with --report: the markdown)")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="no run: summarise the bench JSON files in DIR (and DIR/status.txt) as markdown into --out")
     return p
+
+
+def add_speed_flags(p: argparse.ArgumentParser) -> None:
+    """The speed options as train.py names them (--train.compile, --train.cuda-graphs, the numerics options)."""
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (--train.compile)")
+    p.add_argument("--compile-scope", choices=["blocks", "transformer"], default="blocks",
+                   help="with --compile: each block (default) or the whole transformer (--train.compile-scope)")
+    p.add_argument("--compile-cache-dir", default=None, metavar="DIR",
+                   help="with --compile: a warm start from DIR/compile-cache.bin if it is there, and the compiled "
+                        "kernels saved there after the run (fdfo/compile.py, as a run folder keeps them)")
+    p.add_argument("--compile-backend", choices=["inductor", "aot_eager", "eager"], default=None,
+                   help="with --compile: torch.compile's backend (default inductor, as train.py; the others trace "
+                        "without generating code, for a quick rehearsal on a CPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the training micro-batch in a CUDA graph (--train.cuda-graphs; CUDA only)")
+    p.add_argument("--fused-rms-norm", action="store_true",
+                   help="the q / k RMS norms as one kernel each way (--train.fused-rms-norm; moves rounding)")
+    p.add_argument("--compute-dtype-modulation", action="store_true",
+                   help="the modulation after each LayerNorm in fp16 / bf16 (--train.compute-dtype-modulation; "
+                        "moves rounding)")
 
 
 def check_args(args: argparse.Namespace) -> None:
