@@ -9,6 +9,7 @@ import torch
 
 from fdfo import train_loop
 from fdfo.config import PRESETS, smoke_config
+from tests.lora_by_hand import merge_by_hand
 
 CPU = torch.device("cpu")
 PROMPTS = ["a red apple on a table", "a blue boat at sunset"]
@@ -36,7 +37,9 @@ def flux_run(tmp_path_factory):
 def test_smoke_flux_is_the_smoke_preset_on_the_tiny_flux():
     flux, smoke = PRESETS["smoke_flux"](), smoke_config()
     assert (flux.pretrained_model, flux.preset, flux.run_name) == ("builtin:tiny-flux", "smoke_flux", "smoke_flux")
+    assert (flux.train.learning_rate, flux.total_pairs_per_epoch) == (3e-3, 48)  # the tiny FLUX's (its docstring)
     flux.pretrained_model, flux.preset, flux.run_name = smoke.pretrained_model, smoke.preset, smoke.run_name
+    flux.train.learning_rate, flux.total_pairs_per_epoch = smoke.train.learning_rate, smoke.total_pairs_per_epoch
     assert flux == smoke  # everything else as the smoke run, guidance left to the model (FLUX: 3.5)
     assert flux.sample.guidance_scale is None
 
@@ -81,12 +84,7 @@ def test_generate_py_samples_a_flux_checkpoint_with_flux_pipeline(flux_run, tmp_
     pipe = FluxPipeline.from_pretrained(tiny_flux_path())
     pipe.set_progress_bar_config(disable=True)
     state = load_file(str(flux_run / "checkpoints" / "epoch-0000001" / "adapter_model.safetensors"))
-    scale = smoke_config().lora_alpha / smoke_config().lora_rank
-    with torch.no_grad():
-        for key, a in state.items():
-            if key.endswith(".lora_A.weight"):
-                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                pipe.transformer.get_submodule(name).weight += scale * state[key.replace("lora_A", "lora_B")] @ a
+    merge_by_hand(pipe.transformer, state, smoke_config().lora_alpha / smoke_config().lora_rank)
     expected = pipe(prompt=PROMPTS, generator=[torch.Generator().manual_seed(s) for s in (7, 8)], height=64,
                     width=64, num_inference_steps=3, guidance_scale=3.5, output_type="pt").images
     torch.testing.assert_close(images, expected, atol=1e-4, rtol=0)
@@ -174,3 +172,24 @@ def test_help_says_what_the_guidance_flag_means_for_each_model():
         help_text = " ".join(" ".join(lines[start + 1:end]).split())
         for said in ("SD3", "CFG", "FLUX", "distilled guidance", "3.5"):
             assert said in help_text, (script, help_text)
+
+
+@pytest.mark.slow
+def test_smoke_flux_preset_improves_the_reward(tmp_path):
+    """python train.py --preset smoke_flux (about 4 CPU-minutes): the training reward rises by many standard errors
+    of an epoch mean, and the held-out reward of the last epoch is above that of the base model, as the smoke run's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "train.py", "--preset", "smoke_flux", "--run-dir", str(run)],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=2400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "reward_mean" in r]
+    first, last = epochs[0], epochs[-1]
+    stderr = max(first["reward_std"], last["reward_std"]) / (2 * 48) ** 0.5
+    assert len(epochs) == 16 and last["reward_mean"] - first["reward_mean"] > 4 * stderr, (first, last)
+    heldout = [r for r in records if "heldout_reward_mean" in r]
+    assert heldout[-1]["heldout_reward_mean"] - heldout[0]["heldout_reward_mean"] > heldout[0]["heldout_reward_ci95"]

@@ -11,20 +11,11 @@ from safetensors.torch import load_file
 from fdfo.models import registry, shapes, tiny_sd3
 from fdfo.rng import randn_per_sample
 from fdfo.sampling import sample_euler
+from tests.lora_by_hand import merge_by_hand
 
 CPU = torch.device("cpu")
 PROMPTS = ["a red apple on a table", "a blue boat at sunset"]
 RANK, ALPHA = 4, 8.0  # alpha != rank, so a wrong LoRA scale shows
-
-
-def _merge_by_hand(transformer, state: dict[str, torch.Tensor], scale: float) -> None:
-    """W <- W + scale B A for every adapted layer of a PEFT state dict, into a plain (non-PEFT) transformer."""
-    with torch.no_grad():
-        for key, a in state.items():
-            if key.endswith(".lora_A.weight"):
-                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                b = state[key.replace(".lora_A.", ".lora_B.")]
-                transformer.get_submodule(name).weight += scale * b @ a
 
 
 def _policy_with_lora(name: str, guidance: float | None):
@@ -51,7 +42,7 @@ def test_the_projects_sampler_gives_the_models_own_pipeline_images(name, guidanc
         registry.family_name(name)]
     pipe = pipeline_class.from_pretrained(_folder(name))
     pipe.set_progress_bar_config(disable=True)
-    _merge_by_hand(pipe.transformer, policy.adapter_state(), ALPHA / RANK)
+    merge_by_hand(pipe.transformer, policy.adapter_state(), ALPHA / RANK)
     resolution, steps = 64, 4
     shape = policy.latent_shape(resolution)
     x1 = randn_per_sample([torch.Generator().manual_seed(s) for s in (3, 4)], shape, CPU)

@@ -63,7 +63,7 @@ def add_lora(transformer: torch.nn.Module, targets: str | tuple[str, ...], rank:
 class PipelinePolicy:
     """The shared half of a policy. A subclass sets `device`, `dtype`, `amp_dtype`, `guidance_scale`, `pipe` (with
     `vae` and the text encoders named in TEXT_ENCODERS) and `transformer` (the PEFT-wrapped network, or the plain one
-    without a LoRA), and defines `blocks()`, `velocity`, `encode`, `latent_shape`, `sigmas`, `load_pipeline`,
+    without a LoRA), through `_load` or by hand, and defines `blocks()`, `velocity`, `encode`, `latent_shape`, `sigmas`, `load_pipeline`,
     `resolution_multiple` and `activation_bytes` (the interface of fdfo/models/__init__.py)."""
 
     FAMILY = ""  # what a checkpoint records as its model ("model_family" in state.json)
@@ -71,7 +71,21 @@ class PipelinePolicy:
     DEFAULT_GUIDANCE = 1.0  # --sample.guidance-scale / --guidance-scale when not given
     AUTO_PRECISION = "fp16"  # what --train.precision auto means on CUDA (fp32 elsewhere)
     TEXT_ENCODERS: tuple[str, ...] = ()
+    LORA_TARGETS: str | tuple[str, ...] = ()  # the adapted Linear layers (peft target_modules)
     levers = None  # the SD3 speed levers (fdfo/models/sd3_speed.py); None: the model has none
+
+    def _load(self, pretrained: str, device: torch.device, lora_rank: int | None, lora_alpha: float,
+              guidance_scale: float | None, amp_dtype: torch.dtype | None, dtype: torch.dtype | None) -> None:
+        """The start of every policy's __init__: the dtypes, the guidance (None: DEFAULT_GUIDANCE), the frozen
+        pipeline and its transformer with the LoRA of LORA_TARGETS (lora_rank None: the plain transformer)."""
+        self.device = device
+        self.dtype = dtype or base_dtype(device)
+        self.amp_dtype = amp_dtype
+        self.guidance_scale = self.DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+        self.pipe = self.load_pipeline(pretrained, device, self.dtype)
+        self.transformer = (self.pipe.transformer if lora_rank is None
+                            else add_lora(self.pipe.transformer, self.LORA_TARGETS, lora_rank, lora_alpha))
+        self._negative = None
 
     @staticmethod
     def uses_cfg(guidance_scale: float) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fdfo.models.base import PipelinePolicy, add_lora, base_dtype, freeze_pipeline, from_pretrained
+from fdfo.models.base import PipelinePolicy, add_lora, freeze_pipeline, from_pretrained
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
@@ -104,6 +104,7 @@ class FluxPolicy(PipelinePolicy):
     AUTO_PRECISION = "bf16"  # --train.precision auto on CUDA: FLUX.1-dev is a bf16 model (fp16 overflows it)
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
     load_pipeline = staticmethod(load_pipeline)
+    LORA_TARGETS = LORA_TARGETS
     # `cfg` stays False: the velocity is one network output, never a combination of two (what a CFG scale != 1 means
     # for SD3)
 
@@ -113,15 +114,8 @@ class FluxPolicy(PipelinePolicy):
         """lora_rank None: no trainable adapter, `transformer` is the plain pipeline transformer. guidance_scale: the
         distilled guidance (None: 3.5, FluxPipeline's default). dtype: of the frozen base; default bf16 on CUDA,
         float32 elsewhere."""
-        self.device = device
-        self.dtype = dtype or base_dtype(device)
-        self.amp_dtype = amp_dtype
-        self.guidance_scale = self.DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
-        self.pipe = load_pipeline(pretrained, device, self.dtype)
-        self.transformer = (self.pipe.transformer if lora_rank is None
-                            else add_lora(self.pipe.transformer, LORA_TARGETS, lora_rank, lora_alpha))
+        self._load(pretrained, device, lora_rank, lora_alpha, guidance_scale, amp_dtype, dtype)
         self.latent_channels = self.pipe.transformer.config.in_channels // 4
-        self._negative = None
 
     def blocks(self) -> list[torch.nn.Module]:
         base = self.pipe.transformer

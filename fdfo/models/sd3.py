@@ -58,6 +58,7 @@ class SD3Policy(PipelinePolicy):
     AUTO_PRECISION = "fp16"  # --train.precision auto on CUDA: the authors' fp16 autocast with a grad scaler
     TEXT_ENCODERS = TEXT_ENCODERS
     load_pipeline = staticmethod(load_pipeline)
+    LORA_TARGETS = LORA_TARGETS
 
     def __init__(self, pretrained: str, device: torch.device, lora_rank: int | None, lora_alpha: float = 0.0,
                  guidance_scale: float | None = None, amp_dtype: torch.dtype | None = None,
@@ -67,16 +68,9 @@ class SD3Policy(PipelinePolicy):
         dtype: of the frozen base; default bf16 on CUDA, float32 elsewhere (tests and the kernel census pass bf16 to
         follow the GPU's path on a CPU). levers: the bit-identical speed levers (fdfo/models/sd3_speed.py; default all
         on)."""
-        self.device = device
-        self.dtype = dtype or base_dtype(device)
-        self.amp_dtype = amp_dtype
-        self.guidance_scale = self.DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
-        self.pipe = load_pipeline(pretrained, device, self.dtype)
-        self.transformer = (self.pipe.transformer if lora_rank is None
-                            else add_lora(self.pipe.transformer, lora_rank, lora_alpha))
+        self._load(pretrained, device, lora_rank, lora_alpha, guidance_scale, amp_dtype, dtype)
         self.levers = LeverRuntime(self.transformer, amp_dtype, levers or SpeedLevers())
         self.latent_channels = self.pipe.transformer.config.in_channels
-        self._negative = None
         self._encode_fn = None
 
     @classmethod
