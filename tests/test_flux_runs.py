@@ -152,6 +152,28 @@ def test_entry_points_refuse_another_family_in_one_line(flux_run, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_an_unknown_model_family_in_state_json_is_refused(flux_run, tmp_path):
+    """A state.json naming a family this version does not know: the export (as a subprocess) refuses it in one line
+    before reading the adapter, as it refuses a damaged SHA-256."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    checkpoint = tmp_path / "epoch-0000001"
+    shutil.copytree(flux_run / "checkpoints" / "epoch-0000001", checkpoint)
+    state = json.loads((checkpoint / "state.json").read_text())
+    (checkpoint / "state.json").write_text(json.dumps(dict(state, model_family="sdxl")))
+    proc = subprocess.run([sys.executable, "-m", "fdfo.export", str(checkpoint), str(tmp_path / "out")],
+                          cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert "state.json 'model_family' is 'sdxl', not one of sd3, flux" in line, line
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
 def dataclass_copy(cfg, **changes):
     import dataclasses
 
