@@ -105,9 +105,8 @@ def test_plugin_trains_is_logged_recorded_and_scored_by_metrics(tmp_path, plugin
     assert [r for r in record if "built" in r] == [{"built": "cpu"}]  # built once, with the device
     batches = [r for r in record if "batch" in r]
     assert all(r["batch"] <= 3 and not r["grad"] for r in batches)  # chunks of --reward.chunk-size, no gradients
-    # the probe's 2 images, the held-out evaluation of the starting model (the smoke preset's 16 prompts), the epoch's
-    # 4 pairs
-    assert sum(r["batch"] for r in batches) == 2 + 16 + 8
+    # the probe's 2 images, the held-out evaluation of the starting model (tiny_config's 2 prompts), the epoch's 4 pairs
+    assert sum(r["batch"] for r in batches) == 2 + cfg.eval.num_prompts + 8 and cfg.eval.num_prompts == 2
     assert json.loads((tmp_path / "run/config.json").read_text())["reward"]["specs"] == list(specs)
 
     # resume refuses another reward (and writes nothing)
