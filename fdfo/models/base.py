@@ -63,8 +63,9 @@ def add_lora(transformer: torch.nn.Module, targets: str | tuple[str, ...], rank:
 class PipelinePolicy:
     """The shared half of a policy. A subclass sets `device`, `dtype`, `amp_dtype`, `guidance_scale`, `pipe` (with
     `vae` and the text encoders named in TEXT_ENCODERS) and `transformer` (the PEFT-wrapped network, or the plain one
-    without a LoRA), through `_load` or by hand, and defines `blocks()`, `velocity`, `encode`, `latent_shape`, `sigmas`, `load_pipeline`,
-    `resolution_multiple` and `activation_bytes` (the interface of fdfo/models/__init__.py)."""
+    without a LoRA), through `_load` or by hand, and defines `blocks()`, `velocity`, `encode`, `latent_shape`,
+    `sigmas`, `load_pipeline`, `resolution_multiple` and `activation_bytes` (the interface of
+    fdfo/models/__init__.py)."""
 
     FAMILY = ""  # what a checkpoint records as its model ("model_family" in state.json)
     PIPELINE = ""  # the diffusers pipeline class that samples it (generation, evaluation, export)
