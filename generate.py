@@ -17,7 +17,8 @@ hf:ORG/REPO[/SUB/DIR], a local PEFT folder or diffusers LoRA folder (pytorch_lor
 runs (runs/<id>-<name>, its newest checkpoint; runs/<id>-<name>:best, the one with the best held-out reward) or
 checkpoints (runs/<id>-<name>/checkpoints/epoch-XXXXXXX), or `base`.
 Only that folder is downloaded. The guidance scale defaults to the one the checkpoint was trained with. Every image is
-what diffusers' StableDiffusion3Pipeline gives for its prompt and seed (the LoRA as an unmerged PEFT adapter).
+what the model's own diffusers pipeline (StableDiffusion3Pipeline, or FluxPipeline for a FLUX checkpoint) gives for its
+prompt and seed (the LoRA as an unmerged PEFT adapter).
 `python generate.py --help` lists every flag.
 """
 
@@ -35,9 +36,10 @@ class GenerateConfig:
     out: str = "out.jpg"
     """Output image; .jpg/.jpeg (JPEG) or .png (PNG); checked to be writable before anything loads."""
     guidance_scale: float | None = None
-    """CFG scale; default: the checkpoint's (our state.json; 4.5 for Flow-GRPO's jieliu/SD3.5M-FlowGRPO-*, 1.0 for
-    worstcoder/SD3.5M-DiffusionNFT-MultiReward; -no-cfg / -cfg-2.0 / -cfg-4.5 in an FDFO folder name), else 1.
-    A different value than the checkpoint's warns."""
+    """Guidance. SD3: the CFG scale; default: the checkpoint's (our state.json; 4.5 for Flow-GRPO's
+    jieliu/SD3.5M-FlowGRPO-*, 1.0 for worstcoder/SD3.5M-DiffusionNFT-MultiReward; -no-cfg / -cfg-2.0 / -cfg-4.5 in an
+    FDFO folder name), else 1. FLUX: the distilled guidance fed to the network (never CFG); default the checkpoint's,
+    else 3.5. A different value than the checkpoint's warns."""
     prompts: str | None = None
     """Prompt file, one prompt per line; default: 15 built-in prompts of varied subjects and styles."""
     num_prompts: int | None = None
@@ -51,13 +53,15 @@ class GenerateConfig:
     batch_size: int = 4
     """Images per forward pass (per GPU); it does not change the images."""
     num_steps: int | None = None
-    """Sampling steps (the pipeline's num_inference_steps: Euler, no churn); default 40, or on the built-in tiny model
-    (builtin:tiny-sd3, e.g. a smoke run's checkpoint) the steps the checkpoint was trained with (else 6)."""
+    """Sampling steps (the pipeline's num_inference_steps: Euler, no churn); default 40, or on a built-in tiny model
+    (builtin:tiny-sd3, builtin:tiny-flux, e.g. a smoke run's checkpoint) the steps the checkpoint was trained with
+    (else 6)."""
     resolution: int | None = None
-    """Image height and width in pixels; default 512, or on the built-in tiny model the checkpoint's training size
+    """Image height and width in pixels; default 512, or on a built-in tiny model the checkpoint's training size
     (else 64)."""
     pretrained_model: str | None = None
-    """Base SD3 pipeline (hub id or folder); default: the one our checkpoint records, else SD3.5 Medium."""
+    """Base model (hub id or folder of an SD3 / SD3.5 or FLUX pipeline); default: the one our checkpoint records, else
+    SD3.5 Medium. A checkpoint of another model family is refused."""
     device: str | None = None
     """Torch device; default cuda:<local rank> when CUDA is available, else cpu."""
 

@@ -26,13 +26,13 @@ def _main(argv: list[str] | None) -> None:
 
     from fdfo.cli import parse_with_preset, run_main
     from fdfo.config import PRESETS, Config
+    from fdfo.models.registry import is_tiny
     from fdfo.replay import expand_config
     from fdfo.threads import single_thread_if_tiny
-    from fdfo.tiny import TINY_SD3
 
     cfg = parse_with_preset(Config, PRESETS, expand_config(sys.argv[1:] if argv is None else argv),
                             description=__doc__)
-    single_thread_if_tiny(cfg.pretrained_model == TINY_SD3)  # the smoke presets: one CPU thread (fdfo/threads.py)
+    single_thread_if_tiny(is_tiny(cfg.pretrained_model))  # the smoke presets: one CPU thread (fdfo/threads.py)
     from fdfo.train_loop import train
 
     run_main(train, cfg)

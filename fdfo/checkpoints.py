@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fdfo.files import disk_full_error, fsync_path, is_disk_full, make_folder
+from fdfo.models.registry import FAMILIES
 
 CHECKPOINT_RE = re.compile(r"^epoch-(\d{7})$")
 RUN_RE = re.compile(r"^(\d{5})-")
@@ -169,7 +170,7 @@ def state_problem(folder: Path, counters: dict) -> str | None:
     """What is wrong with a checkpoint's state.json against its folder, or None. Every reader of our checkpoints
     calls it (train.py's resume, and through fdfo.hub generate.py, metrics.py and fdfo.export): the adapter's
     SHA-256, when state.json records one (checkpoints without the record, e.g. the published ones, are read as they
-    are), and the guidance scale, when it records one, must be a finite number."""
+    are), and the guidance scale, when it records one, must be a finite number, the model family a known one."""
     expected = counters.get("adapter_sha256")
     adapter = Path(folder) / "adapter_model.safetensors"
     if expected is not None and adapter.is_file():
@@ -181,6 +182,9 @@ def state_problem(folder: Path, counters: dict) -> str | None:
     if "guidance_scale" in counters and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                                          or not math.isfinite(scale)):
         return f"state.json 'guidance_scale' is {scale!r}, not a finite number"
+    family = counters.get("model_family")
+    if "model_family" in counters and family not in FAMILIES:
+        return f"state.json 'model_family' is {family!r}, not one of {', '.join(FAMILIES)}"
     return None
 
 

@@ -1,4 +1,4 @@
-"""`--train.compile`: torch.compile of the SD3 transformer, regional (`blocks`) or whole (`transformer`), with the
+"""`--train.compile`: torch.compile of the policy's transformer, regional (`blocks`) or whole (`transformer`), with the
 batch dimension dynamic from the first compile, and a warm start from the compile caches kept in the run folder.
 
 Graphs per epoch (dynamo's count): with `blocks`, one per block kind (SD3.5-M: dual-attention, plain, and the last,
@@ -19,8 +19,10 @@ CACHE_FILE = "compile-cache.bin"  # in the run folder: torch.compiler.save_cache
 DEFAULT_BACKEND = "inductor"
 
 
-def compile_transformer(transformer: torch.nn.Module, scope: str = "blocks", backend: str | None = None) -> None:
-    """Compile the blocks (`blocks`) or the whole transformer forward (`transformer`) in place.
+def compile_transformer(transformer: torch.nn.Module, scope: str = "blocks", backend: str | None = None,
+                        blocks: list[torch.nn.Module] | None = None) -> None:
+    """Compile the blocks (`blocks`: the policy's, default the transformer's `transformer_blocks`) or the whole
+    transformer forward (`transformer`) in place.
 
     backend: torch.compile's, default DEFAULT_BACKEND (Inductor); "eager" / "aot_eager" let tests count graphs quickly.
     """
@@ -32,7 +34,9 @@ def compile_transformer(transformer: torch.nn.Module, scope: str = "blocks", bac
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    for module in (transformer.transformer_blocks if scope == "blocks" else [transformer]):
+    if blocks is None:
+        blocks = list(transformer.transformer_blocks)
+    for module in (blocks if scope == "blocks" else [transformer]):
         _compile_forward(module, backend or DEFAULT_BACKEND, inputs_require_grad=scope == "blocks")
 
 

@@ -58,15 +58,16 @@ hf:<org>/<repo>/<subfolder>; omit for the base model."""
 dreamsim_diversity; redness, brightness (analytic, no download: smoke runs); your own reward \
 "plugin:1:my_rewards.py:Aesthetic" or a reward server "remote:1:http://127.0.0.1:8000" (docs/rewards.md)."""
     pretrained_model: str | None = None
-    """Hugging Face id or local folder of the SD3 pipeline the LoRA belongs to; default: the one recorded in our run \
-checkpoints, else stabilityai/stable-diffusion-3.5-medium."""
+    """Hugging Face id or local folder of the base model the LoRA belongs to (an SD3 / SD3.5 or a FLUX pipeline); \
+default: the one recorded in our run checkpoints, else stabilityai/stable-diffusion-3.5-medium."""
     guidance_scale: float | None = None
-    """CFG scale; default: the one the checkpoint was trained with (1.0 for the base model)."""
+    """Guidance; default: the one the checkpoint was trained with, else the model's. SD3: the CFG scale (1.0 for the \
+base model: no CFG); FLUX: the distilled guidance fed to the network (3.5 for the base model; never CFG)."""
     num_steps: int | None = None
-    """Euler steps per image; default 40, or on the built-in tiny model (builtin:tiny-sd3, e.g. a smoke run's
-    checkpoint) the steps the checkpoint was trained with (else 6)."""
+    """Euler steps per image; default 40, or on a built-in tiny model (builtin:tiny-sd3, builtin:tiny-flux, e.g. a
+    smoke run's checkpoint) the steps the checkpoint was trained with (else 6)."""
     resolution: int | None = None
-    """Image height and width in pixels (a multiple of 16); default 512, or on the built-in tiny model the checkpoint's
+    """Image height and width in pixels (a multiple of 16); default 512, or on a built-in tiny model the checkpoint's
     training size (else 64)."""
     batch_size: int = 8
     """Images generated (and scored) together on each GPU; does not change the images."""
@@ -187,12 +188,33 @@ def make_plan(cfg: EvalConfig) -> Plan:
     return Plan([all_prompts[i] for i in indices], indices, cfg.num_repeats, base_seed)
 
 
+def load_samplers(cfg: EvalConfig, device: torch.device):
+    """(the sampler of --checkpoint, that of --compare or None), sharing one base model, at the same steps and size
+    (on a tiny model: what a checkpoint was trained at); both checkpoints are found and checked (their recorded
+    SHA-256) before any model loads."""
+    from fdfo.generation import load_generator, shared_settings
+    from fdfo.hub import resolve_checkpoint
+
+    with distributed.rank0_first():
+        checkpoint = resolve_checkpoint(cfg.checkpoint)
+        compare = resolve_checkpoint(cfg.compare) if cfg.compare is not None else None
+    pretrained, steps, size, why = shared_settings([c for c in (checkpoint, compare) if c is not None],
+                                                   cfg.pretrained_model, cfg.num_steps, cfg.resolution)
+    generator = load_generator(checkpoint, pretrained, device, cfg.guidance_scale, steps, size)
+    other = None
+    if compare is not None:
+        other = load_generator(compare, base=generator.base, guidance_scale=cfg.guidance_scale, num_steps=steps,
+                               resolution=size)
+    for gen in (generator, other) if other is not None else (generator,):
+        gen.sampling_source = why
+    return generator, other
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Generate, score and aggregate; rank 0 prints the table and writes --out / --save-images/index.jsonl.
     Returns the results (the same dict on every rank). With --compare, both checkpoints are scored on the same
     prompts and seeds (one base model in memory) and the results hold both and their paired differences."""
-    from fdfo.generation import describe, load_generator, shared_settings
-    from fdfo.hub import resolve_checkpoint
+    from fdfo.generation import describe
 
     start = time.perf_counter()
     reward_names, want_diversity = check_config(cfg)
@@ -202,19 +224,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from fdfo.offline import ensure_hub_reachable, reward_sources  # offline: one line, not minutes of download retries
 
     ensure_hub_reachable([cfg.pretrained_model, *reward_sources(metric_specs(reward_names), cfg.reward)])
-    with distributed.rank0_first():  # both checkpoints found and checked (recorded SHA-256) before any model loads
-        checkpoint = resolve_checkpoint(cfg.checkpoint)
-        compare = resolve_checkpoint(cfg.compare) if cfg.compare is not None else None
-    # both sides at the same steps and size (on the tiny model: what a checkpoint was trained at)
-    pretrained, steps, size, why = shared_settings([c for c in (checkpoint, compare) if c is not None],
-                                                   cfg.pretrained_model, cfg.num_steps, cfg.resolution)
-    generator = load_generator(checkpoint, pretrained, device, cfg.guidance_scale, steps, size)
-    other = None
-    if cfg.compare is not None:
-        other = load_generator(compare, base=generator.base, guidance_scale=cfg.guidance_scale, num_steps=steps,
-                               resolution=size)
-    for gen in (generator, other) if other is not None else (generator,):
-        gen.sampling_source = why
+    generator, other = load_samplers(cfg, device)
     scorer = build_metrics(reward_names, cfg.reward, device) if reward_names else None
     embedder = None
     if want_diversity:

@@ -4,13 +4,17 @@
     # then, in Python:
     pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium", dtype=torch.bfloat16)
     pipe.load_lora_weights(OUT_DIR)
+    # a FLUX checkpoint (its state.json records the model family):
+    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16)
+    pipe.load_lora_weights(OUT_DIR)
 
 CHECKPOINT takes every form generate.py takes (a Hugging Face folder address, hf:ORG/REPO/SUB, a local PEFT folder or
 diffusers LoRA folder, a run or run checkpoint). An adapter holding NaN or infinite values is refused. Why an export:
 `load_lora_weights` on a PEFT folder silently loads nothing, and a state dict without its LoRA config is loaded with
 alpha = rank, i.e. with the wrong scale whenever alpha != rank. The export renames the tensors to diffusers'
 `transformer.<module>.lora_A.weight` keys and stores rank, alpha and targets as the adapter metadata that
-`load_lora_weights` reads, through diffusers' own `save_lora_weights`. The file gets the permissions the umask gives
+`load_lora_weights` reads, through diffusers' own `save_lora_weights` of the checkpoint's model family (FluxPipeline's
+for a FLUX checkpoint, StableDiffusion3Pipeline's otherwise). The file gets the permissions the umask gives
 new files (safetensors itself creates it readable by its owner only).
 
 OUT_DIR is checked before the adapter is read (it must be a folder, or creatable, and writable). The file is written
@@ -67,8 +71,9 @@ def _umask() -> int:
 
 def export(checkpoint: str, out_dir: str | Path) -> Path:
     """Write `out_dir/pytorch_lora_weights.safetensors` (diffusers format) for `checkpoint`; returns the file."""
-    from fdfo.generation import read_adapter
+    from fdfo.adapters import read_adapter
     from fdfo.hub import resolve_checkpoint
+    from fdfo.models.registry import SD3, policy_class, recorded_family
 
     out_dir = check_output_path("OUT_DIR", out_dir, folder=True)  # before anything is resolved, downloaded or read
     if (out_dir / EXPORT_FILE).is_dir():
@@ -81,28 +86,31 @@ def export(checkpoint: str, out_dir: str | Path) -> Path:
     tensors = {k: v.contiguous() for k, v in adapter.state.items()}
     metadata = lora_metadata(adapter.config)
     path = out_dir / EXPORT_FILE
-    replaced = save(tensors, metadata, path)
+    pipeline = policy_class(recorded_family(ckpt.model_family, ckpt.pretrained_model) or SD3).pipeline_class()
+    replaced = save(tensors, metadata, path, pipeline)
     print(f"{'replaced' if replaced else 'wrote'} {path}{' (the earlier export there)' if replaced else ''}: "
-          f"{len(tensors)} tensors, rank {metadata['r']}, alpha {metadata['lora_alpha']:g}, from {ckpt.description}")
+          f"{len(tensors)} tensors, rank {metadata['r']}, alpha {metadata['lora_alpha']:g}, from {ckpt.description}; "
+          f"load it with {pipeline.__name__}.load_lora_weights")
     if ckpt.guidance_scale is not None:
         print(f"it was trained with guidance scale {ckpt.guidance_scale:g} (from its {ckpt.guidance_source}): sample "
               f"with pipe(..., guidance_scale={ckpt.guidance_scale:g})")
     return path
 
 
-def save(tensors: dict, metadata: dict, path: Path) -> bool:
-    """`save_lora_weights` into a temporary folder beside `path`, then one rename onto `path`; True if an earlier
-    file was replaced. On any failure nothing is left behind (not even a folder this call created)."""
-    from diffusers import StableDiffusion3Pipeline
-
+def save(tensors: dict, metadata: dict, path: Path, pipeline=None) -> bool:
+    """`pipeline.save_lora_weights` (default StableDiffusion3Pipeline's) into a temporary folder beside `path`, then
+    one rename onto `path`; True if an earlier file was replaced. On any failure nothing is left behind (not even a
+    folder this call created)."""
     from fdfo.files import fsync_path, is_disk_full
+
+    if pipeline is None:
+        from diffusers import StableDiffusion3Pipeline as pipeline
 
     created = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".export-tmp-{os.getpid()}"
     try:
-        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=tensors,
-                                                   transformer_lora_adapter_metadata=metadata)
+        pipeline.save_lora_weights(tmp, transformer_lora_layers=tensors, transformer_lora_adapter_metadata=metadata)
         written = tmp / EXPORT_FILE
         written.chmod(0o666 & ~_umask())
         fsync_path(written)

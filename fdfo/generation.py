@@ -1,48 +1,49 @@
-"""Images from the base SD3 model plus an optional LoRA checkpoint: the engine of generate.py and metrics.py.
+"""Images from the base model plus an optional LoRA checkpoint: the engine of generate.py and metrics.py.
 
     sampler = load_generator("https://huggingface.co/nvidia/finite-difference-flow-optimization/tree/main/"
                              "fdfo-combined-reward-cfg-4.5/epoch-0000100")  # guidance 4.5, from the folder name
     images = sampler.generate(["a red bicycle", "a cat"], seeds=[0, 1])   # [2, 3, 512, 512] in [0, 1], CPU, bf16
     other = load_generator(None, base=sampler.base)                       # the base model, same pipeline in memory
 
-An image is what diffusers' `StableDiffusion3Pipeline.__call__` returns with its defaults for that prompt and seed
-(docs/algorithm.md §8): the pipeline itself is called, with one CPU generator `torch.Generator().manual_seed(seed %
-2**31)` per image, T5 `max_sequence_length` 256 (the pipeline's default; training uses 128), CFG against the empty
-negative prompt when the scale is above 1, `num_inference_steps` = num_steps and height = width = resolution. So an
-image depends on its prompt and seed only, not on the batch it shares or the number of GPUs (up to the rounding of
-batched kernels). The model runs in bf16 on CUDA and fp32 on CPU.
+An image is what the model's diffusers pipeline returns with its defaults for that prompt and seed (docs/algorithm.md
+§8): `StableDiffusion3Pipeline.__call__` for SD3 / SD3.5 (T5 `max_sequence_length` 256, the pipeline's default;
+training uses 128; CFG against the empty negative prompt when the scale is above 1), `FluxPipeline.__call__` for FLUX
+(T5 512 tokens as in training; the guidance scale is the distilled guidance fed to the network, no CFG). The pipeline
+itself is called, with one CPU generator `torch.Generator().manual_seed(seed % 2**31)` per image,
+`num_inference_steps` = num_steps and height = width = resolution. So an image depends on its prompt and seed only,
+not on the batch it shares or the number of GPUs (up to the rounding of batched kernels). The model runs in bf16 on
+CUDA and fp32 on CPU. A checkpoint of one model family is refused on a base model of another.
 
 The LoRA is applied as an unmerged PEFT adapter: its fp32 A and B matrices sit beside the base weights, which are
 never modified. One `BaseModel` (pipeline) serves several samplers: each adapter is injected once under its own
 adapter name, and a sampler activates its adapter (or disables them all, for the base model) before sampling.
-Adapters come in PEFT form (adapter_config.json + adapter_model.safetensors) or diffusers form
-(pytorch_lora_weights.safetensors with `transformer.`-prefixed keys; rank and alpha from the file's adapter metadata,
-else inferred from the shapes with alpha = rank, as diffusers does).
+Adapters come in PEFT or diffusers form (fdfo/adapters.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 
 from fdfo import distributed as dist
-from fdfo.hub import DIFFUSERS_FILE, Checkpoint, resolve_checkpoint
+from fdfo.adapters import Adapter, read_adapter
+from fdfo.hub import Checkpoint, resolve_checkpoint
+from fdfo.models.registry import check_family, default_guidance, family, recorded_family
+from fdfo.models.sd3 import SD35_MEDIUM
 from fdfo.offline import ensure_hub_reachable
-from fdfo.sd3 import SD35_MEDIUM
 
 
-def resolve_guidance(checkpoint_scale: float | None, requested: float | None, checkpoint: str = "the checkpoint"
-                     ) -> float:
-    """The CFG scale to sample with: `requested` if given, else the checkpoint's (recorded or inferred), else 1.
+def resolve_guidance(checkpoint_scale: float | None, requested: float | None, checkpoint: str = "the checkpoint",
+                     default: float = 1.0) -> float:
+    """The guidance to sample with: `requested` if given, else the checkpoint's (recorded or inferred), else the
+    model's `default` (SD3: 1, no CFG; FLUX.1-dev: its distilled 3.5).
 
     A checkpoint trained with CFG must be sampled with the same scale (docs/algorithm.md §9): overriding it warns.
     """
     if requested is None:
-        return 1.0 if checkpoint_scale is None else float(checkpoint_scale)
+        return float(default) if checkpoint_scale is None else float(checkpoint_scale)
     if checkpoint_scale is not None and float(requested) != float(checkpoint_scale):
         dist.warn0(f"{checkpoint} was trained with guidance scale {checkpoint_scale:g}; sampling it at {requested:g} "
                    f"as requested gives images it was not optimised for")
@@ -50,8 +51,8 @@ def resolve_guidance(checkpoint_scale: float | None, requested: float | None, ch
 
 
 def check_resolution(resolution: int) -> None:
-    """--resolution before anything loads: SD3 images are a whole number of 2x2 latent patches, 16 px (the loaded
-    model's own factor is checked again in `load_generator`)."""
+    """--resolution before anything loads: SD3 and FLUX images are a whole number of 2x2 latent patches, 16 px (the
+    loaded model's own factor is checked again in `load_generator`)."""
     if resolution < 16 or resolution % 16:
         raise ValueError(f"--resolution must be a positive multiple of 16, got {resolution}.")
 
@@ -59,12 +60,12 @@ def check_resolution(resolution: int) -> None:
 def check_guidance_scale(value: float | None) -> None:
     """--guidance-scale before anything loads: a finite number (NaN would sample without CFG under a "nan" label)."""
     if value is not None and not math.isfinite(value):
-        raise ValueError(f"--guidance-scale {value} is invalid: it must be a finite number (1 disables CFG), or left "
-                         f"out for the checkpoint's own.")
+        raise ValueError(f"--guidance-scale {value} is invalid: it must be a finite number (1 disables CFG; FLUX: "
+                         f"its distilled guidance), or left out for the checkpoint's own.")
 
 
 def choose_base_model(checkpoints: Iterable[Checkpoint], requested: str | None = None) -> str:
-    """The base SD3 pipeline to load for `checkpoints`: `requested` if given, else the first base model one of them
+    """The base model to load for `checkpoints`: `requested` if given, else the first base model one of them
     records (our state.json), else SD3.5 Medium. The one place that makes this decision (generate.py, metrics.py)."""
     if requested:
         return requested
@@ -79,11 +80,11 @@ def sampling_defaults(checkpoints: Iterable[Checkpoint], pretrained_model: str, 
     """(num_steps, resolution, why) to sample with: the requested values; for a built-in tiny base model the training
     steps and size a checkpoint records (else the smoke preset's, the tiny model's own); otherwise the evaluation
     protocol's 40 steps at 512 px, whatever the checkpoint was trained with."""
-    from fdfo.tiny import TINY_SD3
+    from fdfo.models.registry import is_tiny
 
     if num_steps is not None and resolution is not None:
         return num_steps, resolution, "as requested"
-    if pretrained_model != TINY_SD3:
+    if not is_tiny(pretrained_model):
         default = (EVAL_STEPS, EVAL_RESOLUTION, "the evaluation protocol's")
     else:
         trained = next((c for c in checkpoints if c.num_steps is not None and c.resolution is not None), None)
@@ -119,108 +120,6 @@ def sampling_note(checkpoint: Checkpoint, num_steps: int | None, resolution: int
             f"at {' and '.join(f'{g} {u}' for g, _, u in differ)} gives images it was not trained on")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Adapters
-
-PEFT_PREFIX = "base_model.model."
-DIFFUSERS_PREFIX = "transformer."
-METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights stores the LoraConfig fields
-
-
-@dataclass
-class Adapter:
-    """A LoRA read from disk: its peft.LoraConfig and its tensors (CPU) keyed by transformer module,
-    `<module>.lora_A.weight` / `<module>.lora_B.weight`, whichever format the file was in."""
-
-    checkpoint: Checkpoint
-    config: object  # peft.LoraConfig
-    state: dict[str, torch.Tensor]
-    file: str  # the tensor file, for messages
-
-
-def _lora_config(checkpoint: Checkpoint, fields: dict):
-    from peft import LoraConfig
-
-    try:
-        return LoraConfig(**fields)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint {checkpoint.description}: the adapter's LoRA settings are invalid "
-                         f"({' '.join(str(e).split())[:300]})") from None
-
-
-def _read_peft(checkpoint: Checkpoint) -> tuple[object, dict[str, torch.Tensor], str]:
-    from peft import LoraConfig
-    from safetensors.torch import load_file
-
-    folder = checkpoint.adapter_dir
-    try:
-        raw = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"checkpoint {checkpoint.description}: adapter_config.json is damaged ({e})") from None
-    kind = raw.get("peft_type", "LORA") if isinstance(raw, dict) else type(raw).__name__
-    if kind != "LORA":
-        raise ValueError(f"checkpoint {checkpoint.description}: only LoRA adapters are supported, its "
-                         f"adapter_config.json holds {kind}")
-    file = folder / "adapter_model.safetensors"
-    try:
-        config = LoraConfig.from_pretrained(str(folder))
-        state = load_file(str(file), device="cpu")
-    except Exception as e:  # peft / safetensors raise assorted types for a damaged file
-        raise ValueError(f"checkpoint {checkpoint.description}: cannot read the adapter "
-                         f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    strange = [k for k in state if not k.startswith(PEFT_PREFIX)]
-    if strange:
-        raise ValueError(f"checkpoint {checkpoint.description}: unexpected tensor name {strange[0]!r} in {file}; "
-                         f"a PEFT adapter's tensors are named '{PEFT_PREFIX}<module>.lora_A.weight'")
-    return config, {k[len(PEFT_PREFIX):]: v for k, v in state.items()}, str(file)
-
-
-def _read_diffusers(checkpoint: Checkpoint) -> tuple[object, dict[str, torch.Tensor], str]:
-    """pytorch_lora_weights.safetensors as diffusers' save_lora_weights writes it: LoraConfig from the file's
-    metadata, or from the tensor shapes with alpha = rank when it has none (what diffusers' loader assumes)."""
-    from diffusers.utils.peft_utils import get_peft_kwargs
-    from safetensors import safe_open
-
-    file = checkpoint.adapter_dir / DIFFUSERS_FILE
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        raw = header.get(METADATA_KEY)
-        metadata = json.loads(raw) if raw else {}
-    except Exception as e:  # safetensors / json raise assorted types for a damaged file
-        raise ValueError(f"checkpoint {checkpoint.description}: cannot read {file} "
-                         f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    strange = [k for k in state if not (k.startswith(DIFFUSERS_PREFIX) and (".lora_A." in k or ".lora_B." in k))]
-    if strange or not state:
-        raise ValueError(f"checkpoint {checkpoint.description}: {file} is not a diffusers LoRA for the SD3 "
-                         f"transformer: expected tensors named '{DIFFUSERS_PREFIX}<module>.lora_A.weight' / "
-                         f"'.lora_B.weight', found {strange[0] if strange else 'none'!r}")
-    state = {k[len(DIFFUSERS_PREFIX):]: v for k, v in state.items()}
-    fields = {k[len(DIFFUSERS_PREFIX):]: v for k, v in metadata.items() if k.startswith(DIFFUSERS_PREFIX)}
-    if not fields:
-        ranks = {f"^{k}": v.shape[1] for k, v in state.items() if "lora_B" in k and v.ndim > 1}
-        fields = get_peft_kwargs(ranks, network_alpha_dict=None, peft_state_dict=state, is_unet=False)
-    return _lora_config(checkpoint, fields), state, str(file)
-
-
-def read_adapter(checkpoint: Checkpoint) -> Adapter:
-    """The checkpoint's LoRA (PEFT folder, or diffusers file when the folder holds no PEFT adapter), checked for
-    non-finite values. Unreadable or damaged adapters: ValueError naming the file."""
-    folder = checkpoint.adapter_dir
-    if (folder / "adapter_config.json").is_file() or not (folder / DIFFUSERS_FILE).is_file():
-        config, state, file = _read_peft(checkpoint)
-    else:
-        config, state, file = _read_diffusers(checkpoint)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"checkpoint {checkpoint.description}: the adapter file {file} holds NaN or infinite "
-                         f"values in {len(bad)} of its {len(state)} tensors (e.g. {bad[0]}); it is damaged or "
-                         f"comes from a diverged run")
-    config.inference_mode = True
-    return Adapter(checkpoint, config, state, file)
-
-
 def _lora_layers(transformer: torch.nn.Module):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -228,12 +127,13 @@ def _lora_layers(transformer: torch.nn.Module):
 
 
 class BaseModel:
-    """The SD3 pipeline, loaded once per process, holding every adapter loaded so far as a named PEFT adapter."""
+    """The base model's diffusers pipeline (StableDiffusion3Pipeline or FluxPipeline, fdfo/models/registry.py), loaded
+    once per process, holding every adapter loaded so far as a named PEFT adapter."""
 
     def __init__(self, pretrained_model: str, device: torch.device, dtype: torch.dtype | None = None):
         """dtype: of the base weights; default bf16 on CUDA (the published protocol), float32 elsewhere (CPU has slow
         bf16 kernels); the LoRA weights stay fp32 either way."""
-        from fdfo.sd3 import load_pipeline
+        from fdfo.models.registry import load_pipeline
 
         self.pretrained_model = pretrained_model
         self.device = device
@@ -381,26 +281,21 @@ def load_generator(checkpoint: str | Checkpoint | None, pretrained_model: str | 
     if (note := sampling_note(ckpt, num_steps, resolution)) is not None:
         dist.warn0(note)
     num_steps, resolution, sampling_source = sampling_defaults([ckpt], pretrained_model, num_steps, resolution)
+    check_family(ckpt.description, recorded_family(ckpt.model_family, recorded), recorded, pretrained_model)
     if recorded is not None and recorded != pretrained_model:
         dist.warn0(f"{ckpt.description} was trained on {recorded}, but the base model is {pretrained_model}")
     adapter = read_adapter(ckpt) if ckpt.adapter_dir is not None else None
-    scale = resolve_guidance(ckpt.guidance_scale, guidance_scale, ckpt.description)
-    if guidance_scale is not None:
-        source = "as requested"
-    elif ckpt.guidance_scale is not None:
-        source = f"from the checkpoint's {ckpt.guidance_source}"
-    else:
-        source = "the default: the checkpoint records no guidance scale"
+    scale, source = _guidance(ckpt, guidance_scale, pretrained_model)
     if base is None:
+        from fdfo.models.registry import is_tiny
         from fdfo.threads import single_thread_if_tiny
-        from fdfo.tiny import TINY_SD3
 
         ensure_hub_reachable([pretrained_model])
-        single_thread_if_tiny(pretrained_model == TINY_SD3)  # generate.py, metrics.py on the tiny model: one thread
+        single_thread_if_tiny(is_tiny(pretrained_model))  # generate.py, metrics.py on a tiny model: one thread
         base = BaseModel(pretrained_model, device or dist.init())
     elif base.pretrained_model != pretrained_model:
         raise ValueError(f"the shared base model is {base.pretrained_model}, not {pretrained_model}")
-    factor = base.pipe.vae_scale_factor * base.transformer.config.patch_size
+    factor = family(pretrained_model).resolution_multiple(base.pipe)
     if resolution <= 0 or resolution % factor:
         raise ValueError(f"resolution {resolution} must be a positive multiple of {factor}")
     if adapter is not None:
@@ -408,6 +303,16 @@ def load_generator(checkpoint: str | Checkpoint | None, pretrained_model: str | 
     sampler = ImageSampler(base, ckpt, adapter, scale, num_steps, resolution, source)
     sampler.sampling_source = sampling_source
     return sampler
+
+
+def _guidance(ckpt: Checkpoint, requested: float | None, pretrained_model: str) -> tuple[float, str]:
+    """(guidance scale, where it comes from) for `load_generator` (`resolve_guidance`)."""
+    scale = resolve_guidance(ckpt.guidance_scale, requested, ckpt.description, default_guidance(pretrained_model))
+    if requested is not None:
+        return scale, "as requested"
+    if ckpt.guidance_scale is not None:
+        return scale, f"from the checkpoint's {ckpt.guidance_source}"
+    return scale, "the default: the checkpoint records no guidance scale"
 
 
 def describe(gen: ImageSampler) -> str:

@@ -69,8 +69,8 @@ def heldout_plan(cfg, training_prompts: list[str]):
 class PolicyPipeline:
     """The training policy's pipeline as fdfo.generation.ImageSampler's base model: its transformer carries the
     trained LoRA, active, so `activate` has nothing to switch. Called under the training's autocast, if any: the
-    speed levers hold the frozen weights in the autocast dtype (fdfo/sd3_speed.py), so the transformer runs only under
-    it; without autocast (fp32 on a CPU) the call is the pipeline's own."""
+    speed levers hold the frozen weights in the autocast dtype (fdfo/models/sd3_speed.py), so the transformer runs only
+    under it; without autocast (fp32 on a CPU) the call is the pipeline's own."""
 
     def __init__(self, policy, pretrained_model: str):
         self.policy, self.device, self.pretrained_model = policy, policy.device, pretrained_model

@@ -77,7 +77,8 @@ class Checkpoint:
     """A resolved checkpoint. adapter_dir None is the base model.
 
     guidance_scale: the CFG scale it was trained with (from state.json or the folder name), None when unknown;
-    pretrained_model: the base model recorded in our state.json, None when not recorded;
+    pretrained_model: the base model recorded in our state.json, None when not recorded; model_family: its family
+    ("sd3", "flux"; fdfo/models/registry.py) as recorded there, None when not recorded;
     resolution, num_steps: what it was trained at (our state.json, else its run's config.json), None when unknown.
     """
 
@@ -89,6 +90,7 @@ class Checkpoint:
     pretrained_model: str | None = None
     resolution: int | None = None  # the training run's image size and Euler steps, when recorded
     num_steps: int | None = None
+    model_family: str | None = None
 
 
 def _decode(part: str, spec: str, revision: bool = False) -> str:
@@ -224,7 +226,7 @@ def _checkpoint(folder: Path, description: str, label: str, name_for_cfg: str, r
             resolution, steps = sample.get("resolution"), sample.get("num_solver_steps")
     return Checkpoint(folder, description, label, None if scale is None else float(scale),
                       None if scale is None else source, state.get("pretrained_model"), _count(resolution),
-                      _count(steps))
+                      _count(steps), state.get("model_family"))
 
 
 def _read_json(path: Path) -> dict:

@@ -8,7 +8,7 @@ hook that adds up every distinct storage autograd keeps, parameters excluded. Tw
 - `torch.autocast` does nothing on the meta device, so `AutocastEmulation` applies CUDA autocast's casting rules by
   hand: matmul-like ops run in the autocast dtype on cast copies, norms, softmax and reductions in float32. Autograd
   would keep the cast copies of the frozen base weights too (autocast caches casts only of weights that require
-  grad), but the policy stores them in the autocast dtype (fdfo/sd3_speed.py), so it keeps none.
+  grad), but the policy stores them in the autocast dtype (fdfo/models/sd3_speed.py), so it keeps none.
 It leaves out the weights, gradients and optimizer state, temporaries that live within one op, and allocator
 slack; the bench (`python -m fdfo.bench`) measures the real peak.
 """
@@ -20,13 +20,8 @@ import dataclasses
 import torch
 from torch.overrides import TorchFunctionMode
 
-from fdfo.sd3 import T5_MAX_LENGTH
-from fdfo.sd3_speed import SpeedLevers
-
-TEXT_TOKENS = 77 + T5_MAX_LENGTH  # CLIP-L and CLIP-G side by side (77), then T5
-
 # CUDA autocast op lists (torch docs, "Autocast Op Reference"), as seen by a TorchFunctionMode: the public function
-# or tensor-method names that the SD3 transformer and PEFT's LoRA layers reach.
+# or tensor-method names that the transformers and PEFT's LoRA layers reach.
 LOWER_PRECISION_OPS = frozenset({"linear", "matmul", "__matmul__", "mm", "bmm", "addmm", "baddbmm", "conv2d",
                                  "scaled_dot_product_attention"})
 FLOAT32_OPS = frozenset({"layer_norm", "group_norm", "rms_norm", "softmax", "log_softmax", "pow", "__pow__",
@@ -66,6 +61,13 @@ class FusedAttention(torch.autograd.Function):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
 
+def fused_attention(*args, **kwargs) -> torch.Tensor:
+    """`scaled_dot_product_attention(q, k, v, ...)` as `FusedAttention` counts it; q, k, v given by position (SD3's
+    attention) or by name (query=, key=, value=: FLUX's attention dispatch)."""
+    q, k, v = (*args, *(kwargs[name] for name in ("query", "key", "value")[len(args):]))[:3]
+    return FusedAttention.apply(q, k, v)
+
+
 class AutocastEmulation(TorchFunctionMode):
     """Autocast's casting rules on meta or fake tensors (dtype None: no autocast), and attention as `attention`
     (default `FusedAttention`; the kernel census, fdfo/bench/census.py, passes the cuDNN kernels).
@@ -76,7 +78,7 @@ class AutocastEmulation(TorchFunctionMode):
                  attention=None):
         super().__init__()
         self.dtype, self.lower_ops, self.float32_ops = dtype, lower_ops, float32_ops
-        self.attention = attention or (lambda q, k, v, *args, **kwargs: FusedAttention.apply(q, k, v))
+        self.attention = attention or fused_attention
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -155,55 +157,36 @@ def count_saved(module: torch.nn.Module, blocks: list[torch.nn.Module], run) -> 
     return count
 
 
-def sd3_activation_bytes(config: dict, *, batch: int, latent_side: int, text_tokens: int, model_dtype: torch.dtype,
-                         amp_dtype: torch.dtype | None, lora_rank: int, guidance: bool = False,
-                         checkpointing: bool = False, float32_ops: frozenset[str] = FLOAT32_OPS,
-                         levers: SpeedLevers | None = None) -> int:
-    """Estimated bytes autograd keeps for one training forward of `batch` items through the SD3 transformer of
-    `config` (diffusers `SD3Transformer2DModel` kwargs) with the LoRA of `fdfo.sd3.add_lora` and the policy's speed
-    levers (fdfo/sd3_speed.py; default all on: base weights stored in the autocast dtype keep no cast copies, a
-    shared cast keeps one copy for its consumers): latents `[batch, C, latent_side, latent_side]`, `text_tokens` text
-    tokens, twice the batch with CFG. float32_ops: the ops autocast runs in float32 (CUDA's; tests pass CPU
-    autocast's)."""
-    from diffusers import SD3Transformer2DModel
+def meta_model(model_class, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """`model_class.from_config(config)` on the meta device in `dtype`, frozen (no weights, no memory)."""
     from diffusers.utils import logging as diffusers_logging
 
-    from fdfo.sd3 import add_lora
-    from fdfo.sd3_speed import LeverRuntime
-
-    rows = batch * (2 if guidance else 1)
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # no weights here, so its note on casting loaded weights does not apply
     try:
         with torch.device("meta"):
-            base = SD3Transformer2DModel.from_config(config).to(model_dtype).requires_grad_(False)
+            return model_class.from_config(config).to(dtype).requires_grad_(False)
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    with torch.device("meta"):
-        model = add_lora(base, lora_rank, 2.0 * lora_rank)
-        LeverRuntime(model, amp_dtype, levers or SpeedLevers())
-        x = torch.empty(rows, base.config.in_channels, latent_side, latent_side, dtype=model_dtype)
-        inputs = dict(hidden_states=x, timestep=torch.empty(rows),
-                      encoder_hidden_states=torch.empty(rows, text_tokens, base.config.joint_attention_dim,
-                                                        dtype=model_dtype),
-                      pooled_projections=torch.empty(rows, base.config.pooled_projection_dim, dtype=model_dtype))
 
-        def run():
-            with AutocastEmulation(amp_dtype, float32_ops=float32_ops):
-                model(**inputs, return_dict=False)[0].float()
 
-        count = count_saved(model, list(base.transformer_blocks), run)
-    return count.total(checkpointing)
+def saved_bytes(model: torch.nn.Module, blocks: list[torch.nn.Module], inputs: dict, amp_dtype: torch.dtype | None,
+                checkpointing: bool, float32_ops: frozenset[str] | None = None) -> int:
+    """Bytes autograd keeps for one training forward `model(**inputs)` (meta tensors) under the emulated autocast of
+    `amp_dtype` (float32_ops: the ops it runs in float32; default CUDA's), with or without gradient checkpointing of
+    `blocks` (what each model module's `activation_bytes` builds: fdfo/models/)."""
+    def run():
+        with AutocastEmulation(amp_dtype, float32_ops=FLOAT32_OPS if float32_ops is None else float32_ops):
+            model(**inputs, return_dict=False)[0].float()
+
+    return count_saved(model, blocks, run).total(checkpointing)
 
 
 def training_activation_bytes(policy, cfg, geom) -> int:
-    """The estimate for a run: `policy`'s transformer (an `fdfo.sd3.SD3Policy`), its dtypes, the run's resolution,
-    micro-batch, CFG, LoRA rank and gradient checkpointing."""
-    return sd3_activation_bytes(dict(policy.pipe.transformer.config), batch=geom.train_batch,
-                                latent_side=policy.latent_shape(cfg.sample.resolution)[-1], text_tokens=TEXT_TOKENS,
-                                model_dtype=policy.dtype, amp_dtype=policy.amp_dtype, lora_rank=cfg.lora_rank,
-                                guidance=cfg.sample.guidance_scale != 1.0,
-                                checkpointing=cfg.train.gradient_checkpointing, levers=policy.levers.levers)
+    """The estimate for a run: `policy`'s transformer (fdfo/models/), its dtypes, the run's resolution, micro-batch,
+    guidance, LoRA rank and gradient checkpointing."""
+    return policy.activation_bytes(geom.train_batch, cfg.sample.resolution, cfg.lora_rank,
+                                   cfg.train.gradient_checkpointing)
 
 
 def activation_note(policy, cfg, geom) -> str:
@@ -221,8 +204,8 @@ def rollout_memory_note(policy, cfg, geom) -> str:
     state_dtype, velocity_dtypes = rollout_dtypes(policy)
     state_bytes = torch.finfo(state_dtype).bits // 8
     # velocities are kept in 16 bits only when that is lossless: CFG rules it out unless it runs under autocast (where
-    # the combination is computed in the 16-bit output dtype, fdfo/sd3.py)
-    lossless = cfg.sample.guidance_scale == 1.0 or getattr(policy, "amp_dtype", None) is not None
+    # the combination is computed in the 16-bit output dtype, fdfo/models/sd3.py)
+    lossless = not policy.cfg or getattr(policy, "amp_dtype", None) is not None
     velocity_bytes = 2 if velocity_dtypes and lossless else 4
     latent = policy.latent_shape(cfg.sample.resolution)
     k = timesteps_per_sample(cfg)

@@ -70,14 +70,14 @@ def rollout_dtypes(policy) -> tuple[torch.dtype, tuple[torch.dtype, ...]]:
     lossless 16-bit candidate.
 
     States: `policy.input_dtype` (fp16 under the default fp16 autocast, bf16 under bf16 autocast, else the model's
-    dtype). The network only ever sees `x.to(policy.input_dtype)` (fdfo/sd3.py), which is also what autocast makes of
+    dtype). The network only ever sees `x.to(policy.input_dtype)` (fdfo/models/), which is also what autocast makes of
     the authors' fp32 state, so storing that cast changes nothing in training, and training sees what theirs sees.
     A velocity is the network output cast to float32 (with CFG, under autocast, a combination computed in the output
     dtype): it is kept in 16 bits only when that round-trips exactly (`_lossless`), so training sees bit-identical
     values either way.
     """
     model_dtype = getattr(policy, "dtype", torch.float32)
-    state_dtype = getattr(policy, "amp_dtype", None) or model_dtype  # SD3Policy.input_dtype, for any policy object
+    state_dtype = getattr(policy, "amp_dtype", None) or model_dtype  # the policy's input_dtype, for any policy object
     candidates = tuple(dt for dt in (getattr(policy, "amp_dtype", None), model_dtype)
                        if dt is not None and dt.itemsize < 4)
     return state_dtype, candidates
@@ -101,9 +101,9 @@ def rollout_gb_per_rank(geom: Geometry, num_timesteps: int, latent_shape: tuple[
 
 def check_rollout_memory(cfg: Config, geom: Geometry, device: torch.device) -> None:
     """Refuse, before any model loads, an FDFO geometry whose rollouts cannot fit where they are kept (the training
-    device, or host memory with --train.rollout-device cpu). The estimate is a lower bound: SD3's 16-channel latents
-    at 1/8 of the resolution, 2 bytes per state and per velocity (the run's own line, printed once the model is loaded,
-    counts the real dtypes)."""
+    device, or host memory with --train.rollout-device cpu). The estimate is a lower bound: 16-channel latents (SD3,
+    FLUX) at 1/8 of the resolution, 2 bytes per state and per velocity (the run's own line, printed once the model is
+    loaded, counts the real dtypes)."""
     if cfg.algorithm != "fdfo":
         return
     side = cfg.sample.resolution // 8
@@ -141,7 +141,7 @@ def sample_phase(policy, reward, cfg: Config, geom: Geometry, epoch: int, prompt
                  first_pair: int) -> EpochSamples:
     """Sample `geom.pairs_per_gpu` pairs for global pairs first_pair.. of this epoch, decode and score them (with
     --reward.overlap-preprocessing, a batch's reward preprocessing runs while the next is sampled: fdfo/scoring.py)."""
-    device, sigmas = policy.device, policy.sigmas(cfg.sample.num_solver_steps)
+    device, sigmas = policy.device, policy.sigmas(cfg.sample.num_solver_steps, cfg.sample.resolution)
     shape = policy.latent_shape(cfg.sample.resolution)
     churn = make_churn(cfg.sample.churn_schedule, cfg.sample.churn_weight)
     state_dtype, vel_dtypes = rollout_dtypes(policy)

@@ -77,10 +77,10 @@ HOW_TO_GET = {
     for s in PROMPT_SETS.values()
 }
 PROMPT_STREAM = 0x5052  # separates the prompt-order seeds from the noise seeds
-# The text encoders read at most 77 CLIP tokens and T5_MAX_LENGTH = 128 T5 tokens (fdfo/sd3.py); a token spans at most
-# 16 characters (sentencepiece's default piece length; CLIP's BPE pieces are shorter), and both tokenisers collapse
-# runs of whitespace: no encoder reads past character 2,048 of a prompt. Longer prompts are cut at 4x that, on load:
-# a 10 MB line would otherwise be tokenised in full at every epoch.
+# SD3's text encoders read at most 77 CLIP tokens and T5_MAX_LENGTH = 128 T5 tokens (fdfo/models/sd3.py), FLUX's 77
+# and 512; a token spans at most 16 characters (sentencepiece's default piece length; CLIP's BPE pieces are shorter),
+# and both tokenisers collapse runs of whitespace: SD3 reads no character past 2,048 of a prompt, FLUX none past 8,192.
+# Longer prompts are cut at 8,192 characters, on load: a 10 MB line would otherwise be tokenised in full at every epoch.
 CLIP_TOKENS, T5_TOKENS = 77, 128
 MAX_PROMPT_CHARS = 8192
 

@@ -25,6 +25,8 @@ from fdfo.errors import Interrupted
 from fdfo.files import write_json_atomic
 from fdfo.heldout import Heldout, heldout_due, heldout_plan
 from fdfo.memory import activation_note, rollout_memory_note
+from fdfo.models.base import PipelinePolicy
+from fdfo.models.registry import check_family, default_guidance, family, load_policy, recorded_family
 from fdfo.offline import ensure_hub_reachable, reward_sources
 from fdfo.phases import (
     EpochSamples,
@@ -46,7 +48,6 @@ from fdfo.resume import (
 from fdfo.rng import derive_seed
 from fdfo.runlog import NullLogger, RunLogger, run_summary
 from fdfo.safety import RunLock, SignalGuard, check_run_location, check_weights, prepare_run_dir, watch_parent
-from fdfo.sd3 import SD3Policy
 from rewards import build_metrics
 from rewards.build import metric_specs
 from rewards.remote import RewardServerDown
@@ -55,18 +56,21 @@ INIT_STREAM = 3
 CHECKPOINT_FORMAT = 1
 
 
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def amp_dtype(precision: str, device: torch.device, auto: str = "fp16") -> torch.dtype | None:
+    """The autocast dtype of --train.precision; auto: the model's on CUDA (`auto`: its AUTO_PRECISION), fp32 else."""
     if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
+        precision = auto if device.type == "cuda" else "fp32"
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision]
 
 
-def build_policy(cfg: Config, device: torch.device) -> SD3Policy:
+def build_policy(cfg: Config, device: torch.device) -> PipelinePolicy:
+    """The run's policy (fdfo/models/: SD3 or FLUX, from --pretrained-model) with its LoRA."""
     # LoRA A matrices are drawn from the global RNG; seed it so every rank and every world size starts alike.
     torch.manual_seed(derive_seed(cfg.seed, INIT_STREAM))
+    precision = amp_dtype(cfg.train.precision, device, family(cfg.pretrained_model).AUTO_PRECISION)
     with dist.rank0_first():  # rank 0 builds or downloads into the shared cache first
-        return SD3Policy(cfg.pretrained_model, device, cfg.lora_rank, cfg.lora_alpha, cfg.sample.guidance_scale,
-                         amp_dtype(cfg.train.precision, device))
+        return load_policy(cfg.pretrained_model, device, cfg.lora_rank, cfg.lora_alpha, cfg.sample.guidance_scale,
+                           precision)
 
 
 def build_reward_model(cfg: Config, device: torch.device):
@@ -107,7 +111,7 @@ class Run:
     cfg: Config
     geom: Geometry
     prompts: list[str]
-    policy: SD3Policy
+    policy: PipelinePolicy
     reward: object
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -132,7 +136,7 @@ def setup(cfg: Config, locks: list) -> Run:
     heldout_metrics = metric_specs(cfg.eval.metrics) if plan is not None and cfg.eval.metrics else []
     ensure_hub_reachable([cfg.pretrained_model, *reward_sources(cfg.reward.specs, cfg.reward, cfg.reward_preset),
                           *reward_sources(heldout_metrics, cfg.reward)])
-    reward = build_reward_model(cfg, device)  # first: a plug-in that answers wrongly fails before SD3 loads
+    reward = build_reward_model(cfg, device)  # first: a plug-in that answers wrongly fails before the model loads
     metrics = None
     if heldout_metrics:
         with dist.rank0_first():
@@ -171,6 +175,8 @@ def check_inputs(cfg: Config, locks: list) -> tuple[torch.device, Geometry, list
     """The checks of the flags, device, run folder, geometry, prompts and held-out prompts (before any model loads);
     returns the device, the geometry, the training prompts and the held-out plan (None with --eval.every 0)."""
     check_config(cfg)
+    if cfg.sample.guidance_scale is None:  # the model's own: SD3 1 (no CFG), FLUX.1-dev its distilled 3.5
+        cfg.sample.guidance_scale = default_guidance(cfg.pretrained_model)
     check_device("--device", cfg.device)
     check_run_location(cfg)
     device = dist.init(cfg.device)
@@ -195,6 +201,9 @@ def resume_point(cfg: Config, geom: Geometry) -> tuple[Path | None, dict, dict |
     if resume is None:
         return None, {"epoch": 0, "global_step": 0}, None, []
     counters, state = read_checkpoint(resume)
+    trained_on = counters.get("pretrained_model")
+    check_family(str(resume), recorded_family(counters.get("model_family"), trained_on), trained_on,
+                 cfg.pretrained_model)
     recorded = counters.get("algorithm", "fdfo")
     if recorded != cfg.algorithm:
         raise ValueError(f"cannot resume {resume}: it was trained with --algorithm {recorded}, not "
@@ -330,6 +339,7 @@ def save(run: Run) -> None:
         counters = dict(format=CHECKPOINT_FORMAT, epoch=epochs_done, global_step=run.global_step, seed=cfg.seed,
                         prompt_position=epochs_done * run.geom.total_pairs, world_size=run.geom.world_size,
                         guidance_scale=cfg.sample.guidance_scale, pretrained_model=cfg.pretrained_model,
+                        model_family=family(cfg.pretrained_model).FAMILY,
                         algorithm=cfg.algorithm, resolution=cfg.sample.resolution,
                         num_solver_steps=cfg.sample.num_solver_steps)
         state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}

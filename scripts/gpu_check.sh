@@ -86,7 +86,7 @@ else
 fi
 
 part env 30 "$PY" scripts/gpu_parts.py env
-part tiny-cache 60 "$PY" -c "from fdfo import tiny; print(tiny.tiny_sd3_path())"
+part tiny-cache 60 "$PY" -c "from fdfo.models import tiny_sd3; print(tiny_sd3.tiny_sd3_path())"
 
 # the GPU tests with the plugins of the development machine (none: the device image autoloads some eight others),
 # each named as it starts (-v); pytest-timeout (in the device image) fails a test at 90 s and goes on where Python

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fdfo import tiny
-from fdfo.sd3 import LORA_TARGETS, SD35_MEDIUM
+from fdfo.models import tiny_sd3 as tiny
+from fdfo.models.sd3 import LORA_TARGETS, SD35_MEDIUM
 from tests.tiny_rewards import build_fake_hf_cache
 
 FDFO_REPO = "nvidia/finite-difference-flow-optimization"

@@ -108,7 +108,7 @@ def tiny_transformer():
     """The tiny pipeline's transformer (builtin:tiny-sd3), fp32."""
     from diffusers import SD3Transformer2DModel
 
-    from fdfo import tiny
+    from fdfo.models import tiny_sd3 as tiny
 
     return SD3Transformer2DModel.from_pretrained(str(tiny.tiny_sd3_path() / "transformer"))
 
@@ -121,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     from diffusers import SD3Transformer2DModel
 
-    from fdfo import tiny
+    from fdfo.models import tiny_sd3 as tiny
 
     if args.sd35m:
         torch.manual_seed(0)

@@ -350,8 +350,8 @@ def _nft_rollout(policy, num_steps, prompts=("a red apple", "a blue boat")):
 def test_diffusion_nft_v_ref_is_the_base_model_with_a_nonzero_old_adapter():
     """v_ref is the base model's velocity (adapters off), v_old the sampling adapter's. With a non-zero `old` the two
     differ (at epoch 0 they coincide), and v_ref matches a separately loaded pipeline transformer without any LoRA."""
-    from fdfo import tiny
-    from fdfo.sd3 import SD3Policy
+    from fdfo.models import tiny_sd3 as tiny
+    from fdfo.models.sd3 import SD3Policy
 
     torch.manual_seed(0)
     policy = SD3Policy(tiny.TINY_SD3, torch.device("cpu"), lora_rank=4, lora_alpha=8)

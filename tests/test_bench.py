@@ -40,8 +40,8 @@ def test_tiny_bench_writes_every_field_with_consistent_flops(tiny_record):
     # rollouts held for training: 2 pairs x 2 samples x 4 timesteps x (16 x 8 x 8) latents x (4 + 4) bytes (fp32 CPU)
     assert r["rollout_gb_per_rank"] == pytest.approx(2 * 2 * 4 * 16 * 8 * 8 * 8 / 1e9)
     # the estimate train.py prints, for the bench's micro-batch (tests/test_memory.py checks the estimate itself)
-    from fdfo import tiny
-    from fdfo.memory import sd3_activation_bytes
+    from fdfo.models import tiny_sd3 as tiny
+    from fdfo.models.sd3 import activation_bytes as sd3_activation_bytes
 
     expected = sd3_activation_bytes(dict(tiny.TRANSFORMER_CONFIG), batch=r["config"]["train_batch"], latent_side=8,
                                     text_tokens=bench.TEXT_TOKENS, model_dtype=torch.float32, amp_dtype=None,
@@ -54,7 +54,7 @@ def test_meta_flop_count_equals_a_real_forward_of_the_tiny_model():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fdfo import tiny
+    from fdfo.models import tiny_sd3 as tiny
 
     counted = bench.count_flops(tiny=True, resolution=64, lora_rank=8)
     model = bench.with_lora(SD3Transformer2DModel(**tiny.TRANSFORMER_CONFIG).requires_grad_(False), 8)
@@ -205,7 +205,7 @@ def test_vit_h14_builder_has_the_published_size():
     """CLIP ViT-H/14 by hand: 986,109,441 parameters; open_clip's docs/model_profile.csv lists ViT-H-14 as 986.11 M
     (image tower 632.08 M, text tower 354.03 M)."""
     from fdfo.bench import reward as bench_reward
-    from fdfo.tiny import tiny_clip_tokenizer
+    from fdfo.models.tiny_text import tiny_clip_tokenizer
 
     model = bench_reward.clip_model(tiny=False, tokenizer=tiny_clip_tokenizer(), device="meta")
 
@@ -238,7 +238,7 @@ def test_reward_flops_on_meta_equal_a_real_forward_of_the_tiny_clip():
     from torch.utils.flop_counter import FlopCounterMode
 
     from fdfo.bench import reward as bench_reward
-    from fdfo.tiny import tiny_clip_tokenizer
+    from fdfo.models.tiny_text import tiny_clip_tokenizer
 
     prompts = [f"prompt {i}" for i in range(3)]
     counted = bench_reward.count_flops(tiny=True, prompts=prompts)

@@ -54,7 +54,7 @@ def test_an_op_is_priced_by_flops_bytes_or_per_op():
 @pytest.mark.slow
 def test_the_calibration_reproduces_the_profile_and_the_levers_lower_the_prediction():
     from fdfo.bench.census import sample_forward, train_micro_batch
-    from fdfo.sd3_speed import SpeedLevers
+    from fdfo.models.sd3_speed import SpeedLevers
 
     none = SpeedLevers.parse("none")
     sample, train = sample_forward(False, "fp16", True, none), train_micro_batch(False, "fp16", none)

@@ -20,7 +20,7 @@ def setup(args):
 
 
 def test_the_options_reach_the_config_and_speed_options_as_train_py_passes_them(monkeypatch, tmp_path):
-    from fdfo.sd3 import SD3Policy
+    from fdfo.models.sd3 import SD3Policy
 
     calls = []
     monkeypatch.setattr(SD3Policy, "speed_options", lambda self, *a: calls.append(a))

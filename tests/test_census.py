@@ -59,10 +59,10 @@ def test_one_linear_under_fp16_autocast_over_a_bf16_weight_is_two_casts_and_one_
 
 @pytest.mark.parametrize("exact", [True, False], ids=["cuda-autocast", "emulated"])
 def test_lora_layer_under_fp16_autocast(exact):
-    """fdfo.sd3.add_lora's layer over a bf16 Linear with bias, fp32 input: the base projection (3 casts, addmm), the
-    LoRA A (A cast, its input cast again, mm), B (cast, mm), the scaling and the sum; autocast casts the last
+    """fdfo.models.sd3.add_lora's layer over a bf16 Linear with bias, fp32 input: the base projection (3 casts, addmm),
+    the LoRA A (A cast, its input cast again, mm), B (cast, mm), the scaling and the sum; autocast casts the last
     argument first."""
-    from fdfo.sd3 import add_lora
+    from fdfo.models.sd3 import add_lora
 
     def build():
         model = torch.nn.Module()
@@ -151,9 +151,9 @@ def test_sd35m_census_reproduces_the_h200_profile_call_counts():
     """docs/benchmarks.md, the fp16 profile of one sampling forward of 12 rows on an H200 (2026-12-04): 805
     `cast float -> Half`, 876 + 47 copies with a cast to Half from bf16, 231 `Mul (float, inputs cast)`, 122 fp32
     means, 96 layer norms, 37 cuDNN attention calls; 36 attention backward calls in the micro-batch. That profile ran
-    before the speed levers (fdfo/sd3_speed.py), so they are off here."""
+    before the speed levers (fdfo/models/sd3_speed.py), so they are off here."""
     from fdfo.bench.census import sample_forward, train_micro_batch
-    from fdfo.sd3_speed import SpeedLevers
+    from fdfo.models.sd3_speed import SpeedLevers
 
     none = SpeedLevers.parse("none")
     ops = [op for op in sample_forward(False, "fp16", True, none) if op.kernel]

@@ -13,9 +13,9 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from fdfo import compile as compile_cache
-from fdfo import tiny
 from fdfo.config import check_config
-from fdfo.sd3 import add_lora
+from fdfo.models import tiny_sd3 as tiny
+from fdfo.models.sd3 import add_lora
 from tests.test_train import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fdfo import tiny
-from fdfo.sd3 import LORA_TARGETS
+from fdfo.models import tiny_sd3 as tiny
+from fdfo.models.sd3 import LORA_TARGETS
 from tests.fake_hub import make_adapter, tiny_transformer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(train_loop, "SD3Policy", refuse)
+    monkeypatch.setattr(train_loop, "load_policy", refuse)
 
 
 # -- 1. --run-dir "" and a folder that is not a run's ------------------------------------------------------------------
@@ -208,7 +208,7 @@ def test_readers_check_the_recorded_hash_and_guidance_scale_before_loading(tmp_p
         [f"checkpoint {modified} is damaged: {hash_problem}", "the file was modified or truncated"],
         [f"checkpoint {modified} is damaged: {hash_problem}"],
         [f"checkpoint {modified} is damaged: {hash_problem}"],
-        ["--guidance-scale nan is invalid: it must be a finite number (1 disables CFG)"],
+        ["--guidance-scale nan is invalid: it must be a finite number (1 disables CFG; FLUX: its distilled guidance)"],
         ["--guidance-scale nan is invalid"],
         [f"checkpoint {nan_scale} is damaged: state.json 'guidance_scale' is nan, not a finite number"],
         [f"checkpoint {text_scale} is damaged: state.json 'guidance_scale' is '4.5x', not a finite number"],
@@ -294,8 +294,8 @@ def test_an_over_long_prompt_is_cut_on_load_with_one_warning(tmp_path, capsys):
 def test_the_cut_keeps_every_token_the_encoders_read():
     """The longest prompts the encoders read in full: their longest whole-word token, repeated. A cut below
     (longest token + a space) x 128 T5 tokens would change what T5 reads."""
-    from fdfo import tiny
-    from fdfo.sd3 import T5_MAX_LENGTH
+    from fdfo.models import tiny_sd3 as tiny
+    from fdfo.models.sd3 import T5_MAX_LENGTH
 
     for tokenizer, length, marker in ((tiny.tiny_clip_tokenizer(), 77, "</w>"),
                                       (tiny.tiny_t5_tokenizer(), T5_MAX_LENGTH, "\u2581")):

@@ -6,12 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fdfo.models import base as models_base
 from fdfo.models import flux
 from fdfo.models.flux import FluxPolicy, pack_latents, schedule_shift, unpack_latents
 from fdfo.models.tiny_flux import TINY_FLUX, build_tiny_flux, tiny_flux_path
 from fdfo.objective import pair_targets, spo_loss
 from fdfo.rng import randn_per_sample
 from fdfo.sampling import CHURN_DRAWS, RawChurn, prior_churn, sample_euler, sample_pairs
+from tests.lora_by_hand import merge_by_hand
 
 CPU = torch.device("cpu")
 RANK, ALPHA = 4, 8.0  # alpha != rank, so a wrong LoRA scale shows
@@ -41,16 +43,6 @@ def _randomise_b(policy, seed: int = 0) -> None:
     with torch.no_grad():
         for b in _lora(policy, "B").values():
             b.copy_(torch.randn(b.shape, generator=gen) * 0.3)
-
-
-def _merge_by_hand(transformer, state: dict[str, torch.Tensor], scale: float) -> None:
-    """W <- W + scale B A for every adapted layer of a PEFT state dict, into a plain (non-PEFT) transformer."""
-    with torch.no_grad():
-        for key, a in state.items():
-            if key.endswith(".lora_A.weight"):
-                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                b = state[key.replace(".lora_A.", ".lora_B.")]
-                transformer.get_submodule(name).weight += scale * b @ a
 
 
 # -- the layout: packing, positions, schedule ------------------------------------------------------------------------
@@ -153,7 +145,7 @@ def test_euler_sampler_gives_the_pipelines_images(resolution, steps, guidance):
     policy = _policy() if guidance is None else _policy(guidance_scale=guidance)
     _randomise_b(policy)
     pipe = _pipeline()
-    _merge_by_hand(pipe.transformer, policy.adapter_state(), ALPHA / RANK)
+    merge_by_hand(pipe.transformer, policy.adapter_state(), ALPHA / RANK)
     shape = policy.latent_shape(resolution)
     call = dict(prompt=PROMPTS, height=resolution, width=resolution, num_inference_steps=steps, output_type="pt")
     if guidance is None:
@@ -175,7 +167,7 @@ def test_euler_sampler_gives_the_pipelines_images(resolution, steps, guidance):
 def test_bf16_velocity_is_the_pipelines_prediction_bit_for_bit(monkeypatch):
     """The GPU layout (bf16 base) on CPU: the transformer gets FluxPipeline's bf16 timestep and float32 guidance, and
     the velocity is the pipeline's own first prediction exactly."""
-    monkeypatch.setattr(flux, "base_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(models_base, "base_dtype", lambda device: torch.bfloat16)
     policy = _policy()  # B = 0: the pipeline (whose transformer carries the LoRA layers) computes the base model
     assert policy.pipe.transformer.dtype == torch.bfloat16 and policy.input_dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())  # fp32 LoRA beside a bf16 base

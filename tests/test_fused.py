@@ -7,10 +7,11 @@ import pytest
 import torch
 from diffusers.models.normalization import RMSNorm
 
-from fdfo import fused, tiny
+from fdfo import fused
 from fdfo.fused_triton import _inverse, memory_order
+from fdfo.models import tiny_sd3 as tiny
+from fdfo.models.sd3 import SD3Policy
 from fdfo.objective import spo_loss
-from fdfo.sd3 import SD3Policy
 
 # (input dtype, weight dtype): CUDA's bf16 weights under fp16 / bf16 autocast, the CPU's fp32, no weight
 DTYPES = [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fdfo import tiny
 from fdfo.generation import BaseModel, choose_base_model, load_generator, resolve_guidance
 from fdfo.grid import BUILTIN_PROMPTS, GridLayout
 from fdfo.hub import Checkpoint
+from fdfo.models import tiny_sd3 as tiny
 from tests.fake_hub import (
     BAD_REPO,
     CFG_45,
@@ -495,7 +495,7 @@ def test_a_resolution_that_is_not_a_multiple_of_16_is_refused_before_loading(tmp
 def test_sampling_defaults_follow_a_tiny_models_training_and_the_protocol_otherwise():
     from fdfo.config import smoke_config
     from fdfo.generation import sampling_defaults
-    from fdfo.sd3 import SD35_MEDIUM
+    from fdfo.models.sd3 import SD35_MEDIUM
 
     trained = Checkpoint(Path("a"), "a", "a", pretrained_model=tiny.TINY_SD3, resolution=32, num_steps=3)
     unknown = Checkpoint(None, "base model", "base model")

@@ -106,8 +106,8 @@ def test_activation_estimate_matches_cuda_memory(precision, checkpointing):
     Without checkpointing the saved tensors are all of it; with it the peak of the backward (one block recomputed)
     is compared, so the bound is looser."""
     from fdfo.bench import TEXT_TOKENS, build_models
-    from fdfo.memory import sd3_activation_bytes
-    from fdfo.sd3 import add_lora
+    from fdfo.models.sd3 import activation_bytes as sd3_activation_bytes
+    from fdfo.models.sd3 import add_lora
 
     amp = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     transformer, _, _ = build_models(False, torch.device("cuda"))

@@ -216,7 +216,7 @@ def test_known_ids_choose_the_guidance_and_say_why(baselines, monkeypatch, capsy
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     import torch
 
-    from fdfo import tiny
+    from fdfo.models import tiny_sd3 as tiny
 
     base = BaseModel(str(tiny.tiny_sd3_path()), torch.device("cpu"))
     kwargs = {"base": base, "num_steps": 1, "resolution": 64}

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fdfo import tiny
-from fdfo.sd3 import SD35_MEDIUM
+from fdfo.models import tiny_sd3 as tiny
+from fdfo.models.sd3 import SD35_MEDIUM
 from tests.tiny_rewards import build_fake_hf_cache, tiny_reward_repos
 
 ROOT = Path(__file__).resolve().parents[1]

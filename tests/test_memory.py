@@ -6,10 +6,11 @@ import contextlib
 import pytest
 import torch
 
-from fdfo import tiny
-from fdfo.memory import AutocastEmulation, SavedTensorCount, count_saved, sd3_activation_bytes
-from fdfo.sd3 import add_lora
-from fdfo.sd3_speed import LeverRuntime, SpeedLevers
+from fdfo.memory import AutocastEmulation, SavedTensorCount, count_saved
+from fdfo.models import tiny_sd3 as tiny
+from fdfo.models.sd3 import activation_bytes as sd3_activation_bytes
+from fdfo.models.sd3 import add_lora
+from fdfo.models.sd3_speed import LeverRuntime, SpeedLevers
 
 TEXT = 205
 SIDE = 8

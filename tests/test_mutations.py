@@ -26,8 +26,8 @@ from fdfo.rng import derive_seed, generator, randn_per_sample
 
 @pytest.fixture(scope="module")
 def cfg_policy():
-    from fdfo import tiny
-    from fdfo.sd3 import SD3Policy
+    from fdfo.models import tiny_sd3 as tiny
+    from fdfo.models.sd3 import SD3Policy
 
     torch.manual_seed(0)
     return SD3Policy(tiny.TINY_SD3, torch.device("cpu"), lora_rank=4, lora_alpha=8, guidance_scale=4.5)

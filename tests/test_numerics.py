@@ -4,8 +4,8 @@ timesteps whatever the model dtype, and every LoRA parameter taking part in the 
 import pytest
 import torch
 
-from fdfo import tiny
-from fdfo.sd3 import SD3Policy
+from fdfo.models import tiny_sd3 as tiny
+from fdfo.models.sd3 import SD3Policy
 
 RANK = 4
 

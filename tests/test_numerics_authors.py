@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fdfo import distributed, tiny
+from fdfo import distributed
+from fdfo.models import tiny_sd3 as tiny
+from fdfo.models.sd3 import SD3Policy
 from fdfo.phases import _lossless, rollout_dtypes
-from fdfo.sd3 import SD3Policy
 from tests.test_metrics import RecordingScorer  # the metric scorer that keeps the images it was given
 
 RANK = 4

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from fdfo.config import batch_geometry
+from fdfo.models.sd3 import SD3Policy
 from fdfo.phases import sample_phase
 from fdfo.resume import check_resume_settings, resolved_config
 from fdfo.scoring import batch_scorer, to_host
-from fdfo.sd3 import SD3Policy
 from rewards import Term, WeightedReward
 from rewards.analytic import Redness
 from rewards.clip import CLIPScorer

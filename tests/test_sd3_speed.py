@@ -1,4 +1,4 @@
-"""The bit-identical speed levers (fdfo/sd3_speed.py): the same velocities, SPO ratios and LoRA gradients as
+"""The bit-identical speed levers (fdfo/models/sd3_speed.py): the same velocities, SPO ratios and LoRA gradients as
 without them (torch.equal, fp16 and bf16 over a bf16 base, under CUDA autocast's op lists emulated on real CPU
 tensors); the bf16 -> fp16 cast of every bit pattern; each lever's kernels in the tiny model's census, counted by
 hand; a LoRA weight cast kept while sampling is never stale; adapters save and load as before."""
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from fdfo import tiny
 from fdfo.memory import AutocastEmulation
+from fdfo.models import tiny_sd3 as tiny
+from fdfo.models.sd3 import SD3Policy
+from fdfo.models.sd3_speed import SpeedLevers
 from fdfo.objective import spo_loss
-from fdfo.sd3 import SD3Policy
-from fdfo.sd3_speed import SpeedLevers
 
 NONE, ALL = SpeedLevers.parse("none"), SpeedLevers()
 TOKENS = 24  # text tokens of the random conditioning (the real 205 would only make the CPU test slower)
@@ -151,8 +151,8 @@ def test_sd35m_has_786_frozen_projection_tensors_and_191_lora_layers():
     (8 joint-attention projections in 24 blocks, the last without to_add_out)."""
     from diffusers import SD3Transformer2DModel
 
-    from fdfo.sd3 import add_lora
-    from fdfo.sd3_speed import _lora_layers
+    from fdfo.models.sd3 import add_lora
+    from fdfo.models.sd3_speed import _lora_layers
 
     with torch.device("meta"):
         model = SD3Transformer2DModel(**tiny.SD35M_TRANSFORMER_CONFIG)

@@ -3,8 +3,8 @@ and LoRA gradients on the tiny model (compilation: tests/test_compile.py)."""
 
 import torch
 
-from fdfo import tiny
-from fdfo.sd3 import SD3Policy
+from fdfo.models import tiny_sd3 as tiny
+from fdfo.models.sd3 import SD3Policy
 
 
 def _policy(**options):

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from fdfo import train_loop
 from fdfo.bench import StubReward
 from fdfo.config import batch_geometry
+from fdfo.models.sd3 import SD3Policy
 from fdfo.phases import build_training_set, kept_timesteps, sample_phase, timesteps_per_sample
-from fdfo.sd3 import SD3Policy
 from tests.test_train import tiny_config
 
 

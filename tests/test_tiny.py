@@ -1,4 +1,4 @@
-"""Tests for fdfo.tiny: the offline tiny SD3 pipeline must load and behave like the real one, only small."""
+"""Tests for fdfo.models.tiny_sd3: the offline tiny SD3 pipeline must load and behave like the real one, only small."""
 
 import copy
 import pathlib
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fdfo import tiny
+from fdfo.models import tiny_sd3 as tiny
 
 LORA_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -187,7 +187,7 @@ def test_generation_is_a_varied_image(pipe):
 
 
 def test_velocity_depends_on_x_t_and_prompt(pipe):
-    """The random init is amplified so that none of the three inputs is ignored (see tiny._amplify_conditioning)."""
+    """The random init is amplified so that none of the three inputs is ignored (see tiny.amplify_conditioning)."""
     embeds, _, pooled, _ = pipe.encode_prompt(
         prompt=["a red cat", "an astronaut riding a horse"], prompt_2=None, prompt_3=None, device="cpu",
         do_classifier_free_guidance=False, max_sequence_length=128,

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from fdfo import train_loop
 from fdfo.config import smoke_config
 from fdfo.errors import RunError
-from fdfo.sd3 import SD3Policy
+from fdfo.models.sd3 import SD3Policy
 
 
 def tiny_config(run_dir, **overrides):
@@ -35,7 +35,7 @@ def read_log(run_dir):
 def test_lora_starts_as_the_base_model():
     from diffusers import StableDiffusion3Pipeline
 
-    from fdfo import tiny
+    from fdfo.models import tiny_sd3 as tiny
 
     torch.manual_seed(0)
     policy = SD3Policy(tiny.TINY_SD3, torch.device("cpu"), lora_rank=4, lora_alpha=8)

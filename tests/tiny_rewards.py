@@ -68,7 +68,7 @@ _QWEN_CORPUS = (
 
 @functools.lru_cache(maxsize=1)
 def _clip_tokenizer():
-    from fdfo.tiny import tiny_clip_tokenizer
+    from fdfo.models.tiny_text import tiny_clip_tokenizer
 
     return tiny_clip_tokenizer()  # ~1 s to train: built once per process, handed out as copies
 

@@ -91,7 +91,7 @@ def old_policy_decay(step: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# DiffusionNFT in the SD3 training loop (fdfo/phases.py runs the shared sampling, exchange and optimizer loops; the
+# DiffusionNFT in the training loop (fdfo/phases.py runs the shared sampling, exchange and optimizer loops; the
 # sampling adapter `old` and the evaluated EMA are fdfo.algorithms.ema.Copies).
 
 NEEDS_X0 = True  # whether item_loss reads the sample's final latent

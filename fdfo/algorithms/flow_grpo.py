@@ -135,7 +135,7 @@ def clipped_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Flow-GRPO in the SD3 training loop (fdfo/phases.py runs the shared sampling, exchange and optimizer loops).
+# Flow-GRPO in the training loop (fdfo/phases.py runs the shared sampling, exchange and optimizer loops).
 
 NEEDS_X0 = False  # whether item_loss reads the sample's final latent
 WHOLE_TRAJECTORIES = True  # §11: each optimizer step trains all trained steps of its samples (fdfo.phases.item_steps)
@@ -187,7 +187,7 @@ def guided_velocity(policy, x: torch.Tensor, sigma: torch.Tensor, cond: dict, mo
     """The policy's CFG velocity `[B, ...]` (float32) with the unconditional half detached: the sampler's own call
     (one batched forward of [unconditional; conditional], the combination in the same dtype), so theta == old gives
     the sampler's velocity bit for bit, under autocast too."""
-    if policy.guidance_scale == 1.0:  # nothing to detach (and velocity fields without CFG need not know the flag)
+    if not getattr(policy, "cfg", False):  # nothing to detach (and velocity fields without CFG need not know the flag)
         return policy.velocity(x, sigma, cond, module=module)
     return policy.velocity(x, sigma, cond, module=module, detach_uncond=True)
 

@@ -45,7 +45,7 @@ def sample_groups(policy, reward, cfg: Config, geom: Geometry, epoch: int, promp
     decode and score them. Randomness per sample is keyed by (seed, epoch, prompt, g): independent of ranks and
     batches."""
     algo, group = algorithm_module(cfg.algorithm), cfg.baseline.group_size
-    device, sigmas = policy.device, policy.sigmas(cfg.sample.num_solver_steps)
+    device, sigmas = policy.device, policy.sigmas(cfg.sample.num_solver_steps, cfg.sample.resolution)
     shape = policy.latent_shape(cfg.sample.resolution)
     rollout_device = torch.device("cpu") if cfg.train.rollout_device == "cpu" else device
     batches = []

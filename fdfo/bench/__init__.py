@@ -2,7 +2,7 @@
 
 Runs the real phases that train.py runs (sample_phase with its decode and reward, build_training_set, train_phase)
 on random-init models of the real SD3.5-Medium shapes, so nothing is downloaded: the MMDiT-X transformer and the
-16-channel VAE at their published configs (fdfo/tiny.py SD35M_*_CONFIG), fake text embeddings of the real shapes
+16-channel VAE at their published configs (fdfo/models/shapes.py), fake text embeddings of the real shapes
 (77 CLIP + 128 T5 tokens x 4096, pooled 2048) and a stub reward, or with --reward pickscore a random-init CLIP of
 PickScore's ViT-H/14 shape scored by the repository's own CLIPScorer (reward.py; --overlap-rewards turns on
 --reward.overlap-preprocessing). Timing is the same work as a real epoch except the text encoders (and the reward

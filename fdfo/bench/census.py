@@ -34,30 +34,31 @@ from fdfo.bench.dispatch import (
     to_fake,
 )
 from fdfo.bench.models import TEXT_TOKENS, build_models, model_configs
-from fdfo.sd3_speed import SpeedLevers
+from fdfo.models.sd3_speed import SpeedLevers
+from fdfo.models.shapes import MODELS
 
 SAMPLE_ROWS = 12  # one sampling batch of the paper's micro-batches: 6 pairs, 2 rows each
 TRAIN_ITEMS = 6  # one training micro-batch of the paper
-RESOLUTION = {False: 512, True: 64}  # SD3.5-M at the paper's 512 px; the tiny model at its 64 px
+RESOLUTION = {False: 512, True: 64}  # SD3.5-M / -L at the paper's 512 px; the tiny model at its 64 px
 AMP = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_policy(tiny: bool, precision: str, device: torch.device, fake: FakeTensorMode, levers: SpeedLevers,
-                 options: dict | None = None):
+                 options: dict | None = None, model: str = "sd35m"):
     """The policy as train.py builds it (fdfo/train_loop.py: SD3Policy, add_lora with the run's rank and alpha, the
     speed levers, speed_options with the config's defaults and `options`: fused_rms_norm, compute_dtype_modulation),
     from the bench's models of the real shapes, built on the meta device and then given fake tensors on `device`:
     bf16 base weights (as on a GPU), the run's autocast dtype."""
     from fdfo.bench.epoch import speed_options
     from fdfo.config import Config
-    from fdfo.sd3 import SD3Policy
+    from fdfo.models.sd3 import SD3Policy
 
     cfg = Config()
     for name, on in (options or {}).items():
         setattr(cfg.train, name, on)
     rank, alpha = (8, 16.0) if tiny else (cfg.lora_rank, cfg.lora_alpha)  # the bench's ranks (fdfo/bench/epoch.py)
     meta = torch.device("meta")
-    transformer, vae, scheduler = build_models(tiny, meta)
+    transformer, vae, scheduler = build_models(tiny, meta, model)
     policy = SD3Policy.from_components(transformer, vae, scheduler, meta, rank, alpha, cfg.sample.guidance_scale,
                                        AMP[precision], dtype=torch.bfloat16, levers=levers)
     speed_options(policy, cfg)
@@ -66,10 +67,10 @@ def build_policy(tiny: bool, precision: str, device: torch.device, fake: FakeTen
     return policy
 
 
-def _inputs(policy, tiny: bool, rows: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _inputs(policy, tiny: bool, rows: int, model: str = "sd35m") -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Rollout states `[rows, C, h, w]` in the network's input dtype (as the rollouts store them and the bench's
     profile feeds them), float32 noise levels, text embeddings in the base dtype; fake, on the policy's device."""
-    tcfg, _ = model_configs(tiny)
+    tcfg, _ = model_configs(tiny, model)
     latent = policy.latent_shape(RESOLUTION[tiny])
     device, dtype = policy.device, policy.dtype
     cond = {"embeds": torch.empty(rows, TEXT_TOKENS, tcfg["joint_attention_dim"], device=device, dtype=dtype),
@@ -78,18 +79,18 @@ def _inputs(policy, tiny: bool, rows: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def sample_forward(tiny: bool, precision: str, exact: bool, levers: SpeedLevers | None = None,
-                   options: dict | None = None) -> list:
+                   options: dict | None = None, model: str = "sd35m") -> list:
     """The ops of one sampling forward after the first of its sampling phase (which also makes the LoRA weight casts
-    kept while sampling, fdfo/sd3_speed.py); exact: fake cuda:0 tensors under CUDA autocast's kernels, else CPU fake
-    tensors under the emulated op lists."""
+    kept while sampling, fdfo/models/sd3_speed.py); exact: fake cuda:0 tensors under CUDA autocast's kernels, else CPU
+    fake tensors under the emulated op lists."""
     fake = FakeTensorMode()
     device = torch.device("cuda:0" if exact else "cpu")
-    policy = build_policy(tiny, precision, device, fake, levers or SpeedLevers(), options)
+    policy = build_policy(tiny, precision, device, fake, levers or SpeedLevers(), options, model)
     autocast = cuda_autocast if exact else emulated_autocast
     policy.autocast = lambda: autocast(policy.amp_dtype)  # torch.autocast("cuda") turns itself off without a GPU
     policy.transformer.eval()
     with fake, numerics_options_counted(policy.amp_dtype, emulated=not exact):
-        x, sigma, cond = _inputs(policy, tiny, SAMPLE_ROWS)
+        x, sigma, cond = _inputs(policy, tiny, SAMPLE_ROWS, model)
         with torch.no_grad(), CudaOnCpuBuild() if exact else contextlib.nullcontext():
             policy.velocity(x, sigma, cond)
             with OpCounter() as counter:
@@ -97,11 +98,11 @@ def sample_forward(tiny: bool, precision: str, exact: bool, levers: SpeedLevers 
     return counter.ops
 
 
-def _training_set(policy, tiny: bool, items: int):
+def _training_set(policy, tiny: bool, items: int, model: str = "sd35m"):
     """A fake TrainingSet of `items` rows (one micro-batch), its tensors in the dtypes train.py gives them."""
     from fdfo.phases import TrainingSet
 
-    x, _, cond = _inputs(policy, tiny, items)
+    x, _, cond = _inputs(policy, tiny, items, model)
     steps = 40
     index = torch.zeros(items, dtype=torch.long)
     return TrainingSet(items=torch.arange(items), states=x, velocities=torch.empty_like(x),
@@ -111,7 +112,7 @@ def _training_set(policy, tiny: bool, items: int):
 
 
 def train_micro_batch(tiny: bool, precision: str, levers: SpeedLevers | None = None,
-                      options: dict | None = None) -> list:
+                      options: dict | None = None, model: str = "sd35m") -> list:
     """The ops of one training micro-batch (fdfo.phases._micro_batch) on CPU fake tensors under the emulated op
     lists, with train.py's grad scaler and training set (its `ratio_dev` statistics too): the first micro-batch of an
     optimizer step, whose LoRA gradients are new (`zero_grad(set_to_none=True)`; a later one adds into them, one more
@@ -120,11 +121,11 @@ def train_micro_batch(tiny: bool, precision: str, levers: SpeedLevers | None = N
     from fdfo.phases import _micro_batch
 
     fake = FakeTensorMode()
-    policy = build_policy(tiny, precision, torch.device("cpu"), fake, levers or SpeedLevers(), options)
+    policy = build_policy(tiny, precision, torch.device("cpu"), fake, levers or SpeedLevers(), options, model)
     policy.autocast = lambda: emulated_autocast(policy.amp_dtype)
     policy.transformer.train()
     with fake, numerics_options_counted(policy.amp_dtype, emulated=True):
-        data = _training_set(policy, tiny, TRAIN_ITEMS)
+        data = _training_set(policy, tiny, TRAIN_ITEMS, model)
         scaler = torch.amp.GradScaler("cpu", enabled=policy.amp_dtype == torch.float16)
         scaler.scale(torch.ones(()))  # the scale and its growth tracker, made once per run, not per micro-batch
         with OpCounter() as counter:
@@ -153,25 +154,26 @@ def emulation_check(exact: list, emulated: list) -> dict:
 
 
 def census(precision: str = "fp16", tiny: bool = False, levers: SpeedLevers | None = None,
-           options: dict | None = None) -> dict:
-    """The census record (module docstring), with the cost model's H200 prediction (fdfo/bench/cost.py; not for
-    --tiny: it is calibrated at SD3.5-M's shapes). options: fused_rms_norm, compute_dtype_modulation (the numerics
-    options of SD3Policy.speed_options, counted as a GPU runs them: fdfo/bench/dispatch.py)."""
+           options: dict | None = None, model: str = "sd35m") -> dict:
+    """The census record (module docstring) of `model`'s shapes (an SD3 model of fdfo/models/shapes.py MODELS), with
+    the cost model's H200 prediction for SD3.5-Medium (fdfo/bench/cost.py; not for --tiny nor another --model: it is
+    calibrated on SD3.5-M's H200 run). options: fused_rms_norm, compute_dtype_modulation (the numerics options of
+    SD3Policy.speed_options, counted as a GPU runs them: fdfo/bench/dispatch.py)."""
     from fdfo.bench.cost import cost_record
 
     levers = levers or SpeedLevers()
     options = {k: v for k, v in (options or {}).items() if v}
-    exact = sample_forward(tiny, precision, True, levers, options)
-    emulated = sample_forward(tiny, precision, False, levers, options)
-    training = train_micro_batch(tiny, precision, levers, options)
-    tcfg, _ = model_configs(tiny)
-    shape = dict(model="tiny" if tiny else "SD3.5-Medium", resolution=RESOLUTION[tiny], text_tokens=TEXT_TOKENS,
+    exact = sample_forward(tiny, precision, True, levers, options, model)
+    emulated = sample_forward(tiny, precision, False, levers, options, model)
+    training = train_micro_batch(tiny, precision, levers, options, model)
+    tcfg, _ = model_configs(tiny, model)
+    shape = dict(model="tiny" if tiny else MODELS[model][1], resolution=RESOLUTION[tiny], text_tokens=TEXT_TOKENS,
                  blocks=tcfg["num_layers"], sample_rows=SAMPLE_ROWS, train_items=TRAIN_ITEMS)
     record = {"precision": precision, "levers": levers.names(), "options": sorted(options), "shape": shape,
               "sample_forward": summary(exact),
               "train_micro_batch": summary(training) | _phases(training),
               "emulation_check": emulation_check(exact, emulated)}
-    if not tiny:  # calibrated on the census of the profiled code: fp16, no levers
+    if not tiny and model == "sd35m":  # calibrated on the census of the profiled code: fp16, no levers
         profiled = SpeedLevers.parse("none")
         calibration = (exact, training) if (precision, levers, options) == ("fp16", profiled, {}) else (
             sample_forward(False, "fp16", True, profiled), train_micro_batch(False, "fp16", profiled))

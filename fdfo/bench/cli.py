@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from fdfo import distributed as dist
+from fdfo.models.sd3_speed import SpeedLevers
+from fdfo.models.shapes import MODELS
 from fdfo.outputs import check_output_path, write_text
-from fdfo.sd3_speed import SpeedLevers
 
 REPORT_OUT = "docs/benchmarks.md"  # --report's default --out
 DESCRIPTION = "Throughput benchmark of one FDFO epoch (docs/performance.md)."
@@ -27,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fdfo.bench", description=DESCRIPTION)
     p.add_argument("--tiny", action="store_true", help="tiny model shapes on CPU (a few seconds; for tests)")
+    p.add_argument("--model", choices=list(MODELS), default="sd35m",
+                   help="whose real shapes --flops-only and --census count: sd35m (SD3.5-Medium, default), sd35l "
+                        "(SD3.5-Large), flux-dev (FLUX.1-dev; --flops-only only); a measured run is SD3.5-Medium's")
     p.add_argument("--device", default=None, help="torch device; default cuda:<local rank> if available, else cpu")
     p.add_argument("--pairs", type=int, default=None, help="pairs per GPU sampled and trained (default 4; tiny 2)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps T (default 40; tiny 4)")
@@ -39,23 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-steps", type=int, default=4, help="optimizer steps per epoch (default 4)")
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="training autocast precision (default fp16, the reference; fp32 on CPU)")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (default 1: no CFG)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (--train.compile)")
-    p.add_argument("--compile-scope", choices=["blocks", "transformer"], default="blocks",
-                   help="with --compile: each block (default) or the whole transformer (--train.compile-scope)")
-    p.add_argument("--compile-cache-dir", default=None, metavar="DIR",
-                   help="with --compile: a warm start from DIR/compile-cache.bin if it is there, and the compiled "
-                        "kernels saved there after the run (fdfo/compile.py, as a run folder keeps them)")
-    p.add_argument("--compile-backend", choices=["inductor", "aot_eager", "eager"], default=None,
-                   help="with --compile: torch.compile's backend (default inductor, as train.py; the others trace "
-                        "without generating code, for a quick rehearsal on a CPU)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="capture the training micro-batch in a CUDA graph (--train.cuda-graphs; CUDA only)")
-    p.add_argument("--fused-rms-norm", action="store_true",
-                   help="the q / k RMS norms as one kernel each way (--train.fused-rms-norm; moves rounding)")
-    p.add_argument("--compute-dtype-modulation", action="store_true",
-                   help="the modulation after each LayerNorm in fp16 / bf16 (--train.compute-dtype-modulation; "
-                        "moves rounding)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="SD3: the CFG scale (default 1: no CFG; any other value doubles the forward passes); "
+                        "FLUX.1-dev (--model flux-dev): its distilled guidance, one forward pass whatever the value")
+    add_speed_flags(p)
     p.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing per transformer block")
     p.add_argument("--timesteps-per-sample", type=int, default=None,
                    help="train K of the T timesteps per trajectory (default all T; --train.timesteps-per-sample)")
@@ -79,15 +70,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "one training micro-batch, into the JSON (fdfo/bench/profile.py)")
     p.add_argument("--flops-only", action="store_true", help="only count FLOPs on the meta device at the full shape")
     p.add_argument("--levers", default="all",
-                   help="the bit-identical speed levers of the policy (fdfo/sd3_speed.py): all (default), none, or a "
-                        "comma-separated list of base-dtype, peft-cast, lora-cache, shared-cast")
+                   help="the bit-identical speed levers of the policy (fdfo/models/sd3_speed.py): all (default), none, "
+                        "or a comma-separated list of base-dtype, peft-cast, lora-cache, shared-cast")
     p.add_argument("--census", action="store_true",
-                   help="no run: count the kernels of one sampling forward and one training micro-batch at SD3.5-M's "
-                        "shapes on fake tensors, on a CPU, in --precision fp16 or bf16 (fdfo/bench/census.py)")
+                   help="no run: count the kernels of one sampling forward and one training micro-batch at the shapes "
+                        "of --model (sd35m or sd35l) on fake tensors, on a CPU, in --precision fp16 or bf16 "
+                        "(fdfo/bench/census.py)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file (with --report: the markdown)")
     p.add_argument("--report", default=None, metavar="DIR",
                    help="no run: summarise the bench JSON files in DIR (and DIR/status.txt) as markdown into --out")
     return p
+
+
+def add_speed_flags(p: argparse.ArgumentParser) -> None:
+    """The speed options as train.py names them (--train.compile, --train.cuda-graphs, the numerics options)."""
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (--train.compile)")
+    p.add_argument("--compile-scope", choices=["blocks", "transformer"], default="blocks",
+                   help="with --compile: each block (default) or the whole transformer (--train.compile-scope)")
+    p.add_argument("--compile-cache-dir", default=None, metavar="DIR",
+                   help="with --compile: a warm start from DIR/compile-cache.bin if it is there, and the compiled "
+                        "kernels saved there after the run (fdfo/compile.py, as a run folder keeps them)")
+    p.add_argument("--compile-backend", choices=["inductor", "aot_eager", "eager"], default=None,
+                   help="with --compile: torch.compile's backend (default inductor, as train.py; the others trace "
+                        "without generating code, for a quick rehearsal on a CPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the training micro-batch in a CUDA graph (--train.cuda-graphs; CUDA only)")
+    p.add_argument("--fused-rms-norm", action="store_true",
+                   help="the q / k RMS norms as one kernel each way (--train.fused-rms-norm; moves rounding)")
+    p.add_argument("--compute-dtype-modulation", action="store_true",
+                   help="the modulation after each LayerNorm in fp16 / bf16 (--train.compute-dtype-modulation; "
+                        "moves rounding)")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -103,6 +115,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.out is not None:
         check_output_path("--out", args.out, folder=False)
     SpeedLevers.parse(args.levers)  # ValueError naming the allowed levers
+    check_model(args)
     if args.census:
         check_census(args)
         return
@@ -116,6 +129,22 @@ def check_args(args: argparse.Namespace) -> None:
     check_combinations(args)
     check_geometry(args)
     check_speed_flags(args)
+
+
+def check_model(args: argparse.Namespace) -> None:
+    """--model: the FLOP model counts every model; the census SD3's (FLUX has no from_components policy nor the speed
+    levers it counts); a measured run and --tiny SD3.5-Medium's shapes only."""
+    if args.model == "sd35m":
+        return
+    if args.tiny:
+        raise ValueError(f"--model {args.model} counts a real model's shapes; --tiny uses the tiny SD3's: leave one "
+                         f"out")
+    if args.census and args.model == "flux-dev":
+        raise ValueError("--model flux-dev: the census counts SD3 models only (sd35m, sd35l); use --flops-only for "
+                         "FLUX.1-dev's FLOPs")
+    if not (args.flops_only or args.census):
+        raise ValueError(f"--model {args.model}: a measured run is SD3.5-Medium's; pass --flops-only (or --census) to "
+                         f"count {args.model}'s shapes")
 
 
 # what --census counts is fixed (SD3.5-M or --tiny, 512 px, a sampling batch of 6 pairs, a micro-batch of 6, no
@@ -179,7 +208,7 @@ def check_speed_flags(args: argparse.Namespace) -> None:
     checkpointing or host-memory rollouts; a compile scope without --compile), by train.py's own check, named with
     the bench's flags."""
     from fdfo.bench.epoch import bench_config
-    from fdfo.config import _check_speed_options
+    from fdfo.config.checks import _check_speed_options
 
     if args.compile_backend is not None and not args.compile:
         raise ValueError(f"--compile-backend {args.compile_backend} says how --compile compiles: it needs --compile")
@@ -268,7 +297,7 @@ def write_census(args: argparse.Namespace) -> dict:
     """--census: the table on stdout, the record as JSON into --out."""
     from fdfo.bench.census import census, census_lines
 
-    record = census(args.precision, args.tiny, SpeedLevers.parse(args.levers), numerics_options(args))
+    record = census(args.precision, args.tiny, SpeedLevers.parse(args.levers), numerics_options(args), args.model)
     print("\n".join(census_lines(record)))
     if args.out:
         replaced = write_text(args.out, json.dumps(record, indent=1) + "\n")

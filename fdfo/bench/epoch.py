@@ -14,11 +14,12 @@ import torch
 
 from fdfo import compile as compile_cache
 from fdfo import distributed as dist
-from fdfo.bench.flops import PEAK_SOURCE, count_flops, flops_per_pair, peak_tflops, reward_flops
+from fdfo.bench.flops import PEAK_SOURCE, count_flops, flops_per_pair, peak_tflops, reward_flops, uses_cfg
 from fdfo.bench.models import StubReward, build_models, fake_encoder, model_configs
 from fdfo.bench.side import holding, side_model_bytes
 from fdfo.config import Config, Geometry, batch_geometry
 from fdfo.memory import training_activation_bytes
+from fdfo.models.sd3_speed import SpeedLevers
 from fdfo.phases import (
     build_training_set,
     rollout_dtypes,
@@ -27,7 +28,6 @@ from fdfo.phases import (
     timesteps_per_sample,
     train_phase,
 )
-from fdfo.sd3_speed import SpeedLevers
 
 PAPER_PAIRS_PER_EPOCH = 432
 PHASES = ("sample", "decode", "reward", "exchange", "train")
@@ -148,7 +148,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     geom = batch_geometry(cfg, dist.get_world_size())
     prompts = bench_prompts(geom.pairs_per_gpu)
     flops = reward_flops(args, prompts) | count_flops(args.tiny, args.resolution, cfg.lora_rank)
-    per_pair = flops_per_pair(flops, args.steps, args.guidance_scale, cfg.train.kl_weight, timesteps_per_sample(cfg))
+    per_pair = flops_per_pair(flops, args.steps, uses_cfg(args), cfg.train.kl_weight, timesteps_per_sample(cfg))
     return Setup(device, cfg, geom, prompts, flops, per_pair)
 
 
@@ -163,7 +163,7 @@ def speed_options(policy, cfg: Config, compile_backend: str | None = None) -> No
 def build(args: argparse.Namespace, setup: Setup) -> Models:
     """The models of the real shapes at random init, through SD3Policy.from_components and speed_options as train.py
     builds its policy; the optimizer, scaler and DDP wrapper as train.py makes them; the reward."""
-    from fdfo.sd3 import SD3Policy
+    from fdfo.models.sd3 import SD3Policy
     from fdfo.train_loop import amp_dtype
 
     device, cfg = setup.device, setup.cfg
@@ -196,7 +196,7 @@ def measure_epochs(args: argparse.Namespace, setup: Setup, models: Models, side_
     bytes per stored velocity element, read before the exchange frees the samples' copies). The reward is timed on
     the main thread: the whole scoring call, or with overlap its device-side parts (staging, the model forwards, and
     any wait for the worker's preparation); the worker's own time is hidden behind sampling."""
-    from fdfo.sd3 import SD3Policy
+    from fdfo.models.sd3 import SD3Policy
 
     policy, reward, cfg, geom = models.policy, models.reward, setup.cfg, setup.geom
     timed = ("stage", "score_components") if args.overlap_rewards else ("components",)

@@ -5,27 +5,29 @@ from __future__ import annotations
 
 import torch
 
-from fdfo.memory import TEXT_TOKENS
+from fdfo.models.sd3 import TEXT_TOKENS
 
 __all__ = ["TEXT_TOKENS", "StubReward", "build_models", "fake_encoder", "model_configs"]
 
 
-def model_configs(tiny: bool) -> tuple[dict, dict]:
-    """(transformer kwargs, VAE kwargs): SD3.5-Medium, or the tiny offline pipeline's (fdfo/tiny.py)."""
-    from fdfo import tiny as t
+def model_configs(tiny: bool, model: str = "sd35m") -> tuple[dict, dict]:
+    """(transformer kwargs, VAE kwargs): `model`'s real shapes (fdfo/models/shapes.py MODELS; default SD3.5-Medium),
+    or the tiny offline pipeline's (fdfo/models/tiny_sd3.py)."""
+    from fdfo.models import shapes, tiny_sd3
 
     if not tiny:
-        return t.SD35M_TRANSFORMER_CONFIG, t.SD35M_VAE_CONFIG
-    return t.TRANSFORMER_CONFIG, t.VAE_CONFIG
+        return shapes.MODELS[model][2], shapes.MODELS[model][3]
+    return tiny_sd3.TRANSFORMER_CONFIG, tiny_sd3.VAE_CONFIG
 
 
-def build_models(tiny: bool, device: torch.device):
-    """Random-init transformer and VAE, created directly on `device` (no CPU copy of the full model)."""
+def build_models(tiny: bool, device: torch.device, model: str = "sd35m"):
+    """Random-init SD3 transformer (`model`: sd35m or sd35l) and VAE, created directly on `device` (no CPU copy of the
+    full model)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # random-init models: no warnings about casting pretrained weights
-    tcfg, vcfg = model_configs(tiny)
+    tcfg, vcfg = model_configs(tiny, model)
     with torch.device(device):
         transformer = SD3Transformer2DModel(**tcfg)
         vae = AutoencoderKL(**vcfg)

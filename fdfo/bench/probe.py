@@ -108,7 +108,7 @@ def census_for(variant: pc.Variant, tiny: bool, census_dir: str | None) -> dict 
     """The census of the variant (kernel ops, casts, aten ops per call, and the cost model's milliseconds)."""
     if tiny:
         from fdfo.bench.census import census
-        from fdfo.sd3_speed import SpeedLevers
+        from fdfo.models.sd3_speed import SpeedLevers
 
         record = census(variant.precision, True, SpeedLevers.parse(variant.levers),
                         dict(fused_rms_norm=variant.fused_rms_norm,

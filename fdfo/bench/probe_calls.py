@@ -82,8 +82,8 @@ def build_base(tiny: bool, device: torch.device, dtype: torch.dtype = torch.bflo
 def build_policy(base: Base, variant: Variant):
     """The variant's policy, as train.py builds its own (module docstring)."""
     from fdfo.bench.epoch import speed_options
-    from fdfo.sd3 import SD3Policy
-    from fdfo.sd3_speed import SpeedLevers
+    from fdfo.models.sd3 import SD3Policy
+    from fdfo.models.sd3_speed import SpeedLevers
 
     rank, alpha = (8, 16.0) if base.tiny else (32, 64.0)  # the bench's (fdfo/bench/epoch.py bench_config)
     amp = AMP[variant.precision]

@@ -2,9 +2,10 @@
 
 PickScore_v1 is a fine-tune of laion's CLIP ViT-H/14, so its cost is that architecture's: a random-init
 `transformers.CLIPModel` of that config in fp32 (as rewards/clip.py loads it), a processor with the ViT-H/14
-processor's settings and the project's small offline CLIP tokenizer (fdfo/tiny.py), wrapped in the repository's own
-`rewards.clip.CLIPScorer` inside a `rewards.WeightedReward`, so that sample_phase runs the real stage / prepare /
-score steps (and `--reward.overlap-preprocessing`). The scores are meaningless; the timing is the real one.
+processor's settings and the project's small offline CLIP tokenizer (fdfo/models/tiny_text.py), wrapped in the
+repository's own `rewards.clip.CLIPScorer` inside a `rewards.WeightedReward`, so that sample_phase runs the real
+stage / prepare / score steps (and `--reward.overlap-preprocessing`). The scores are meaningless; the timing is the
+real one.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def clip_model(tiny: bool, tokenizer, device: torch.device | str, seed: int = 0)
 
 def pickscore_reward(tiny: bool, device: torch.device, chunk_size: int):
     """`WeightedReward` of one PickScore-shaped term (weight 1), its CLIP on `device`."""
-    from fdfo.tiny import tiny_clip_tokenizer
+    from fdfo.models.tiny_text import tiny_clip_tokenizer
     from rewards import Term, WeightedReward
     from rewards.clip import CLIPScorer
 
@@ -98,7 +99,7 @@ def count_flops(tiny: bool, prompts: list[str]) -> dict[str, float]:
     prompt at the length of `prompts` padded together (the scorer pads each chunk to its longest prompt)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fdfo.tiny import tiny_clip_tokenizer
+    from fdfo.models.tiny_text import tiny_clip_tokenizer
     from rewards.clip import CLIP_MAX_TOKENS
 
     tokenizer = tiny_clip_tokenizer()

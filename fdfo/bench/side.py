@@ -52,7 +52,7 @@ def side_model_bytes(tiny: bool, with_pickscore: bool) -> dict[str, int]:
     sizes = {"text_encoders": 2 * sum(parameter_count(m) for m in text_encoders(tiny))}
     if with_pickscore:
         from fdfo.bench.reward import clip_model
-        from fdfo.tiny import tiny_clip_tokenizer
+        from fdfo.models.tiny_text import tiny_clip_tokenizer
 
         sizes["pickscore"] = 4 * parameter_count(clip_model(tiny, tiny_clip_tokenizer(), "meta"))
     return sizes

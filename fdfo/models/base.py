@@ -1,5 +1,5 @@
-"""What every diffusers-pipeline policy shares: the dtype layout, decoding, text-encoder offload, speed options and the
-PEFT LoRA adapter (its init, fp32 parameters, saving and loading).
+"""What every diffusers-pipeline policy shares: the dtype layout, loading and freezing a pipeline, decoding,
+text-encoder offload, the speed options and the PEFT LoRA adapter (its init, fp32 parameters, saving and loading).
 
 A model module subclasses `PipelinePolicy` and adds what is its own: loading its pipeline, prompt encoding, the
 velocity, the latent shape and the sigma schedule. The frozen base is bf16 on CUDA and fp32 elsewhere; the LoRA
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 
 def base_dtype(device: torch.device) -> torch.dtype:
-    """The frozen base model's dtype: bf16 on CUDA (the published protocol), fp32 elsewhere (slow bf16 CPU kernels)."""
+    """The frozen base's default dtype: bf16 on CUDA (the authors'), float32 elsewhere (CPU has slow bf16 kernels)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -31,6 +31,19 @@ def freeze_pipeline(pipe):
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False).eval()
     return pipe
+
+
+def from_pretrained(pipeline_class, name: str, source: str, dtype: torch.dtype, what: str):
+    """`pipeline_class.from_pretrained(source)`; a model that cannot be loaded is one FileNotFoundError naming the fix
+    (`what`: the model family, e.g. "SD3", "FLUX")."""
+    try:
+        return pipeline_class.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as e:  # hub errors (offline, missing repo, gated) are OSError subclasses
+        raise FileNotFoundError(
+            f"could not load the {what} pipeline {name!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
+            f"Fix: pass --pretrained-model with a local folder, or log in and download it first "
+            f"(`hf download {name}`; a gated model needs its licence accepted on the model page)."
+        ) from None
 
 
 def add_lora(transformer: torch.nn.Module, targets: str | tuple[str, ...], rank: int, alpha: float):
@@ -47,43 +60,88 @@ def add_lora(transformer: torch.nn.Module, targets: str | tuple[str, ...], rank:
     return model
 
 
-def compile_each_block(blocks) -> None:
-    """torch.compile each block in place (regional compilation: one small graph reused by all blocks of a kind, so
-    compiling is quick and the LoRA wrapper and DDP stay eager)."""
-    import torch._dynamo
-
-    # the blocks share one code object: allow a graph per block kind x batch size x grad mode, not the default 8
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    for block in blocks:
-        block.compile()
-
-
 class PipelinePolicy:
-    """The shared half of a policy. A subclass sets `device`, `dtype`, `amp_dtype`, `pipe` (with `vae` and the text
-    encoders named in TEXT_ENCODERS) and `transformer` (the PEFT-wrapped network, or the plain one without a LoRA),
-    and defines `blocks()`, `velocity`, `encode`, `latent_shape` and `sigmas`."""
+    """The shared half of a policy. A subclass sets `device`, `dtype`, `amp_dtype`, `guidance_scale`, `pipe` (with
+    `vae` and the text encoders named in TEXT_ENCODERS) and `transformer` (the PEFT-wrapped network, or the plain one
+    without a LoRA), through `_load` or by hand, and defines `blocks()`, `velocity`, `encode`, `latent_shape`,
+    `sigmas`, `load_pipeline`, `resolution_multiple` and `activation_bytes` (the interface of
+    fdfo/models/__init__.py)."""
 
+    FAMILY = ""  # what a checkpoint records as its model ("model_family" in state.json)
+    PIPELINE = ""  # the diffusers pipeline class that samples it (generation, evaluation, export)
+    DEFAULT_GUIDANCE = 1.0  # --sample.guidance-scale / --guidance-scale when not given
+    AUTO_PRECISION = "fp16"  # what --train.precision auto means on CUDA (fp32 elsewhere)
     TEXT_ENCODERS: tuple[str, ...] = ()
+    LORA_TARGETS: str | tuple[str, ...] = ()  # the adapted Linear layers (peft target_modules)
+    levers = None  # the SD3 speed levers (fdfo/models/sd3_speed.py); None: the model has none
+
+    def _load(self, pretrained: str, device: torch.device, lora_rank: int | None, lora_alpha: float,
+              guidance_scale: float | None, amp_dtype: torch.dtype | None, dtype: torch.dtype | None) -> None:
+        """The start of every policy's __init__: the dtypes, the guidance (None: DEFAULT_GUIDANCE), the frozen
+        pipeline and its transformer with the LoRA of LORA_TARGETS (lora_rank None: the plain transformer)."""
+        self.device = device
+        self.dtype = dtype or base_dtype(device)
+        self.amp_dtype = amp_dtype
+        self.guidance_scale = self.DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+        self.pipe = self.load_pipeline(pretrained, device, self.dtype)
+        self.transformer = (self.pipe.transformer if lora_rank is None
+                            else add_lora(self.pipe.transformer, self.LORA_TARGETS, lora_rank, lora_alpha))
+        self._negative = None
+
+    @staticmethod
+    def uses_cfg(guidance_scale: float) -> bool:
+        """Whether this model at `guidance_scale` combines two forward passes per velocity (classifier-free guidance);
+        False unless the model says otherwise."""
+        return False
+
+    @property
+    def cfg(self) -> bool:
+        """Whether a velocity is a combination of two forward passes (classifier-free guidance): what the rollout
+        storage, the FLOP model and Flow-GRPO's detached unconditional half depend on."""
+        return self.uses_cfg(self.guidance_scale)
 
     def blocks(self) -> list[torch.nn.Module]:
-        """The transformer blocks, in order (what compile_each_block compiles)."""
+        """The transformer blocks, in order (what regional compilation compiles, what checkpointing recomputes)."""
         raise NotImplementedError
 
-    def speed_options(self, compile_blocks: bool = False, gradient_checkpointing: bool = False) -> None:
-        """Opt-in speed / memory options (both off by default; the math is unchanged).
+    @classmethod
+    def pipeline_class(cls):
+        import diffusers
 
-        compile_blocks: torch.compile each transformer block in place (regional compilation).
+        return getattr(diffusers, cls.PIPELINE)
+
+    def speed_options(self, compile_blocks: bool = False, gradient_checkpointing: bool = False,
+                      compile_scope: str = "blocks", fused_rms_norm: bool = False,
+                      compute_dtype_modulation: bool = False, compile_backend: str | None = None) -> None:
+        """Opt-in speed / memory options (all off by default).
+
+        compile_blocks: torch.compile the transformer (fdfo/compile.py): each block in place (compile_scope "blocks",
+        regional compilation: one small graph reused by all blocks of a kind, so compiling is quick and the LoRA
+        wrapper, CFG and DDP stay eager) or its whole forward ("transformer"), the batch dimension dynamic.
         gradient_checkpointing: recompute each block's activations in the backward pass (non-reentrant, so the
         LoRA parameters inside get their gradients although the block inputs do not require grad).
+        fused_rms_norm, compute_dtype_modulation: kernels that move rounding (fdfo/fused.py), applied to the model
+        itself, so sampling and training share them.
         """
+        base = self.pipe.transformer
         if gradient_checkpointing:
-            self.pipe.transformer.enable_gradient_checkpointing()
+            base.enable_gradient_checkpointing()
+        if fused_rms_norm or compute_dtype_modulation:
+            from fdfo.fused import apply_numerics_options
+
+            apply_numerics_options(base, fused_rms_norm, compute_dtype_modulation)
         if compile_blocks:
-            compile_each_block(self.blocks())
+            from fdfo.compile import compile_transformer
+
+            compile_transformer(base, compile_scope, compile_backend, self.blocks())
 
     # -- decoding and the text encoders --------------------------------------------------------------------------------
+
+    def negative(self) -> dict[str, torch.Tensor]:
+        """Empty-prompt embedding `[1, ...]` (the unconditional half of CFG), encoded once."""
+        if getattr(self, "_negative", None) is None:
+            self._negative = self.encode([""])
+        return self._negative
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
@@ -93,8 +151,9 @@ class PipelinePolicy:
         clamped, under the training autocast as the authors run them (fp16 by default: the VAE's first layer sees
         fp16 latents, and the images come out with fp16 values); without autocast in the VAE's own dtype.
 
-        batch_size: images per VAE call (--sample.decode-batch-size); default all B at once. Every operation of the
-        VAE decoder works per image, so smaller calls only lower the peak memory of the decode.
+        batch_size: images per VAE call (--sample.decode-batch-size, 1 by default as the authors' training); None: all
+        B at once. Every operation of the VAE decoder works per image, so the batch size changes the decode's peak
+        memory and the kernels' rounding (docs/performance.md), not the math.
         """
         vae = self.pipe.vae
         latents = latents.float() / vae.config.scaling_factor + vae.config.shift_factor
@@ -124,9 +183,9 @@ class PipelinePolicy:
 
     @property
     def input_dtype(self) -> torch.dtype:
-        """The dtype the transformer's first layer computes in: the autocast dtype when there is one, else the
-        model's. A state rounded to it is exactly what the network sees, so rollouts store states in this dtype
-        (fdfo/phases.py:rollout_dtypes)."""
+        """The dtype the transformer's first layer computes in: the autocast dtype when there is one (the authors keep
+        states in fp32 and autocast rounds them to fp16 on entry), else the model's. A state rounded to it is exactly
+        what the network sees, so rollouts store states in this dtype (fdfo/phases.py:rollout_dtypes)."""
         return self.amp_dtype or self.dtype
 
     def base_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -160,3 +219,5 @@ class PipelinePolicy:
                              f"unexpected {list(result.unexpected_keys)[:3]}")
         for p in self.trainable_parameters():
             p.data = p.data.float()
+        if self.levers is not None:
+            self.levers.drop_casts()

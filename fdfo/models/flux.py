@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fdfo.models.base import PipelinePolicy, add_lora, base_dtype, freeze_pipeline
+from fdfo.models.base import PipelinePolicy, add_lora, freeze_pipeline, from_pretrained
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
@@ -88,15 +88,7 @@ def load_pipeline(name: str, device: torch.device, dtype: torch.dtype):
     from fdfo.models.tiny_flux import TINY_FLUX, tiny_flux_path
 
     source = str(tiny_flux_path()) if name == TINY_FLUX else name
-    try:
-        pipe = FluxPipeline.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as e:  # hub errors (offline, missing repo, gated) are OSError subclasses
-        raise FileNotFoundError(
-            f"could not load the FLUX pipeline {name!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}\n"
-            f"Fix: pass --pretrained-model with a local folder, or log in and download it first "
-            f"(`hf download {name}`; FLUX.1-dev is gated: accept its licence on the model page)."
-        ) from None
-    return freeze_pipeline(pipe).to(device)
+    return freeze_pipeline(from_pretrained(FluxPipeline, name, source, dtype, "FLUX")).to(device)
 
 
 class FluxPolicy(PipelinePolicy):
@@ -107,21 +99,23 @@ class FluxPolicy(PipelinePolicy):
     scale: one forward pass per velocity whatever its value, so `cfg` is False.
     """
 
+    FAMILY, PIPELINE = "flux", "FluxPipeline"
+    DEFAULT_GUIDANCE = DEFAULT_GUIDANCE
+    AUTO_PRECISION = "bf16"  # --train.precision auto on CUDA: FLUX.1-dev is a bf16 model (fp16 overflows it)
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-    cfg = False  # the velocity is one network output, never a combination of two (what a CFG scale != 1 means for SD3)
+    load_pipeline = staticmethod(load_pipeline)
+    LORA_TARGETS = LORA_TARGETS
+    # `cfg` stays False: the velocity is one network output, never a combination of two (what a CFG scale != 1 means
+    # for SD3)
 
     def __init__(self, pretrained: str, device: torch.device, lora_rank: int | None, lora_alpha: float = 0.0,
-                 guidance_scale: float = DEFAULT_GUIDANCE, amp_dtype: torch.dtype | None = None):
-        """lora_rank None: no trainable adapter, `transformer` is the plain pipeline transformer."""
-        self.device = device
-        self.dtype = base_dtype(device)
-        self.amp_dtype = amp_dtype
-        self.guidance_scale = guidance_scale
-        self.pipe = load_pipeline(pretrained, device, self.dtype)
-        self.transformer = (self.pipe.transformer if lora_rank is None
-                            else add_lora(self.pipe.transformer, LORA_TARGETS, lora_rank, lora_alpha))
+                 guidance_scale: float | None = None, amp_dtype: torch.dtype | None = None,
+                 dtype: torch.dtype | None = None):
+        """lora_rank None: no trainable adapter, `transformer` is the plain pipeline transformer. guidance_scale: the
+        distilled guidance (None: 3.5, FluxPipeline's default). dtype: of the frozen base; default bf16 on CUDA,
+        float32 elsewhere."""
+        self._load(pretrained, device, lora_rank, lora_alpha, guidance_scale, amp_dtype, dtype)
         self.latent_channels = self.pipe.transformer.config.in_channels // 4
-        self._negative = None
 
     def blocks(self) -> list[torch.nn.Module]:
         base = self.pipe.transformer
@@ -135,15 +129,14 @@ class FluxPolicy(PipelinePolicy):
                                                     num_images_per_prompt=1, max_sequence_length=T5_MAX_LENGTH)
         return {"embeds": embeds, "pooled": pooled}
 
-    def negative(self) -> dict[str, torch.Tensor]:
-        """Empty-prompt embedding `[1, ...]`, encoded once (FLUX's velocity never uses it: no CFG)."""
-        if self._negative is None:
-            self._negative = self.encode([""])
-        return self._negative
+    @staticmethod
+    def resolution_multiple(pipe) -> int:
+        """Image sides are a whole number of 2 x 2 patches of the latent (16 px)."""
+        return pipe.vae_scale_factor * 2
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """The unpacked latent `(16, H/8, W/8)` of a square image; the side must be a whole number of 2 x 2 patches."""
-        factor = self.pipe.vae_scale_factor * 2
+        factor = self.resolution_multiple(self.pipe)
         if resolution < factor or resolution % factor:
             raise ValueError(f"--sample.resolution {resolution} must be a positive multiple of {factor}")
         side = resolution // self.pipe.vae_scale_factor
@@ -194,3 +187,54 @@ class FluxPolicy(PipelinePolicy):
                          txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device), img_ids=image_ids(h, w, x.device),
                          return_dict=False)[0]
         return unpack_latents(out.float(), h, w)
+
+    # -- memory --------------------------------------------------------------------------------------------------------
+
+    def activation_bytes(self, batch: int, resolution: int, lora_rank: int, checkpointing: bool) -> int:
+        """fdfo/memory.py's estimate for one training micro-batch of this policy (its transformer config, dtypes)."""
+        return activation_bytes(dict(self.pipe.transformer.config), batch=batch,
+                                latent_side=self.latent_shape(resolution)[-1], model_dtype=self.dtype,
+                                amp_dtype=self.amp_dtype, lora_rank=lora_rank, checkpointing=checkpointing)
+
+
+def meta_lora_model(config: dict, lora_rank: int, model_dtype: torch.dtype, amp_dtype: torch.dtype | None = None,
+                    levers=None) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """(the FLUX transformer of `config` on the meta device with the policy's LoRA, alpha 2 r; its double- and
+    single-stream blocks): what the activation estimate and the bench's FLOP model run. FLUX has no speed levers
+    (`amp_dtype`, `levers` are accepted for the interface)."""
+    from diffusers import FluxTransformer2DModel
+
+    from fdfo.memory import meta_model
+
+    base = meta_model(FluxTransformer2DModel, config, model_dtype)
+    with torch.device("meta"):
+        model = add_lora(base, LORA_TARGETS, lora_rank, 2.0 * lora_rank)
+    return model, [*base.transformer_blocks, *base.single_transformer_blocks]
+
+
+def meta_inputs(config: dict, rows: int, latent_side: int, dtype: torch.dtype,
+                text_tokens: int = T5_MAX_LENGTH) -> dict:
+    """A training forward's inputs on the meta device: the unpacked `[rows, 16, side, side]` latent's packed tokens, the
+    timestep and guidance, the pooled CLIP prompt and `text_tokens` T5 states, and the position ids."""
+    meta = torch.device("meta")
+    with meta:
+        return dict(hidden_states=torch.empty(rows, (latent_side // 2) ** 2, config["in_channels"], dtype=dtype),
+                    timestep=torch.empty(rows, dtype=dtype),
+                    guidance=torch.empty(rows) if config.get("guidance_embeds") else None,
+                    pooled_projections=torch.empty(rows, config["pooled_projection_dim"], dtype=dtype),
+                    encoder_hidden_states=torch.empty(rows, text_tokens, config["joint_attention_dim"], dtype=dtype),
+                    txt_ids=torch.zeros(text_tokens, 3), img_ids=image_ids(latent_side, latent_side, meta))
+
+
+def activation_bytes(config: dict, *, batch: int, latent_side: int, model_dtype: torch.dtype,
+                     amp_dtype: torch.dtype | None, lora_rank: int, checkpointing: bool = False,
+                     text_tokens: int = T5_MAX_LENGTH, float32_ops: frozenset[str] | None = None) -> int:
+    """Estimated bytes autograd keeps for one training forward of `batch` items through the FLUX transformer of
+    `config` (diffusers `FluxTransformer2DModel` kwargs) with the LoRA of LORA_TARGETS (no speed levers): unpacked
+    latents `[batch, 16, latent_side, latent_side]` packed into tokens, `text_tokens` T5 tokens, one forward per item
+    (no CFG). Counted on the meta device (fdfo/memory.py); with checkpointing, both block kinds are recomputed."""
+    from fdfo.memory import saved_bytes
+
+    model, blocks = meta_lora_model(config, lora_rank, model_dtype)
+    inputs = meta_inputs(config, batch, latent_side, model_dtype, text_tokens)
+    return saved_bytes(model, blocks, inputs, amp_dtype, checkpointing, float32_ops)

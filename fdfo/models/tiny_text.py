@@ -1,10 +1,6 @@
-"""A tiny Stable Diffusion 3 pipeline of the real architecture, built offline for tests and smoke runs.
-
-Every component is the real diffusers / transformers class (SD3 MMDiT, 16-channel VAE, two CLIP text encoders with
-projection, T5 encoder, flow-matching Euler scheduler), only shrunk, and the three tokenizers are trained in-process
-on a small built-in English text. The folder written by `build_tiny_sd3` loads with
-`StableDiffusion3Pipeline.from_pretrained(folder)` exactly as `stabilityai/stable-diffusion-3.5-medium` does, so code
-under test takes the same path as a real run. Pass `--pretrained-model builtin:tiny-sd3` (see `resolve_builtin`).
+"""The tiny text side shared by the built-in tiny models (fdfo/models/tiny_sd3.py, fdfo/models/tiny_flux.py): a CLIP
+and a T5 tokenizer trained in-process on a small built-in English text, and narrow CLIP and T5 encoders of the real
+transformers classes. Deterministic: the same tokenizers and (for a seeded RNG) the same weights in every process.
 """
 
 from __future__ import annotations
@@ -13,16 +9,7 @@ import collections
 import functools
 import io
 import itertools
-import os
-import pathlib
-import shutil
 import string
-import tempfile
-
-import torch
-
-TINY_SD3 = "builtin:tiny-sd3"
-_CACHE_NAME = "tiny-sd3-v2"  # bump the suffix whenever the built weights or configs change
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _CLIP_MAX_LENGTH = 77
@@ -231,22 +218,15 @@ def tiny_t5_tokenizer():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Models. Widths differ on purpose (CLIP 32 and 48, T5 96, MMDiT 32) so a mixed-up dimension fails loudly; the CLIP
-# widths sum to less than T5's as in SD3 (768 + 1280 < 4096), so the zero-padding path of encode_prompt is exercised.
+# Text encoders. Widths differ on purpose (CLIP 32 and 48, T5 96, the tiny transformers 32) so a mixed-up dimension
+# fails loudly; the CLIP widths sum to less than T5's as in SD3 (768 + 1280 < 4096), so the zero-padding path of SD3's
+# encode_prompt is exercised.
 
-_CLIP_WIDTHS = (32, 48)  # hidden size = projection dim, as in CLIP-L/14 and CLIP-bigG/14
-_T5_WIDTH = 96
-_HEADS, _HEAD_DIM = 2, 16
-_ADALN_GAIN, _TEXT_GAIN, _TIME_GAIN = 2.0, 2.0, 4.0  # see _amplify_conditioning
-_DECODER_GAIN = 1.5  # random decoder output std 0.4 -> 0.6 in [-1, 1]: latents give visibly different images
-# Residual branches of the decoder (resnet conv2, attention output) are damped so that the decoder is close to a fixed
-# linear map followed by one normalisation: the gradient of an image colour statistic w.r.t. the latent then points the
-# same way for every latent (cosine ~0.8 between random latents, against ~0.1 at default init), and analytic colour
-# rewards are learnable within a few smoke epochs, as they are for a real VAE.
-_DECODER_RESIDUAL_GAIN = 0.05
+CLIP_WIDTHS = (32, 48)  # hidden size = projection dim, as in CLIP-L/14 and CLIP-bigG/14
+T5_WIDTH = 96
 
 
-def _clip_text_encoder(tokenizer, width: int, hidden_act: str, projection_dim: int | None = None):
+def clip_text_encoder(tokenizer, width: int, hidden_act: str, projection_dim: int | None = None):
     """CLIP text tower with projection; 2 layers because SD3 reads the penultimate hidden state."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -266,7 +246,7 @@ def _clip_text_encoder(tokenizer, width: int, hidden_act: str, projection_dim: i
     return CLIPTextModelWithProjection(config).eval()
 
 
-def _t5_encoder(tokenizer, d_model: int = _T5_WIDTH):
+def t5_encoder(tokenizer, d_model: int = T5_WIDTH):
     """T5 v1.1-style encoder (gated GELU) as used by SD3, only narrow and two layers deep."""
     from transformers import T5Config, T5EncoderModel
 
@@ -274,7 +254,7 @@ def _t5_encoder(tokenizer, d_model: int = _T5_WIDTH):
         vocab_size=len(tokenizer),
         d_model=d_model,
         d_kv=16,
-        d_ff=2 * _T5_WIDTH,
+        d_ff=2 * T5_WIDTH,
         num_layers=2,
         num_heads=2,
         feed_forward_proj="gated-gelu",
@@ -283,185 +263,3 @@ def _t5_encoder(tokenizer, d_model: int = _T5_WIDTH):
         eos_token_id=tokenizer.eos_token_id,
     )
     return T5EncoderModel(config).eval()
-
-
-def _amplify_conditioning(transformer) -> None:
-    """Scale up the random weights that carry the timestep and the prompt.
-
-    At PyTorch's default init the AdaLN modulations and the text embedders are so small that the velocity barely
-    depends on t or the prompt (output differences ~0.03-0.05 against an output std of 0.55), so a prompt-dependent
-    reward would see nearly the same image for every prompt. With these gains the tiny model's velocity depends on
-    x, t and the prompt about equally (differences ~0.66, 0.39 and 0.64; output std 0.68).
-    """
-    gains = {
-        ("norm1.linear", "norm1_context.linear", "norm_out.linear"): _ADALN_GAIN,
-        ("context_embedder", "text_embedder.linear_1", "text_embedder.linear_2"): _TEXT_GAIN,
-        ("timestep_embedder.linear_1",): _TIME_GAIN,
-    }
-    with torch.no_grad():
-        for name, module in transformer.named_modules():
-            for suffixes, gain in gains.items():
-                if isinstance(module, torch.nn.Linear) and name.endswith(suffixes):
-                    module.weight.mul_(gain)
-
-
-# The tiny transformer and VAE configs (also used by fdfo.bench --tiny).
-TRANSFORMER_CONFIG = dict(
-    sample_size=8,  # latent side, so the pipeline's default resolution is 8 * 8 = 64 px
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=2,
-    attention_head_dim=_HEAD_DIM,
-    num_attention_heads=_HEADS,
-    joint_attention_dim=_T5_WIDTH,
-    caption_projection_dim=_HEADS * _HEAD_DIM,
-    pooled_projection_dim=sum(_CLIP_WIDTHS),
-    pos_embed_max_size=32,  # up to 32 x 32 patches, i.e. 512 px
-    dual_attention_layers=(0,),
-    qk_norm="rms_norm",
-)
-VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=16,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 16, 16, 16),
-    layers_per_block=1,
-    norm_num_groups=4,
-    sample_size=64,
-    scaling_factor=1.5305,
-    shift_factor=0.0609,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
-
-
-def _transformer():
-    """MMDiT-X like SD3.5 Medium (QK RMS-norm, dual attention in the first block), 2 blocks of 2 x 16-dim heads."""
-    from diffusers import SD3Transformer2DModel
-
-    transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
-    _amplify_conditioning(transformer)
-    return transformer
-
-
-def _vae():
-    """16-channel KL autoencoder with 4 resolution levels (scale factor 8) and SD3's latent scale and shift."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(**VAE_CONFIG)
-    with torch.no_grad():
-        vae.decoder.conv_out.weight.mul_(_DECODER_GAIN)
-        for name, module in vae.decoder.named_modules():
-            if name.endswith(("conv2", "to_out.0")):
-                module.weight.mul_(_DECODER_RESIDUAL_GAIN)
-                module.bias.mul_(_DECODER_RESIDUAL_GAIN)
-    return vae.eval()
-
-
-def _pipeline():
-    """All SD3 components at random init, wired into a StableDiffusion3Pipeline (global RNG already seeded)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    tokenizer, tokenizer_2, tokenizer_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!"), tiny_t5_tokenizer()
-    return StableDiffusion3Pipeline(
-        transformer=_transformer(),
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=_vae(),
-        text_encoder=_clip_text_encoder(tokenizer, _CLIP_WIDTHS[0], "quick_gelu"),
-        tokenizer=tokenizer,
-        text_encoder_2=_clip_text_encoder(tokenizer_2, _CLIP_WIDTHS[1], "gelu"),
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=_t5_encoder(tokenizer_3),
-        tokenizer_3=tokenizer_3,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# SD3.5-Medium's own transformer and VAE at random init (benchmarks and GPU checks: real shapes, no download).
-
-RANDOM_SD35M = "builtin:random-sd35m"
-# stabilityai/stable-diffusion-3.5-medium: transformer/config.json and vae/config.json
-SD35M_TRANSFORMER_CONFIG = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)
-SD35M_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-    use_post_quant_conv=False,
-)
-SD35M_CLIP_PROJECTIONS = (768, 1280)  # pooled width 2048, as CLIP-L/14 + CLIP-bigG/14
-
-
-def random_sd35m_pipeline(device: torch.device, seed: int = 0):
-    """`builtin:random-sd35m`: SD3.5-Medium's transformer and VAE configs at random init, created directly on
-    `device`, with small random text encoders of the real output widths (CLIP projections 768 + 1280, T5 width 4096)
-    and the tiny tokenizers. fp32; the caller casts. Same weights for the same seed; the caller's RNG is untouched."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-
-    device = torch.device(device)
-    tokenizer, tokenizer_2, tokenizer_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!"), tiny_t5_tokenizer()
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), torch.device(device):
-        torch.manual_seed(seed)
-        return StableDiffusion3Pipeline(
-            transformer=SD3Transformer2DModel(**SD35M_TRANSFORMER_CONFIG),
-            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-            vae=AutoencoderKL(**SD35M_VAE_CONFIG),
-            text_encoder=_clip_text_encoder(tokenizer, _CLIP_WIDTHS[0], "quick_gelu", SD35M_CLIP_PROJECTIONS[0]),
-            tokenizer=tokenizer,
-            text_encoder_2=_clip_text_encoder(tokenizer_2, _CLIP_WIDTHS[1], "gelu", SD35M_CLIP_PROJECTIONS[1]),
-            tokenizer_2=tokenizer_2,
-            text_encoder_3=_t5_encoder(tokenizer_3, d_model=SD35M_TRANSFORMER_CONFIG["joint_attention_dim"]),
-            tokenizer_3=tokenizer_3,
-        )
-
-
-def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
-    """Build the tiny pipeline into `out_dir` (2.5 MB, ~1 s) unless it is already there; return the folder.
-
-    Weights come from `torch.manual_seed(seed)` inside a forked RNG, so the caller's random state is untouched and
-    equal seeds give identical weights. The folder is written under a temporary sibling name and renamed into place,
-    so a crash or a concurrent builder never leaves a half-written model: if another process renames first, its
-    (identical) build is kept and ours is discarded.
-    """
-    out_dir = pathlib.Path(out_dir)
-    if (out_dir / "model_index.json").exists():
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the renamed folder should read like any other model folder
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            _pipeline().save_pretrained(tmp)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError as err:  # another builder renamed first (fine), or out_dir holds something else (not fine)
-            if not (out_dir / "model_index.json").exists():
-                raise FileExistsError(f"{out_dir} exists but holds no model_index.json; delete it and retry") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
-    return out_dir
-
-
-def tiny_sd3_path() -> pathlib.Path:
-    """The shared cached build: $FDFO_TINY_CACHE/<name>, default ~/.cache/fdfo/<name> (name: _CACHE_NAME); built if
-    missing."""
-    parent = os.environ.get("FDFO_TINY_CACHE") or pathlib.Path.home() / ".cache" / "fdfo"
-    return build_tiny_sd3(pathlib.Path(parent) / _CACHE_NAME)
-
-
-def resolve_builtin(name: str) -> str:
-    """Map `builtin:tiny-sd3` to the local folder of the tiny pipeline; pass any other model name through."""
-    return str(tiny_sd3_path()) if name == TINY_SD3 else name
