@@ -133,13 +133,12 @@ class BaseModel:
     def __init__(self, pretrained_model: str, device: torch.device, dtype: torch.dtype | None = None):
         """dtype: of the base weights; default bf16 on CUDA (the published protocol), float32 elsewhere (CPU has slow
         bf16 kernels); the LoRA weights stay fp32 either way."""
+        from fdfo.models.base import base_dtype
         from fdfo.models.registry import load_pipeline
 
         self.pretrained_model = pretrained_model
         self.device = device
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.dtype = dtype
+        self.dtype = dtype or base_dtype(device)
         self.pipe = load_pipeline(pretrained_model, device, self.dtype)
         self.transformer = self.pipe.transformer
         self._names: dict[str, str] = {}  # adapter file -> adapter name in the transformer
@@ -242,9 +241,10 @@ class ImageSampler:
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], batch_size: int | None = None) -> torch.Tensor:
         """Images for `prompts[i]` from `seeds[i]`: `[B, 3, H, W]` in [0, 1] on CPU in the pipeline's output dtype
-        (bf16 on CUDA, float32 on CPU; round them with fdfo.images.to_uint8, as the metrics do), each what
-        `StableDiffusion3Pipeline.__call__` gives for that prompt with `torch.Generator().manual_seed(seeds[i] %
-        2**31)`. batch_size: images per pipeline call (default: all at once); it does not change the images."""
+        (bf16 on CUDA, float32 on CPU; round them with fdfo.images.to_uint8, as the metrics do), each what the model's
+        pipeline (`StableDiffusion3Pipeline` or `FluxPipeline`) gives for that prompt with
+        `torch.Generator().manual_seed(seeds[i] % 2**31)`. batch_size: images per pipeline call (default: all at once);
+        it does not change the images."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per image")
         if not prompts:

@@ -79,14 +79,24 @@ class PipelinePolicy:
               guidance_scale: float | None, amp_dtype: torch.dtype | None, dtype: torch.dtype | None) -> None:
         """The start of every policy's __init__: the dtypes, the guidance (None: DEFAULT_GUIDANCE), the frozen
         pipeline and its transformer with the LoRA of LORA_TARGETS (lora_rank None: the plain transformer)."""
+        self._settings(device, guidance_scale, amp_dtype, dtype)
+        self._adapt(self.load_pipeline(pretrained, device, self.dtype), lora_rank, lora_alpha)
+
+    def _settings(self, device: torch.device, guidance_scale: float | None, amp_dtype: torch.dtype | None,
+                  dtype: torch.dtype | None) -> None:
+        """The device, the base's dtype (None: `base_dtype`), the autocast dtype and the guidance (None:
+        DEFAULT_GUIDANCE)."""
         self.device = device
         self.dtype = dtype or base_dtype(device)
         self.amp_dtype = amp_dtype
         self.guidance_scale = self.DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
-        self.pipe = self.load_pipeline(pretrained, device, self.dtype)
-        self.transformer = (self.pipe.transformer if lora_rank is None
-                            else add_lora(self.pipe.transformer, self.LORA_TARGETS, lora_rank, lora_alpha))
         self._negative = None
+
+    def _adapt(self, pipe, lora_rank: int | None, lora_alpha: float) -> None:
+        """Hold `pipe` and its transformer with the LoRA of LORA_TARGETS (lora_rank None: the plain transformer)."""
+        self.pipe = pipe
+        self.transformer = (pipe.transformer if lora_rank is None
+                            else add_lora(pipe.transformer, self.LORA_TARGETS, lora_rank, lora_alpha))
 
     @staticmethod
     def uses_cfg(guidance_scale: float) -> bool:

@@ -75,6 +75,11 @@ def schedule_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int
     return image_seq_len * slope + (base_shift - slope * base_seq_len)
 
 
+def flux_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """A FLUX transformer's blocks in order: the double-stream ones, then the single-stream ones."""
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
 def pipeline_timestep(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The `timestep` FluxPipeline gives its transformer at noise level sigma `[B]`: its scheduler timestep 1000 sigma
     (float32) cast to the latents' dtype (the model's), then divided by 1000 in that dtype."""
@@ -118,8 +123,7 @@ class FluxPolicy(PipelinePolicy):
         self.latent_channels = self.pipe.transformer.config.in_channels // 4
 
     def blocks(self) -> list[torch.nn.Module]:
-        base = self.pipe.transformer
-        return [*base.transformer_blocks, *base.single_transformer_blocks]
+        return flux_blocks(self.pipe.transformer)
 
     # -- prompts, latents and the schedule -----------------------------------------------------------------------------
 
@@ -209,7 +213,7 @@ def meta_lora_model(config: dict, lora_rank: int, model_dtype: torch.dtype, amp_
     base = meta_model(FluxTransformer2DModel, config, model_dtype)
     with torch.device("meta"):
         model = add_lora(base, LORA_TARGETS, lora_rank, 2.0 * lora_rank)
-    return model, [*base.transformer_blocks, *base.single_transformer_blocks]
+    return model, flux_blocks(base)
 
 
 def meta_inputs(config: dict, rows: int, latent_side: int, dtype: torch.dtype,

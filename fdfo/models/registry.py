@@ -61,8 +61,7 @@ def family_name(pretrained_model: str) -> str:
 
 def policy_class(family: str):
     """The policy class of a family ("sd3", "flux"): its constructor, load_pipeline, DEFAULT_GUIDANCE, PIPELINE..."""
-    module, name = FAMILIES[family]
-    return getattr(importlib.import_module(module), name)
+    return getattr(family_module(family), FAMILIES[family][1])
 
 
 def family_module(family: str):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fdfo.models.base import PipelinePolicy, base_dtype, freeze_pipeline, from_pretrained
+from fdfo.models.base import PipelinePolicy, freeze_pipeline, from_pretrained
 from fdfo.models.base import add_lora as add_lora_to
 from fdfo.models.sd3_speed import LeverRuntime, SpeedLevers
 
@@ -86,18 +86,14 @@ class SD3Policy(PipelinePolicy):
         import types
 
         self = cls.__new__(cls)
-        self.device = device
-        self.dtype = dtype or base_dtype(device)
-        self.amp_dtype = amp_dtype
-        self.guidance_scale = cls.DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+        self._settings(device, guidance_scale, amp_dtype, dtype)
         for module in (transformer, vae):
             module.requires_grad_(False).eval().to(device=device, dtype=self.dtype)
-        self.pipe = types.SimpleNamespace(transformer=transformer, vae=vae, scheduler=scheduler,
-                                          vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
-        self.transformer = transformer if lora_rank is None else add_lora(transformer, lora_rank, lora_alpha)
+        self._adapt(types.SimpleNamespace(transformer=transformer, vae=vae, scheduler=scheduler,
+                                          vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1)),
+                    lora_rank, lora_alpha)
         self.levers = LeverRuntime(self.transformer, amp_dtype, levers or SpeedLevers())
         self.latent_channels = transformer.config.in_channels
-        self._negative = None
         self._encode_fn = encode_fn
         return self
 
@@ -158,7 +154,7 @@ class SD3Policy(PipelinePolicy):
         """
         module = module or self.transformer
         embeds, pooled = cond["embeds"], cond["pooled"]
-        if self.guidance_scale != 1.0:
+        if self.cfg:
             neg = self.negative()
             batch = len(x)
             x = torch.cat([x, x])
@@ -170,7 +166,7 @@ class SD3Policy(PipelinePolicy):
                        encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
             if self.amp_dtype is None:
                 v = v.float()
-            if self.guidance_scale != 1.0:
+            if self.cfg:
                 v_uncond, v_cond = v.chunk(2)
                 if detach_uncond:
                     v_uncond = v_uncond.detach()
