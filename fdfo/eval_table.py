@@ -7,13 +7,14 @@ from fdfo import stats
 from fdfo.errors import RunError
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
+def fmt_score(value: float | None, digits: int = 4) -> str:
+    """A mean as metrics.py's table and the held-out evaluation's line print it ("nan": no finite score)."""
     return f"{value:.{digits}f}" if value is not None else "nan"
 
 
 def _fmt_interval(interval: list) -> str:
     low, high = interval
-    return "n/a" if low is None else f"[{_fmt(low)}, {_fmt(high)}]"
+    return "n/a" if low is None else f"[{fmt_score(low)}, {fmt_score(high)}]"
 
 
 def _fmt_p(p: float | None) -> str:
@@ -35,7 +36,7 @@ def nonfinite_notes(results: dict, label: str = "") -> list[str]:
 def format_table(results: dict) -> str:
     lines = [f"{'metric':<20} {'mean':>12} {'95% CI':>25} {'n':>7}"]
     for name, s in results["stats"].items():
-        lines.append(f"{name:<20} {_fmt(s['mean']):>12} {_fmt_interval(s['ci95']):>25} {s['n']:>7}")
+        lines.append(f"{name:<20} {fmt_score(s['mean']):>12} {_fmt_interval(s['ci95']):>25} {s['n']:>7}")
     lines.append(f"({results['num_prompts']:,} prompts x {results['num_repeats']} of {results['prompt_set']}, "
                  f"{results['checkpoint']}, {results['elapsed_s']:.0f} s; CI: t-interval over prompts, n = prompts)")
     return "\n".join(lines + nonfinite_notes(results))
@@ -47,8 +48,8 @@ def format_comparison(results: dict) -> str:
              f"B: {b['checkpoint']} (guidance {b['guidance_scale']:g})",
              f"{'metric':<20} {'A':>10} {'B':>10} {'A - B':>10} {'95% CI of A - B':>25} {'p':>9} {'n':>7}"]
     for name, d in results["difference"].items():
-        lines.append(f"{name:<20} {_fmt(a['stats'][name]['mean']):>10} {_fmt(b['stats'][name]['mean']):>10} "
-                     f"{_fmt(d['mean_difference']):>10} {_fmt_interval(d['ci95']):>25} {_fmt_p(d['p_value']):>9} "
+        lines.append(f"{name:<20} {fmt_score(a['stats'][name]['mean']):>10} {fmt_score(b['stats'][name]['mean']):>10} "
+                     f"{fmt_score(d['mean_difference']):>10} {_fmt_interval(d['ci95']):>25} {_fmt_p(d['p_value']):>9} "
                      f"{d['n']:>7}")
     lines.append(f"({a['num_prompts']:,} prompts x {a['num_repeats']} of {a['prompt_set']}, the same seeds for A and "
                  f"B; p: {stats.PAIRED_TEST})")

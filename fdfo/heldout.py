@@ -28,6 +28,7 @@ import torch
 
 from fdfo import distributed as dist
 from fdfo.checkpoints import BEST_FILE, checkpoint_dir
+from fdfo.eval_table import fmt_score
 from fdfo.files import write_json_atomic
 from fdfo.heldout_config import HELDOUT_KEY, PICKSCORE_TEST
 from fdfo.runlog import LOG_FILE, read_records
@@ -199,7 +200,7 @@ class Heldout:
         record = dist.broadcast_object(record)
         self.records.append(record)
         ci = record["heldout_reward_ci95"]
-        dist.print0(f"held-out epoch {epoch}: reward {_fmt(record[HELDOUT_KEY])}"
+        dist.print0(f"held-out epoch {epoch}: reward {fmt_score(record[HELDOUT_KEY])}"
                     f"{f' +- {ci:.4f}' if ci is not None else ''} ({len(self.plan.prompts)} prompts, "
                     f"{record['time_heldout']:.1f}s)")
         return record
@@ -242,10 +243,6 @@ def heldout_record(epoch: int, names: tuple[str, ...], scores: torch.Tensor, ela
             low, high = summary["ci95"]
             record["heldout_reward_ci95"] = None if low is None else (high - low) / 2
     return record | {"heldout_num_prompts": scores.shape[0], "time_heldout": round(elapsed, 3)}
-
-
-def _fmt(value: float | None) -> str:
-    return "nan" if value is None else f"{value:.4f}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
