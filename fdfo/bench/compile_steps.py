@@ -4,28 +4,14 @@ alone, the whole transformer as --train.compile compiles it, and its warm start 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from fdfo.bench import probe_calls as pc
-from fdfo.outputs import write_text
 
 MODES = {"block-default": "default", "block-max-autotune": "max-autotune-no-cudagraphs"}
-
-
-class StepRecord:
-    """compile-<step>.json, rewritten after every sub-step."""
-
-    def __init__(self, out_dir: str, step: str, data: dict):
-        self.path, self.data, self.start = Path(out_dir) / f"compile-{step}.json", data, time.perf_counter()
-
-    def save(self, what: str) -> None:
-        self.data.setdefault("log", []).append(dict(step=what, s=round(time.perf_counter() - self.start, 2)))
-        write_text(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
-        print(f"[{time.perf_counter() - self.start:7.1f} s] {what}", flush=True)
 
 
 def run_step(args: argparse.Namespace) -> dict:
@@ -36,19 +22,20 @@ def run_step(args: argparse.Namespace) -> dict:
     # the GPU's path (bf16 base, fp16 autocast, the speed levers); on a CPU fp32 without autocast, as train.py runs
     # there (the emulated autocast is a Python mode that the compiler would trace as well)
     precision = "fp16" if device.type == "cuda" else "fp32"
-    record = StepRecord(args.out_dir, args.child, {"step": args.child, "backend": args.backend,
-                                                   "device": str(device), "precision": precision})
+    record = pc.ProgressRecord(Path(args.out_dir) / f"compile-{args.child}.json",  # rewritten after every sub-step
+                               {"step": args.child, "backend": args.backend, "device": str(device),
+                                "precision": precision}, "log", 2)
     base = pc.build_base(args.tiny, device, torch.bfloat16 if precision == "fp16" else torch.float32)
     policy = pc.build_policy(base, pc.Variant("compile", precision=precision))
     inputs = pc.make_inputs(base, policy)
     calls = pc.Calls(policy, pc.Variant("compile", precision=precision), inputs)
-    record.save("built")
+    record.step("built")
     if args.child in MODES:
         block_step(args, calls, record)
     else:
         whole_step(args, calls, record)
     record.data["done"] = True
-    record.save("done")
+    record.step("done")
     return record.data
 
 
@@ -105,7 +92,7 @@ def first_call_s(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def block_step(args: argparse.Namespace, calls: pc.Calls, record: StepRecord) -> None:
+def block_step(args: argparse.Namespace, calls: pc.Calls, record: pc.ProgressRecord) -> None:
     device = calls.policy.device
     block, captured = block_inputs(calls)
     record.data["block"] = captured["index"]
@@ -116,11 +103,11 @@ def block_step(args: argparse.Namespace, calls: pc.Calls, record: StepRecord) ->
     eager_fwd, eager_train = block_calls(calls, block, captured)
     fast_fwd, fast_train = block_calls(calls, compiled, captured)
     record.data["compile_s"] = {"forward": first_call_s(fast_fwd, device)}
-    record.save("forward compiled")
+    record.step("forward compiled")
     calls.reset()
     record.data["compile_s"]["forward_backward"] = first_call_s(fast_train, device)
     calls.reset()
-    record.save("forward + backward compiled")
+    record.step("forward + backward compiled")
     for name, pair in (("forward", (eager_fwd, fast_fwd)), ("forward_backward", (eager_train, fast_train))):
         times = pc.interleaved(list(pair), [calls.reset, calls.reset], 1, args.repeats, device)
         outputs = []
@@ -132,11 +119,11 @@ def block_step(args: argparse.Namespace, calls: pc.Calls, record: StepRecord) ->
         calls.reset()
         record.data[name] = {"eager": pc.timing_summary(times[0]), "compiled": pc.timing_summary(times[1]),
                              "output": pc.compare(*outputs)}
-        record.save(f"{name}: eager {record.data[name]['eager']['median_ms']:.3f} ms, compiled "
+        record.step(f"{name}: eager {record.data[name]['eager']['median_ms']:.3f} ms, compiled "
                     f"{record.data[name]['compiled']['median_ms']:.3f} ms")
 
 
-def whole_step(args: argparse.Namespace, calls: pc.Calls, record: StepRecord) -> None:
+def whole_step(args: argparse.Namespace, calls: pc.Calls, record: pc.ProgressRecord) -> None:
     from fdfo import compile as compile_cache
     from fdfo.compile import compile_transformer
 
@@ -146,26 +133,26 @@ def whole_step(args: argparse.Namespace, calls: pc.Calls, record: StepRecord) ->
         for call in ("sample_forward", "train_micro_batch"):
             times = pc.interleaved([getattr(calls, call)], [calls.reset], 1, args.repeats, device)
             record.data.setdefault(call, {})["eager"] = pc.timing_summary(times[0])
-        record.save("eager timed")
+        record.step("eager timed")
     else:
         record.data["warm_start_loaded"] = compile_cache.load_cache(out)
-        record.save("cache loaded" if record.data["warm_start_loaded"] else "no cache to load")
+        record.step("cache loaded" if record.data["warm_start_loaded"] else "no cache to load")
     compile_transformer(calls.policy.pipe.transformer, args.scope, args.backend)
     record.data["scope"] = args.scope
     for call in ("sample_forward", "train_micro_batch"):
         calls.reset()
         record.data.setdefault(call, {})["first_call_s"] = first_call_s(getattr(calls, call), device)
-        record.save(f"{call}: first compiled call {record.data[call]['first_call_s']:.1f} s")
+        record.step(f"{call}: first compiled call {record.data[call]['first_call_s']:.1f} s")
     for call in ("sample_forward", "train_micro_batch"):
         times = pc.interleaved([getattr(calls, call)], [calls.reset], 1, args.repeats, device)
         record.data[call]["compiled"] = pc.timing_summary(times[0])
         if args.child == "whole":
             record.data[call]["output"] = pc.compare(eager[call], calls.outputs(call))
-        record.save(f"{call}: compiled {record.data[call]['compiled']['median_ms']:.3f} ms")
+        record.step(f"{call}: compiled {record.data[call]['compiled']['median_ms']:.3f} ms")
     counters = torch._dynamo.utils.counters
     record.data["graphs"] = int(counters["stats"]["unique_graphs"])
     if args.child == "whole":
         saved = compile_cache.save_cache(out)
         size = (out / compile_cache.CACHE_FILE).stat().st_size if saved else 0
         record.data["cache"] = {"saved": saved, "bytes": size}
-        record.save(f"compile cache: {size / 2**20:.1f} MiB" if saved else "no compile cache (backend)")
+        record.step(f"compile cache: {size / 2**20:.1f} MiB" if saved else "no compile cache (backend)")

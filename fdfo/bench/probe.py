@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from fdfo.bench import probe_calls as pc
-from fdfo.outputs import check_output_path, write_text
+from fdfo.outputs import check_output_path
 
 CALLS = ("sample_forward", "train_micro_batch")
 
@@ -91,19 +91,6 @@ def probe_device(args: argparse.Namespace) -> torch.device:
     return torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
 
 
-class Record:
-    """The probe's JSON, written after every step (atomically: fdfo/outputs.py)."""
-
-    def __init__(self, out: str | None, data: dict):
-        self.out, self.data, self.start = out, data, time.perf_counter()
-
-    def step(self, what: str) -> None:
-        self.data["steps"].append(dict(step=what, s=round(time.perf_counter() - self.start, 3)))
-        if self.out:
-            write_text(self.out, json.dumps(self.data, indent=1, default=str) + "\n")
-        print(f"[{time.perf_counter() - self.start:7.1f} s] {what}", flush=True)
-
-
 def census_for(variant: pc.Variant, tiny: bool, census_dir: str | None) -> dict | None:
     """The census of the variant (kernel ops, casts, aten ops per call, and the cost model's milliseconds)."""
     if tiny:
@@ -156,7 +143,7 @@ def verdict(variant: pc.Variant, output: dict, call: str, repeatable: bool) -> s
     return "FAILED: not bit-identical" + ("" if repeatable else " (but the default does not repeat itself either)")
 
 
-def probe_variant(name: str, args, base, default, inputs, record: Record) -> None:
+def probe_variant(name: str, args, base, default, inputs, record: pc.ProgressRecord) -> None:
     variant = pc.VARIANTS[name]
     entry = record.data["variants"].setdefault(name, {"check": variant.check, "against": "default"})
     policy = pc.build_policy(base, variant)
@@ -194,12 +181,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     single_thread_if_tiny(args.tiny)
     device = probe_device(args)
-    record = Record(args.out, {
+    record = pc.ProgressRecord(args.out, {
         "env": env_record(device),
         "config": dict(tiny=args.tiny, device=str(device), rows=pc.SAMPLE_ROWS, items=pc.TRAIN_ITEMS,
                        warmup=args.warmup, repeats=args.repeats, variants=args.variants,
                        timing="CUDA events" if device.type == "cuda" else "wall clock"),
-        "reference": {}, "variants": {}, "steps": [], "done": False})
+        "reference": {}, "variants": {}, "steps": [], "done": False}, "steps", 3)
     base = pc.build_base(args.tiny, device)
     default_policy = pc.build_policy(base, pc.VARIANTS["default"])
     inputs = pc.make_inputs(base, default_policy)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import statistics
 import time
@@ -20,6 +21,7 @@ import time
 import torch
 
 from fdfo.bench.models import TEXT_TOKENS, build_models, model_configs
+from fdfo.outputs import write_text
 
 SAMPLE_ROWS = 12  # a sampling batch of the paper's: 6 pairs, 2 rows each (as the census, fdfo/bench/census.py)
 TRAIN_ITEMS = 6  # a training micro-batch of the paper's
@@ -223,6 +225,21 @@ class Calls:
     @property
     def graph_calls(self) -> list[str] | None:
         return getattr(self.micro, "calls", None)
+
+
+class ProgressRecord:
+    """A probe's JSON `data`, rewritten (atomically, fdfo/outputs.py) into `path` after every step (None: not written),
+    each step appended to `data[key]` with its seconds since the start, rounded to `digits`, and printed."""
+
+    def __init__(self, path, data: dict, key: str, digits: int):
+        self.path, self.data, self.key, self.digits, self.start = path, data, key, digits, time.perf_counter()
+
+    def step(self, what: str) -> None:
+        self.data.setdefault(self.key, []).append(dict(step=what, s=round(time.perf_counter() - self.start,
+                                                                          self.digits)))
+        if self.path:
+            write_text(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
+        print(f"[{time.perf_counter() - self.start:7.1f} s] {what}", flush=True)
 
 
 def synchronize(device: torch.device) -> None:
