@@ -339,7 +339,7 @@ def save(run: Run) -> None:
         counters = dict(format=CHECKPOINT_FORMAT, epoch=epochs_done, global_step=run.global_step, seed=cfg.seed,
                         prompt_position=epochs_done * run.geom.total_pairs, world_size=run.geom.world_size,
                         guidance_scale=cfg.sample.guidance_scale, pretrained_model=cfg.pretrained_model,
-                        model_family=family(cfg.pretrained_model).FAMILY,
+                        model_family=run.policy.FAMILY,
                         algorithm=cfg.algorithm, resolution=cfg.sample.resolution,
                         num_solver_steps=cfg.sample.num_solver_steps)
         state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}
